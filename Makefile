@@ -1,0 +1,40 @@
+# `make demo` and `make test` each create .venv on first use and install memlens into it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARCH := $(shell uname -m)
+# torch/torchvision pairs that install on this project's machines (CPU execution).
+ifeq ($(ARCH),aarch64)
+TORCH := torch==2.9.1 torchvision==0.24.1
+else
+TORCH := torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: demo test venv benchmarks lint clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/memlens split --source digits --out runs/demo/splits.json --force
+	$(BIN)/memlens train --config pipelines/demo-train.yaml --splits runs/demo/splits.json --subsets f --out runs/demo/f --force
+	$(BIN)/memlens train --config pipelines/demo-train.yaml --splits runs/demo/splits.json --subsets g --out runs/demo/g --force
+	@echo "demo encoders: runs/demo/f (trained on S_S+S_C) and runs/demo/g (trained on S_S+S_I)"
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -n 2 --durations=15
+
+benchmarks: $(BIN)/.installed
+	$(BIN)/python benchmarks/train_throughput.py
+
+lint: $(BIN)/.installed
+	$(BIN)/pip install --quiet ruff && $(BIN)/ruff check memlens tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

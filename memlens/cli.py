@@ -1,0 +1,174 @@
+"""The ``memlens`` command line: parse, call one library function, map the result to an exit code.
+
+Exit codes: 0 success; 1 a gate failed; 2 bad input (one line on stderr); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from memlens.errors import MemlensError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Audit self-supervised vision encoders for memorization of their training data.")
+
+
+def _cache_dir() -> Optional[str]:
+    return os.environ.get("MEMLENS_CACHE_DIR") or None
+
+
+def _fail(message: str, code: int = 2) -> None:
+    # One plain line (no rich wrapping), so scripts and CI logs can grep it.
+    sys.stderr.write(f"memlens: error: {message}\n")
+    raise typer.Exit(code)
+
+
+def command(fn):
+    """Register a command whose MemlensError becomes a one-line error and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MemlensError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            sys.stderr.write("memlens: interrupted; completed work is kept (re-run with --resume to continue)\n")
+            raise typer.Exit(130)
+
+    return app.command()(wrapper)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _overrides(pairs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------- split
+
+
+@command
+def split(
+    out: Path = typer.Option(..., "--out", "-o", help="splits.json to write"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with data: and split: sections"),
+    source: Optional[str] = typer.Option(None, help="data source: digits, synthetic, folder, npz"),
+    path: Optional[str] = typer.Option(None, "--path", help="folder, .tar/.tar.gz or .npz"),
+    resize: Optional[int] = typer.Option(None, help="resize images to RESIZE x RESIZE"),
+    seed: Optional[int] = typer.Option(None, help="split seed"),
+    candidates: Optional[Path] = typer.Option(None, help="file of ids (one per line) that must be candidates"),
+    sizes: Optional[str] = typer.Option(None, help="explicit sizes, e.g. S_S=4000,S_C=500,S_I=500,S_E=500"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing splits file"),
+):
+    """Cut a dataset into S_S (shared), S_C (candidates), S_I (independent) and S_E (extra)."""
+    from memlens.config import SplitFile, load_yaml, validate
+    from memlens.data import load, make_splits
+
+    over = _overrides({"data.source": source, "data.path": path, "data.resize": resize, "split.seed": seed,
+                       "split.candidates_file": str(candidates) if candidates else None})
+    if sizes:
+        try:
+            over["split.sizes"] = {k.strip(): int(v) for k, v in (p.split("=") for p in sizes.split(","))}
+        except ValueError:
+            raise MemlensError(f"--sizes must look like S_S=4000,S_C=500; got '{sizes}'") from None
+    cfg = load_yaml(SplitFile, config, overrides=over) if config else validate(
+        SplitFile, __import__("memlens.config", fromlist=["deep_update"]).deep_update({}, over), source="options")
+    if out.exists() and not force:
+        raise MemlensError(f"{out} already exists; pass --force to overwrite it")
+    dataset = load(cfg.data, cache_dir=_cache_dir())
+    splits = make_splits(dataset, cfg.split)
+    splits.save(out)
+    s = splits.sizes()
+    typer.echo(f"wrote {out}: S_S {s['S_S']}, S_C {s['S_C']}, S_I {s['S_I']}, S_E {s['S_E']} "
+               f"(data {dataset.source}, fingerprint {dataset.fingerprint[:12]})")
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@command
+def train(
+    out: Path = typer.Option(..., "--out", "-o", help="run directory"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="training YAML"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run"),
+    force: bool = typer.Option(False, "--force", help="delete an existing run in --out first"),
+    framework: Optional[str] = typer.Option(None, help="mae, simclr, simsiam, dino, supervised"),
+    arch: Optional[str] = typer.Option(None, help="vit_tiny, vit_mini, vit_micro, resnet9, resnet18"),
+    epochs: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    splits: Optional[str] = typer.Option(None, help="splits.json"),
+    subsets: Optional[str] = typer.Option(None, help="f (S_S+S_C), g (S_S+S_I) or all"),
+    source: Optional[str] = typer.Option(None, help="data source"),
+    data_path: Optional[str] = typer.Option(None, help="data path (folder, archive or npz)"),
+    augment: Optional[str] = typer.Option(None, help="augmentation set"),
+    dp_epsilon: Optional[float] = typer.Option(None, help="train with DP-SGD to this epsilon"),
+    dp_delta: Optional[float] = typer.Option(None, help="DP delta (default 1/(10 N))"),
+    dp_max_grad_norm: Optional[float] = typer.Option(None, help="per-sample clipping norm"),
+    dp_accountant: Optional[str] = typer.Option(None, help="prv or rdp"),
+    dp_noise_multiplier: Optional[float] = typer.Option(None, help="fixed noise multiplier"),
+    dp_physical_batch_size: Optional[int] = typer.Option(None, help="largest physical batch under DP"),
+):
+    """Train an encoder (MAE, SimCLR, SimSiam, DINO, supervised; DP-SGD with --dp-epsilon)."""
+    from memlens.config import TrainConfig, deep_update, load_yaml, validate
+    from memlens.train import train as run_train
+
+    over = _overrides({"framework": framework, "model.arch": arch, "epochs": epochs, "batch_size": batch_size,
+                       "optim.lr": lr, "seed": seed, "splits": splits, "subsets": subsets, "data.source": source,
+                       "data.path": data_path, "augment": augment, "dp.epsilon": dp_epsilon, "dp.delta": dp_delta,
+                       "dp.max_grad_norm": dp_max_grad_norm, "dp.accountant": dp_accountant,
+                       "dp.noise_multiplier": dp_noise_multiplier, "dp.physical_batch_size": dp_physical_batch_size})
+    if config:
+        cfg = load_yaml(TrainConfig, config, overrides=over)
+    elif resume and not over:
+        cfg = None
+    else:
+        cfg = validate(TrainConfig, deep_update({}, over), source="options")
+    console = _console()
+
+    def on_epoch(info):
+        extra = "".join(f"  {k} {v}" for k, v in info.extra.items() if k in ("epsilon",))
+        console.print(f"epoch {info.epoch}/{info.epochs}  loss {info.loss:.4f}  lr {info.lr:.2e}  "
+                      f"{info.images_per_s:,.0f} img/s{extra}", highlight=False)
+
+    result = run_train(cfg, out, resume=resume, force=force, cache_dir=_cache_dir(), on_epoch=on_epoch)
+    rec = result.record
+    if rec.status == "stopped_budget":
+        console.print(f"[yellow]{rec.message}[/]")
+    console.print(f"run {rec.status}: {out} ({rec.epochs_done} epochs, {rec.wall_seconds:.1f} s, "
+                  f"{rec.images_per_s or 0:,.0f} img/s)", highlight=False)
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+@command
+def probe(
+    run_dir: Path = typer.Argument(..., help="run directory"),
+    max_train: int = typer.Option(5000, help="cap on probe training images"),
+):
+    """Linear-probe accuracy of a run's frozen encoder (stored in its run.json)."""
+    from memlens.train.probe import probe_run
+
+    r = probe_run(run_dir, cache_dir=_cache_dir(), max_train=max_train)
+    typer.echo(f"linear probe accuracy {r.accuracy:.4f} (train {r.train_set}: {r.n_train}, "
+               f"test {r.test_set}: {r.n_test})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Pydantic models for every file a user writes (training, sweep, audit and pipeline YAML).
+
+All models forbid unknown keys, so a typo in a config is an error naming the key rather than
+a silently ignored setting. :func:`load_yaml` turns validation errors into a one-line
+:class:`~memlens.errors.MemlensError`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from memlens.errors import MemlensError
+
+SUBSETS = ("S_S", "S_C", "S_I", "S_E")
+Subset = Literal["S_S", "S_C", "S_I", "S_E"]
+FRAMEWORKS = ("mae", "simclr", "simsiam", "dino", "supervised")
+Framework = Literal["mae", "simclr", "simsiam", "dino", "supervised"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class SyntheticConfig(Strict):
+    """Generated images: class prototypes plus optional planted atypical points."""
+
+    n: int = Field(600, ge=8, description="training images")
+    n_test: int = Field(0, ge=0, description="images in a separate test part (0: none)")
+    image_size: int = Field(16, ge=4, le=256)
+    channels: Literal[1, 3] = 3
+    classes: int = Field(4, ge=1, le=1000)
+    outliers: int = Field(0, ge=0, description="atypical points planted in the training part")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fits(self) -> "SyntheticConfig":
+        if self.outliers >= self.n:
+            raise ValueError(f"outliers ({self.outliers}) must be fewer than n ({self.n})")
+        return self
+
+
+class DataConfig(Strict):
+    source: Literal["digits", "synthetic", "folder", "npz"] = "digits"
+    path: str | None = Field(None, description="folder, .tar/.tar.gz or .npz (folder and npz sources)")
+    resize: int | None = Field(None, ge=4, le=1024, description="resize every image to resize x resize")
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> "DataConfig":
+        if self.source in ("folder", "npz") and not self.path:
+            raise ValueError(f"source '{self.source}' needs a path")
+        return self
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+class SplitSizes(Strict):
+    S_S: int | None = Field(None, ge=1)
+    S_C: int | None = Field(None, ge=1)
+    S_I: int | None = Field(None, ge=1)
+    S_E: int | None = Field(None, ge=1)
+
+
+class SplitConfig(Strict):
+    """How to cut a dataset into the papers' four subsets.
+
+    By default S_S/S_C/S_I take 80/10/10 % of the training part and |S_E| = |S_C| comes from
+    the test part (or, without one, is set aside from the training part first).
+    """
+
+    seed: int = 0
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    sizes: SplitSizes | None = None
+    candidates_file: str | None = Field(None, description="file of ids (one per line) that must be candidates")
+    fill_candidates: bool = Field(True, description="top S_C up with random points beside the requested ids")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x <= 0 for x in v) or sum(v) > 1.0 + 1e-9:
+            raise ValueError("fractions must be positive and sum to at most 1")
+        return v
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class ModelConfig(Strict):
+    arch: str = "vit_micro"
+    patch_size: int | None = Field(None, ge=1)
+    embed_dim: int | None = Field(None, ge=8)
+    depth: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    mlp_ratio: float | None = Field(None, gt=0)
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        from memlens.models import ARCHS
+
+        if v not in ARCHS:
+            raise ValueError(f"unknown architecture '{v}'; valid: {', '.join(ARCHS)}")
+        return v
+
+
+class OptimConfig(Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class MAEConfig(Strict):
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    decoder_dim: int = Field(64, ge=8)
+    decoder_depth: int = Field(1, ge=1)
+    decoder_heads: int = Field(2, ge=1)
+    norm_pix_loss: bool = True
+
+
+class SimCLRConfig(Strict):
+    temperature: float = Field(0.5, gt=0)
+    proj_hidden: int = Field(256, ge=8)
+    proj_dim: int = Field(64, ge=8)
+
+
+class SimSiamConfig(Strict):
+    proj_dim: int = Field(256, ge=8)
+    pred_hidden: int = Field(64, ge=8)
+
+
+class DINOConfig(Strict):
+    out_dim: int = Field(256, ge=8)
+    hidden: int = Field(256, ge=8)
+    bottleneck: int = Field(64, ge=8)
+    teacher_temp: float = Field(0.04, gt=0)
+    student_temp: float = Field(0.1, gt=0)
+    center_momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.996, ge=0, le=1)
+
+
+class DPConfig(Strict):
+    """DP-SGD settings (only the MAE and supervised objectives are per-sample and allowed)."""
+
+    epsilon: float = Field(..., gt=0, description="target epsilon; training never spends more")
+    delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 N), below 1/N")
+    max_grad_norm: float = Field(1.0, gt=0)
+    accountant: Literal["prv", "rdp"] = "prv"
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="fixed sigma; by default calibrated to reach epsilon over the planned steps")
+    physical_batch_size: int | None = Field(None, ge=1, description="largest batch in memory at once")
+    poisson: bool = True
+    grad_mode: Literal["ghost-bk", "opacus-hooks"] = "ghost-bk"
+    noise_seed: int | None = Field(
+        None, description="seed of the noise generator; default derives it from the run seed (reproducible). "
+                          "Set secure_noise to draw noise from the OS instead.")
+    secure_noise: bool = False
+
+    @field_validator("epsilon")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("epsilon must be finite under DP; omit the dp section for a non-private run")
+        return v
+
+
+DEFAULT_AUGMENT = {"mae": "mae", "simclr": "normal", "simsiam": "normal", "dino": "normal", "supervised": "weak"}
+
+
+class TrainConfig(Strict):
+    framework: Framework = "mae"
+    data: DataConfig = DataConfig()
+    splits: str | None = Field(None, description="splits.json; without it the whole training part is used")
+    subsets: Literal["f", "g", "all"] | list[Subset] = Field(
+        "f", description="f = S_S+S_C, g = S_S+S_I, all = every training point, or an explicit list")
+    model: ModelConfig = ModelConfig()
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=2)
+    optim: OptimConfig = OptimConfig()
+    augment: str | None = Field(None, description="augmentation set; default depends on the framework")
+    seed: int = 0
+    mae: MAEConfig = MAEConfig()
+    simclr: SimCLRConfig = SimCLRConfig()
+    simsiam: SimSiamConfig = SimSiamConfig()
+    dino: DINOConfig = DINOConfig()
+    dp: DPConfig | None = None
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, v: str | None) -> str | None:
+        from memlens.data.augment import AUGMENTATIONS
+
+        if v is not None and v not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation set '{v}'; valid: {', '.join(AUGMENTATIONS)}")
+        return v
+
+    @property
+    def augmentation(self) -> str:
+        return self.augment or DEFAULT_AUGMENT[self.framework]
+
+
+# ----------------------------------------------------------------------------- loading
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def format_validation_error(exc: ValidationError, *, source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("function-after",)) or "(top level)"
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in err and err.get("type", "").startswith(("literal", "enum")):
+        msg = f"{msg} (got {err['input']!r})"
+    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def validate(model: type[M], data: Any, *, source: str) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise MemlensError(format_validation_error(exc, source=source)) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise MemlensError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise MemlensError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise MemlensError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def load_yaml(model: type[M], path: str | Path, *, overrides: dict[str, Any] | None = None) -> M:
+    data = read_yaml(path)
+    if overrides:
+        data = deep_update(data, overrides)
+    return validate(model, data, source=str(path))
+
+
+def deep_update(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``updates`` into a copy of ``base``; dotted keys ("dp.epsilon") address nested fields."""
+    out = dict(base)
+    for key, value in updates.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            sub = out.get(head)
+            out[head] = deep_update(sub if isinstance(sub, dict) else {}, {rest: value})
+        elif isinstance(value, dict) and isinstance(out.get(head), dict):
+            out[head] = deep_update(out[head], value)
+        else:
+            out[head] = value
+    return out
+
+
+class SplitFile(Strict):
+    """``memlens split --config split.yaml``: the data and how to cut it."""
+
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()

@@ -1,0 +1,358 @@
+"""Augmentation sets of the localizing paper (Appendix B), applied per sample on whole batches.
+
+The sets, with the paper's names and parameters (p = probability of applying):
+
+* ``weak`` (SL standard): ColorJitter(0.9, 0.9, 0.9, 0.5) p=0.4, HorizontalFlip p=0.5,
+  Grayscale p=0.1, RandomResizedCrop.
+* ``normal`` (SSL standard): ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, HorizontalFlip p=1.0,
+  Grayscale p=0.2, RandomResizedCrop.
+* ``strong``: ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.9, HorizontalFlip p=1.0, Grayscale p=0.5,
+  RandomResizedCrop, VerticalFlip p=1.0.
+* ``independent``: GaussianBlur(sigma 0.1-5) p=0.8, Invert p=0.2, RandomResizedCrop,
+  VerticalFlip p=1.0. The paper's 4x4 kernel is not valid in torchvision (kernels are odd), so
+  the kernel is scaled to the image: 2 * round(size / 16) + 1, i.e. 5 at 32 px, 3 below 24 px.
+* ``mae``: RandomResizedCrop(scale 0.2-1) + HorizontalFlip p=0.5 (MAE's own pipeline; its
+  masking happens inside the model).
+* ``none``: no augmentation.
+
+Why not call torchvision per image: a torchvision v2 pipeline applied to a batch tensor draws
+one set of random parameters for the whole batch, and per-image calls cost about 1 ms each
+(measured here), which would dominate audits and small-model training. So each operation below
+draws its parameters per sample from an explicit ``torch.Generator`` with torchvision's rules
+(``RandomResizedCrop.get_params``, ``ColorJitter``'s factor ranges and random order) and applies
+torchvision's kernels' arithmetic to the whole batch at once (crops via ``grid_sample``). ``tests/test_augment.py`` checks every operation against the
+corresponding ``torchvision.transforms.v2.functional`` kernel, and :func:`torchvision_pipeline`
+returns the equivalent per-image torchvision v2 pipeline.
+
+Colour operations run on [0, 1] pixels and normalisation comes last (the authors' code
+clamped already-normalised tensors; memlens does not).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from memlens.errors import MemlensError
+
+AUGMENTATIONS = ("weak", "normal", "strong", "independent", "mae", "none")
+
+
+def _rand(n: int, g: torch.Generator | None, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    return torch.rand(n, generator=g) * (hi - lo) + lo
+
+
+def _apply_where(x: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor:
+    """Replace the masked rows of ``x`` (in place) by ``fn(rows, their indices)``."""
+    idx = mask.nonzero().flatten()
+    if len(idx) == 0:
+        return x
+    x[idx] = fn(x[idx], idx)
+    return x
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma, torchvision's weights. (B, 3, H, W) -> (B, 1, H, W)."""
+    r, g, b = x.unbind(dim=1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    r = ratio.view(-1, 1, 1, 1)
+    return (r * a + (1.0 - r) * b).clamp_(0.0, 1.0)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> HSV in [0, 1]; torchvision's formula, ties resolved R > G > B.
+
+    With i the index of the largest channel and c = max - min, hue = (2 i + (x[i+1] - x[i+2]) / c) / 6
+    (mod 1), which is torchvision's three-branch expression written once with a gather.
+    """
+    maxc, idx = x.max(dim=-3, keepdim=True)
+    minc = x.amin(dim=-3, keepdim=True)
+    cr = maxc - minc
+    diff = torch.gather(x.roll(-1, dims=-3) - x.roll(-2, dims=-3), -3, idx)
+    h = torch.remainder((2.0 * idx + diff / torch.where(cr > 0, cr, torch.ones_like(cr))) / 6.0, 1.0)
+    s = cr / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    return torch.cat((h, s, maxc), dim=-3)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """HSV -> RGB with the branch-free form of the same piecewise formula:
+    channel(n) = v - v * s * clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, n = 5, 3, 1."""
+    h, s, v = x.unbind(dim=-3)
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype).view(3, 1, 1)
+    k = torch.remainder(n + 6.0 * h.unsqueeze(-3), 6.0)
+    w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    vv = v.unsqueeze(-3)
+    return (vv - vv * s.unsqueeze(-3) * w).clamp_(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- operations
+
+
+@dataclass(frozen=True)
+class ResizedCrop:
+    """torchvision RandomResizedCrop: area fraction in ``scale``, aspect ratio in ``ratio``."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def params(self, n: int, height: int, width: int, g: torch.Generator | None) -> torch.Tensor:
+        """Per-sample (top, left, h, w) following ``RandomResizedCrop.get_params``: ten tries, then a
+        centre crop of the clamped aspect ratio."""
+        area = height * width
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        tries = 10
+        target = area * (torch.rand(n, tries, generator=g) * (self.scale[1] - self.scale[0]) + self.scale[0])
+        aspect = torch.exp(torch.rand(n, tries, generator=g) * (log_hi - log_lo) + log_lo)
+        w = torch.round(torch.sqrt(target * aspect))
+        h = torch.round(torch.sqrt(target / aspect))
+        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+        u_top = torch.rand(n, generator=g)
+        u_left = torch.rand(n, generator=g)
+        # Fallback centre crop, as torchvision does when no try fits.
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            fw, fh = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            fh, fw = height, int(round(height * self.ratio[1]))
+        else:
+            fw, fh = width, height
+        rows = torch.arange(n)
+        sel = first.clamp(min=0)
+        hh = torch.where(first >= 0, h[rows, sel], torch.tensor(float(fh)))
+        ww = torch.where(first >= 0, w[rows, sel], torch.tensor(float(fw)))
+        top = torch.where(first >= 0, torch.floor(u_top * (height - hh + 1)), torch.floor((height - hh) / 2))
+        left = torch.where(first >= 0, torch.floor(u_left * (width - ww + 1)), torch.floor((width - ww) / 2))
+        return torch.stack([top, left, hh, ww], dim=1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+        """Crop (top, left, h, w) and resize to ``size`` bilinearly, as ``resized_crop`` does.
+
+        Sample points are those of ``interpolate(mode="bilinear", align_corners=False)`` on the
+        crop, clamped to the crop so its edge pixels repeat (crop-then-resize semantics). A crop
+        never exceeds the image, so resizing only enlarges and antialiasing never applies.
+        """
+        b, _, height, width = x.shape
+        top, left, hh, ww = (t.view(-1, 1) for t in boxes.to(x.dtype).unbind(1))
+        u = torch.arange(size, dtype=x.dtype).view(1, -1) + 0.5
+        xs = torch.minimum(torch.maximum(left - 0.5 + u * ww / size, left), left + ww - 1)
+        ys = torch.minimum(torch.maximum(top - 0.5 + u * hh / size, top), top + hh - 1)
+        gx = (2 * xs + 1) / width - 1  # pixel coordinates -> grid_sample's [-1, 1]
+        gy = (2 * ys + 1) / height - 1
+        grid = torch.stack([gx.view(b, 1, size).expand(b, size, size), gy.view(b, size, 1).expand(b, size, size)], -1)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def __call__(self, x, g):
+        return self.apply(x, self.params(len(x), x.shape[-2], x.shape[-1], g), x.shape[-1])
+
+
+@dataclass(frozen=True)
+class Flip:
+    p: float
+    dim: int  # -1 horizontal, -2 vertical
+
+    def __call__(self, x, g):
+        mask = _rand(len(x), g) < self.p
+        return _apply_where(x, mask, lambda sub, _: sub.flip(self.dim))
+
+
+@dataclass(frozen=True)
+class ColorJitter:
+    """torchvision ColorJitter with per-sample factors and per-sample random order of the four
+    operations, applied with probability ``p`` (RandomApply)."""
+
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    p: float = 1.0
+
+    def factors(self, n: int, g) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in ("brightness", "contrast", "saturation"):
+            v = getattr(self, name)
+            out[name] = _rand(n, g, max(0.0, 1.0 - v), 1.0 + v)
+        out["hue"] = _rand(n, g, -self.hue, self.hue)
+        return out
+
+    @staticmethod
+    def op(name: str, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        if name == "brightness":
+            return (x * f.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+        gray = _gray(x) if x.shape[1] == 3 else x
+        if name == "contrast":
+            return _blend(x, gray.mean(dim=(-3, -2, -1), keepdim=True), f)
+        if x.shape[1] == 1:
+            return x  # saturation and hue do nothing to one-channel images (as in torchvision/PIL)
+        if name == "saturation":
+            return _blend(x, gray, f)
+        hsv = rgb_to_hsv(x)
+        h, s, v = hsv.unbind(dim=1)
+        h = (h + f.view(-1, 1, 1)).remainder(1.0)
+        return hsv_to_rgb(torch.stack((h, s, v), dim=1))
+
+    def __call__(self, x, g):
+        n = len(x)
+        active = _rand(n, g) < self.p
+        factors = self.factors(n, g)
+        order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)
+        names = ("brightness", "contrast", "saturation", "hue")
+        for step in range(4):
+            for k, name in enumerate(names):
+                mask = active & (order[:, step] == k)
+                x = _apply_where(x, mask, lambda sub, idx, name=name: self.op(name, sub, factors[name][idx]))
+        return x
+
+
+@dataclass(frozen=True)
+class Grayscale:
+    p: float
+
+    def __call__(self, x, g):
+        mask = _rand(len(x), g) < self.p
+        if x.shape[1] == 1:
+            return x
+        return _apply_where(x, mask, lambda sub, _: _gray(sub).expand(-1, 3, -1, -1))
+
+
+@dataclass(frozen=True)
+class GaussianBlur:
+    sigma: tuple[float, float]
+    p: float
+
+    @staticmethod
+    def kernel_size(size: int) -> int:
+        return max(3, 2 * round(size / 16) + 1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
+        """Separable Gaussian blur with per-sample ``sigma`` and reflect padding (torchvision's)."""
+        b, c, h, w = x.shape
+        half = (k - 1) * 0.5
+        t = torch.linspace(-half, half, steps=k, dtype=x.dtype)
+        pdf = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
+        k1 = (pdf / pdf.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (b*c, k)
+        y = F.pad(x.reshape(1, b * c, h, w), [k // 2] * 4, mode="reflect")
+        y = F.conv2d(y, k1.view(b * c, 1, 1, k), groups=b * c)
+        y = F.conv2d(y, k1.view(b * c, 1, k, 1), groups=b * c)
+        return y.view(b, c, h, w)
+
+    def __call__(self, x, g):
+        n = len(x)
+        mask = _rand(n, g) < self.p
+        sigma = _rand(n, g, *self.sigma)
+        k = self.kernel_size(x.shape[-1])
+        return _apply_where(x, mask, lambda sub, idx: self.apply(sub, sigma[idx], k))
+
+
+@dataclass(frozen=True)
+class Invert:
+    p: float
+
+    def __call__(self, x, g):
+        mask = _rand(len(x), g) < self.p
+        return _apply_where(x, mask, lambda sub, _: 1.0 - sub)
+
+
+SETS: dict[str, tuple] = {
+    "weak": (ColorJitter(0.9, 0.9, 0.9, 0.5, p=0.4), Flip(0.5, -1), Grayscale(0.1), ResizedCrop()),
+    "normal": (ColorJitter(0.8, 0.8, 0.8, 0.2, p=0.8), Flip(1.0, -1), Grayscale(0.2), ResizedCrop()),
+    "strong": (ColorJitter(0.8, 0.8, 0.8, 0.2, p=0.9), Flip(1.0, -1), Grayscale(0.5), ResizedCrop(),
+               Flip(1.0, -2)),
+    "independent": (GaussianBlur((0.1, 5.0), p=0.8), Invert(0.2), ResizedCrop(), Flip(1.0, -2)),
+    "mae": (ResizedCrop(scale=(0.2, 1.0)), Flip(0.5, -1)),
+    "none": (),
+}
+
+
+class Augmenter:
+    """A named augmentation set plus the dataset normalisation.
+
+    Args:
+        name: one of :data:`AUGMENTATIONS`.
+        mean, std: per-channel normalisation in [0, 1] units (applied last).
+    """
+
+    def __init__(self, name: str, *, mean: list[float], std: list[float]):
+        if name not in SETS:
+            raise MemlensError(f"unknown augmentation set '{name}'; valid: {', '.join(AUGMENTATIONS)}")
+        self.name = name
+        self.ops = SETS[name]
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    @staticmethod
+    def to_float(images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [0, 1]."""
+        return images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous()
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Augment a batch, each image with its own random parameters.
+
+        Args:
+            images: uint8 tensor of shape (B, H, W, C).
+            generator: source of all randomness (same state -> same views).
+
+        Returns:
+            Normalised float32 tensor of shape (B, C, H, W).
+        """
+        x = self.to_float(images)
+        for op in self.ops:
+            x = op(x, generator)
+        return self.normalize(x)
+
+    def views(self, images: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+        """``k`` augmented views per image, the views of one image contiguous: (B * k, C, H, W)."""
+        return self(images.repeat_interleave(k, dim=0), generator)
+
+    def describe(self) -> str:
+        return describe(self.name)
+
+
+def describe(name: str) -> str:
+    parts = []
+    for op in SETS[name]:
+        if isinstance(op, ColorJitter):
+            parts.append(f"ColorJitter({op.brightness}, {op.contrast}, {op.saturation}, {op.hue}) p={op.p}")
+        elif isinstance(op, Flip):
+            parts.append(f"{'Horizontal' if op.dim == -1 else 'Vertical'}Flip p={op.p}")
+        elif isinstance(op, Grayscale):
+            parts.append(f"Grayscale p={op.p}")
+        elif isinstance(op, ResizedCrop):
+            parts.append(f"RandomResizedCrop(scale={op.scale[0]:g}-{op.scale[1]:g})")
+        elif isinstance(op, GaussianBlur):
+            parts.append(f"GaussianBlur(sigma={op.sigma[0]:g}-{op.sigma[1]:g}) p={op.p}")
+        elif isinstance(op, Invert):
+            parts.append(f"Invert p={op.p}")
+    return ", ".join(parts) or "no augmentation"
+
+
+def torchvision_pipeline(name: str, size: int):
+    """The same set as a per-image ``torchvision.transforms.v2`` pipeline (float [0, 1] input)."""
+    from torchvision.transforms import v2
+
+    out = []
+    for op in SETS[name]:
+        if isinstance(op, ColorJitter):
+            out.append(v2.RandomApply([v2.ColorJitter(op.brightness, op.contrast, op.saturation, op.hue)], p=op.p))
+        elif isinstance(op, Flip):
+            out.append(v2.RandomHorizontalFlip(op.p) if op.dim == -1 else v2.RandomVerticalFlip(op.p))
+        elif isinstance(op, Grayscale):
+            out.append(v2.RandomGrayscale(op.p))
+        elif isinstance(op, ResizedCrop):
+            out.append(v2.RandomResizedCrop(size, scale=op.scale, ratio=op.ratio, antialias=True))
+        elif isinstance(op, GaussianBlur):
+            out.append(v2.RandomApply([v2.GaussianBlur(GaussianBlur.kernel_size(size), sigma=op.sigma)], p=op.p))
+        elif isinstance(op, Invert):
+            out.append(v2.RandomInvert(op.p))
+    return v2.Compose(out) if out else v2.Identity()

@@ -1,0 +1,176 @@
+"""The four disjoint subsets of the SSLMem setup, saved as ``splits.json``.
+
+* S_S (shared): trains both f and g.
+* S_C (candidates): trains f only; the points whose memorization is measured.
+* S_I (independent): trains g only; replaces S_C so f and g see equally many points.
+* S_E (extra): trains neither; from the test part when the source has one.
+
+(SSLMem paper Section 4 and Appendix A.1.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from memlens.config import SUBSETS, SplitConfig, Subset, format_validation_error
+from memlens.data.dataset import Dataset
+from memlens.errors import MemlensError
+from memlens.io import read_json, sha256_file, sha256_json, write_json
+
+SIDES: dict[str, tuple[str, ...]] = {"f": ("S_S", "S_C"), "g": ("S_S", "S_I"), "all": ()}
+
+
+class Splits(BaseModel):
+    """A validated ``splits.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    fingerprint: str
+    source: str
+    seed: int
+    settings: dict
+    requested: list[str] = []
+    subsets: dict[Subset, list[str]]
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the data fingerprint and the four id lists: what a run records."""
+        return sha256_json({"fingerprint": self.fingerprint, "subsets": {k: self.subsets[k] for k in SUBSETS}})
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(self.subsets[k]) for k in SUBSETS}
+
+    def ids(self, *names: str) -> list[str]:
+        out: list[str] = []
+        for name in names:
+            out += self.subsets[name]
+        return out
+
+    def subset_of(self) -> dict[str, str]:
+        return {i: name for name in SUBSETS for i in self.subsets[name]}
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.model_dump(mode="json"))
+
+    @classmethod
+    def load(cls, path: str | Path, dataset: Dataset | None = None) -> "Splits":
+        """Read and check a splits file; with ``dataset``, also check it belongs to that data."""
+        raw = read_json(path, what="splits file")
+        try:
+            splits = cls.model_validate(raw)
+        except ValidationError as exc:
+            raise MemlensError(format_validation_error(exc, source=f"splits file {path}")) from None
+        missing = [k for k in SUBSETS if k not in splits.subsets]
+        if missing:
+            raise MemlensError(f"splits file {path}: missing subset(s) {', '.join(missing)}")
+        seen: dict[str, str] = {}
+        for name in SUBSETS:
+            ids = splits.subsets[name]
+            if len(set(ids)) != len(ids):
+                raise MemlensError(f"splits file {path}: {name} lists an id twice")
+            for i in ids:
+                if i in seen:
+                    raise MemlensError(f"splits file {path}: id '{i}' is in both {seen[i]} and {name}; "
+                                       f"subsets must be disjoint")
+                seen[i] = name
+        if dataset is not None:
+            splits.check(dataset, where=str(path))
+        return splits
+
+    def check(self, dataset: Dataset, *, where: str = "splits") -> None:
+        if dataset.fingerprint != self.fingerprint:
+            raise MemlensError(f"{where} was made for other data (fingerprint {self.fingerprint[:12]}, "
+                               f"this data is {dataset.fingerprint[:12]}); re-run memlens split")
+        for name in SUBSETS:
+            ids = self.subsets[name]
+            try:
+                dataset.indices(ids)
+            except MemlensError as exc:
+                raise MemlensError(f"{where}: {name}: {exc}") from None
+
+
+def side_subsets(side: str | list[str]) -> tuple[str, ...]:
+    if isinstance(side, str):
+        if side not in SIDES:
+            raise MemlensError(f"unknown training side '{side}'; valid: f, g, all, or a list of subsets")
+        return SIDES[side]
+    bad = [s for s in side if s not in SUBSETS]
+    if bad:
+        raise MemlensError(f"unknown subset(s) {', '.join(bad)}; valid: {', '.join(SUBSETS)}")
+    return tuple(side)
+
+
+def read_id_file(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise MemlensError(f"candidates file not found: {path}")
+    ids = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    ids = [i for i in ids if i and not i.startswith("#")]
+    if not ids:
+        raise MemlensError(f"candidates file {path} lists no ids")
+    if len(set(ids)) != len(ids):
+        raise MemlensError(f"candidates file {path} lists an id twice")
+    return ids
+
+
+def make_splits(dataset: Dataset, config: SplitConfig | None = None) -> Splits:
+    """Cut ``dataset`` into S_S, S_C, S_I, S_E (seeded; see the module docstring).
+
+    Raises:
+        MemlensError: the requested sizes do not fit, or a requested candidate is unknown
+            or not a training image.
+    """
+    config = config or SplitConfig()
+    rng = np.random.default_rng(config.seed)
+    train = dataset.part_indices("train")
+    test = dataset.part_indices("test")
+    f_s, f_c, f_i = config.fractions
+    has_test = len(test) > 0
+    # Without a test part, S_E (|S_E| = |S_C|) is set aside from the training part first, and
+    # the fractions apply to what remains: N' = N / (1 + f_C).
+    base = len(train) if has_test else len(train) / (1.0 + f_c)
+    sizes = config.sizes.model_dump() if config.sizes else {}
+    n_c = sizes.get("S_C") or max(1, round(f_c * base))
+
+    requested: list[str] = []
+    if config.candidates_file:
+        requested = read_id_file(config.candidates_file)
+        rows = dataset.indices(requested)
+        not_train = [requested[k] for k, r in enumerate(rows) if dataset.parts[r] != "train"]
+        if not_train:
+            raise MemlensError(f"candidate '{not_train[0]}' is in the test part; candidates must be training images")
+        n_c = max(n_c, len(requested)) if config.fill_candidates else len(requested)
+    n_i = sizes.get("S_I") or (max(1, round(f_i * base)) if not requested or config.fill_candidates else n_c)
+    n_e = sizes.get("S_E") or n_c
+    n_s = sizes.get("S_S") or max(1, round(f_s * base))
+    if has_test and n_e > len(test):
+        raise MemlensError(f"S_E needs {n_e} images but the test part has {len(test)}; set sizes.S_E")
+    need = n_s + n_c + n_i + (0 if has_test else n_e)
+    if need > len(train):
+        # Rounding of fractions can overshoot by a point or two: shrink S_S rather than fail.
+        if not sizes.get("S_S") and need - len(train) <= 3:
+            n_s -= need - len(train)
+        else:
+            raise MemlensError(f"splits need {need} training images (S_S {n_s}, S_C {n_c}, S_I {n_i}"
+                               f"{'' if has_test else f', S_E {n_e}'}) but the data has {len(train)}")
+
+    requested_rows = set(dataset.indices(requested).tolist()) if requested else set()
+    pool = rng.permutation(np.array([r for r in train if r not in requested_rows], dtype=np.int64))
+    take = iter(np.split(pool, np.cumsum([n_c - len(requested), n_i, n_s])))
+    c_rows = np.concatenate([dataset.indices(requested), next(take)]) if requested else next(take)
+    i_rows, s_rows, rest = next(take), next(take), next(take)
+    e_rows = rng.permutation(test)[:n_e] if has_test else rest[:n_e]
+    ids = dataset.ids
+    subsets = {name: [ids[r] for r in rows] for name, rows in
+               (("S_S", s_rows), ("S_C", c_rows), ("S_I", i_rows), ("S_E", e_rows))}
+    return Splits(fingerprint=dataset.fingerprint, source=dataset.source, seed=config.seed,
+                  settings=config.model_dump(mode="json"), requested=requested, subsets=subsets)
+
+
+def file_hash(path: str | Path) -> str:
+    return sha256_file(path)

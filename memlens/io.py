@@ -1,0 +1,138 @@
+"""Small file helpers: atomic writes, hashing, canonical JSON, run-directory guards.
+
+Everything memlens writes goes through :func:`atomic_write_bytes` (write to a temporary
+file in the same directory, fsync, then ``os.replace``), so an interrupted command never
+leaves a half-written artefact behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from memlens.errors import MemlensError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _clean_floats(obj: Any) -> Any:
+    # JSON has no inf/nan; memlens writes them as strings so the files stay standard JSON.
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return "nan"
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, dict):
+        return {k: _clean_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean_floats(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, *, indent: int | None = 2) -> str:
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json")
+    return json.dumps(_clean_floats(json.loads(json.dumps(obj, default=_json_default))), indent=indent,
+                      sort_keys=False, ensure_ascii=False)
+
+
+def canonical_json(obj: Any) -> str:
+    """Key-sorted, whitespace-free JSON: the input of every hash memlens records."""
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default, ensure_ascii=False)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, dumps(obj) + "\n")
+
+
+def read_json(path: str | os.PathLike, *, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise MemlensError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MemlensError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return sha256_bytes(canonical_json(obj).encode("utf-8"))
+
+
+def prepare_output_dir(path: str | os.PathLike, *, force: bool, resume: bool = False, marker: str) -> Path:
+    """Create an output directory, refusing to clobber an existing run.
+
+    Args:
+        path: the directory.
+        force: delete whatever is there and start afresh.
+        resume: keep what is there (the caller continues it).
+        marker: the file whose presence means "a memlens output lives here"
+            (``run.json``, ``audit.json``...).
+
+    Raises:
+        MemlensError: the directory holds a previous output and neither flag was given.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MemlensError(f"output path {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if resume:
+            return path
+        if not force:
+            what = "a previous output" if (path / marker).exists() else "other files"
+            raise MemlensError(f"{path} already holds {what}; pass --force to overwrite it"
+                               + (" or --resume to continue it" if marker == "run.json" else ""))
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,194 @@
+"""Run directories: ``run.json`` (the record), ``model.safetensors`` (the encoder) and the
+per-epoch ``checkpoint.safetensors`` used by ``--resume``.
+
+Weights are stored only as safetensors and metadata only as JSON: nothing memlens reads back is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file, save
+
+from memlens.config import TrainConfig, format_validation_error
+from memlens.errors import MemlensError
+from memlens.io import atomic_write_bytes, read_json, write_json
+
+RUN_FILE = "run.json"
+MODEL_FILE = "model.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+class RunRecord(BaseModel):
+    """Everything a run directory says about itself (``run.json``)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    version: Literal[1] = 1
+    status: Literal["running", "interrupted", "complete", "stopped_budget"]
+    config: TrainConfig
+    data: dict[str, Any]
+    splits: dict[str, Any] | None
+    train_points: int
+    model: dict[str, Any]
+    history: list[dict[str, Any]] = []
+    epochs_done: int = 0
+    images_per_s: float | None = None
+    wall_seconds: float = 0.0
+    versions: dict[str, str]
+    dp: dict[str, Any] | None = None
+    probe: dict[str, Any] | None = None
+    message: str | None = None
+    created: str
+    updated: str
+
+    @property
+    def side(self) -> str | None:
+        return self.splits.get("side") if self.splits else None
+
+
+def versions() -> dict[str, str]:
+    import opacus
+    import timm
+    import torchvision
+
+    import memlens
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "opacus": opacus.__version__, "memlens": memlens.__version__}
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def read_run(run_dir: str | Path) -> RunRecord:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MemlensError(f"run directory not found: {run_dir}")
+    raw = read_json(run_dir / RUN_FILE, what="run record")
+    try:
+        return RunRecord.model_validate(raw)
+    except ValidationError as exc:
+        raise MemlensError(format_validation_error(exc, source=str(run_dir / RUN_FILE))) from None
+
+
+def write_run(run_dir: str | Path, record: RunRecord) -> None:
+    record.updated = now()
+    write_json(Path(run_dir) / RUN_FILE, record.model_dump(mode="json"))
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def save_weights(path: str | Path, module: nn.Module, *, metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    atomic_write_bytes(path, save(tensors, metadata=metadata or {}))
+
+
+def load_weights(module: nn.Module, path: str | Path, *, what: str) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise MemlensError(f"{what} not found: {path}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MemlensError(f"{path} is not a readable safetensors file: {exc}") from None
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or extra or wrong:
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else
+                  f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)}")
+        raise MemlensError(f"{path} does not match the architecture in its run config ({detail})")
+    module.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: str | Path, *, objective: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any]) -> None:
+    """One file holding the objective's weights, the optimizer state and the loop state (JSON in
+    the safetensors metadata), written atomically: a crash leaves the previous epoch's file."""
+    tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().contiguous().clone()
+                                        for k, v in objective.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars: dict[str, Any] = {}
+    for pid, pstate in opt["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = value.detach().contiguous().clone()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    meta = {"state": state, "param_groups": opt["param_groups"], "optim_scalars": scalars}
+    atomic_write_bytes(path, save(tensors, metadata={"memlens": json.dumps(meta)}))
+
+
+def load_checkpoint(path: str | Path, *, objective: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        tensors = st_load(raw)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["memlens"])
+    except (OSError, SafetensorError, KeyError, ValueError) as exc:
+        raise MemlensError(f"checkpoint {path} is unreadable ({exc}); start again with --force") from None
+    model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        objective.load_state_dict(model_state)
+    except RuntimeError as exc:
+        raise MemlensError(f"checkpoint {path} does not match the run config: {str(exc).splitlines()[0]}") from None
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            opt_state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["optim_scalars"].items():
+        pid, name = key.split(".", 1)
+        opt_state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    return meta["state"]
+
+
+# ----------------------------------------------------------------------------- loading encoders
+
+
+def build_from_record(record: RunRecord) -> nn.Module:
+    from memlens.models import build_encoder
+
+    m = record.config.model
+    return build_encoder(m.arch, image_size=record.data["image_size"], in_chans=record.data["channels"],
+                         patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
+                         mlp_ratio=m.mlp_ratio)
+
+
+def load_encoder(run_dir: str | Path, *, require_complete: bool = True) -> nn.Module:
+    """The trained encoder of a run, in eval mode.
+
+    The returned module offers ``representation(x)`` (B, D) for alignment, ``forward_features``,
+    ``probe_features`` and ``layer_specs()``; its input is images normalised with
+    ``encoder.normalization`` = (mean, std) of the run's data.
+    """
+    run_dir = Path(run_dir)
+    record = read_run(run_dir)
+    if require_complete and record.status not in ("complete", "stopped_budget"):
+        raise MemlensError(f"run {run_dir} is not finished (status: {record.status}); resume it with --resume")
+    encoder = build_from_record(record)
+    load_weights(encoder, run_dir / MODEL_FILE, what="model weights")
+    encoder.normalization = (record.data["normalize"]["mean"], record.data["normalize"]["std"])
+    encoder.record = record
+    return encoder.eval()

@@ -1,0 +1,48 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+# Under pytest-xdist each worker gets one intra-op thread, so two workers use the two cores
+# without oversubscribing them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    # Keep every test's data cache private and out of the user's home directory.
+    monkeypatch.setenv("MEMLENS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from memlens.data import load
+
+    return load()
+
+
+def small_train_config(**kw):
+    """A micro training config that runs in about a second."""
+    from memlens.config import TrainConfig
+
+    base = {"framework": "mae", "subsets": "all", "epochs": 2, "batch_size": 64,
+            "model": {"arch": "vit_micro", "depth": 2, "embed_dim": 32}, "mae": {"decoder_dim": 32}}
+    base.update(kw)
+    return TrainConfig.model_validate(base)
+
+
+def write_png_folder(root, layout, size=8, seed=0):
+    """layout: {relative_path: None} -> random PNGs; returns the paths written."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for rel in layout:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
