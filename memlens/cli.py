@@ -166,6 +166,66 @@ def probe(
                f"test {r.test_set}: {r.n_test})")
 
 
+# ----------------------------------------------------------------------------- privacy
+
+
+@command
+def privacy(
+    run_dir: Optional[Path] = typer.Argument(None, help="a trained run directory"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="a training YAML, before training"),
+    dp_epsilon: Optional[float] = typer.Option(None, help="override the config's target epsilon"),
+    dp_delta: Optional[float] = typer.Option(None),
+    epochs: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    dp_noise_multiplier: Optional[float] = typer.Option(None),
+):
+    """The differential-privacy guarantee of a run (or of a config, before training)."""
+    from memlens.config import load_yaml
+    from memlens.config import TrainConfig
+    from memlens.dp.guarantee import planned_guarantee, run_guarantee
+
+    if (run_dir is None) == (config is None):
+        raise MemlensError("give either a run directory or --config")
+    if run_dir is not None:
+        g = run_guarantee(run_dir)
+        typer.echo(f"{run_dir}: {g.sentence()}" + ("" if g.status in (None, "complete") else f" [status: {g.status}]"))
+        return
+    over = _overrides({"dp.epsilon": dp_epsilon, "dp.delta": dp_delta, "epochs": epochs, "batch_size": batch_size,
+                       "dp.noise_multiplier": dp_noise_multiplier})
+    p = planned_guarantee(load_yaml(TrainConfig, config, overrides=over), cache_dir=_cache_dir())
+    typer.echo(p.sentence())
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+@command
+def sweep(
+    config: Path = typer.Argument(..., help="sweep YAML (train:, epsilons:, dp:, extra_seeds:)"),
+    out: Path = typer.Option(..., "--out", "-o", help="sweep directory"),
+    force: bool = typer.Option(False, "--force", help="delete the sweep directory and start again"),
+):
+    """Train f and g at every epsilon of a sweep (finished runs are skipped, interrupted ones resumed)."""
+    from memlens.config import SweepConfig, load_yaml
+    from memlens.train.sweep import run_sweep
+
+    cfg = load_yaml(SweepConfig, config)
+    console = _console()
+
+    def on_run(run, what):
+        console.print(f"[bold]{run.name}[/]: {what}", highlight=False)
+
+    def on_epoch(info):
+        eps = f"  epsilon {info.extra['epsilon']}" if "epsilon" in info.extra else ""
+        console.print(f"  epoch {info.epoch}/{info.epochs}  loss {info.loss:.4f}{eps}", highlight=False)
+
+    results = run_sweep(cfg, out, force=force, cache_dir=_cache_dir(), on_run=on_run, on_epoch=on_epoch)
+    for run, what in results:
+        if what.startswith("skipped"):
+            console.print(f"{run.name}: {what}", highlight=False)
+    console.print(f"sweep complete: {out} ({len(results)} runs)", highlight=False)
+
+
 def main() -> None:
     app()
 

@@ -161,11 +161,13 @@ class DPConfig(Strict):
         None, gt=0, description="fixed sigma; by default calibrated to reach epsilon over the planned steps")
     physical_batch_size: int | None = Field(None, ge=1, description="largest batch in memory at once")
     poisson: bool = True
-    grad_mode: Literal["ghost-bk", "opacus-hooks"] = "ghost-bk"
-    noise_seed: int | None = Field(
-        None, description="seed of the noise generator; default derives it from the run seed (reproducible). "
-                          "Set secure_noise to draw noise from the OS instead.")
-    secure_noise: bool = False
+    grad_mode: Literal["ghost-bk", "opacus-hooks"] = Field(
+        "ghost-bk", description="ghost-bk: memlens's one-pass ghost clipping (fast); opacus-hooks: Opacus's "
+                                "per-sample gradients (reference)")
+    noise_seed: int | Literal["random"] | None = Field(
+        None, description="seed of the noise generator. Default: derived from the run seed, so a rerun gives the "
+                          "same model. 'random': drawn from the OS and never written to run.json (the noise stays "
+                          "secret even from whoever reads the run record).")
 
     @field_validator("epsilon")
     @classmethod
@@ -278,3 +280,63 @@ class SplitFile(Strict):
 
     data: DataConfig = DataConfig()
     split: SplitConfig = SplitConfig()
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+class SweepDP(Strict):
+    """DP-SGD settings shared by every finite epsilon of a sweep."""
+
+    delta: float | None = Field(None, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    accountant: Literal["prv", "rdp"] = "prv"
+    physical_batch_size: int | None = Field(None, ge=1)
+    poisson: bool = True
+    grad_mode: Literal["ghost-bk", "opacus-hooks"] = "ghost-bk"
+    noise_seed: int | Literal["random"] | None = None
+
+
+def parse_epsilon(v: Any) -> float:
+    if isinstance(v, str) and v.strip().lower() in ("inf", "infinity", "+inf", "none", "non-private"):
+        return math.inf
+    try:
+        eps = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"epsilon {v!r} is not a number or 'inf'") from None
+    if not eps > 0:
+        raise ValueError(f"epsilon must be positive, got {v!r}")
+    return eps
+
+
+def format_epsilon(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+class SweepConfig(Strict):
+    """``memlens sweep``: train f and g with one recipe at several privacy levels."""
+
+    train: TrainConfig
+    epsilons: list[float] = Field(..., min_length=1, description="privacy levels; 'inf' = non-private")
+    dp: SweepDP = SweepDP()
+    extra_seeds: list[int] = Field([], description="more seeds per side (runs f-seedN, g-seedN)")
+
+    @field_validator("epsilons", mode="before")
+    @classmethod
+    def _eps(cls, v: Any) -> list[float]:
+        if not isinstance(v, list):
+            v = [v]
+        out = [parse_epsilon(x) for x in v]
+        if len(set(out)) != len(out):
+            raise ValueError("epsilons are repeated")
+        return out
+
+    @model_validator(mode="after")
+    def _recipe(self) -> "SweepConfig":
+        if not self.train.splits:
+            raise ValueError("train.splits is required: a sweep trains f on S_S+S_C and g on S_S+S_I")
+        if self.train.dp is not None:
+            raise ValueError("train.dp must be absent: the sweep sets DP from epsilons and dp")
+        if self.train.seed in self.extra_seeds:
+            raise ValueError(f"extra_seeds repeats the base seed {self.train.seed}")
+        return self

@@ -92,20 +92,25 @@ class MemlensBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-def random_masking(x: torch.Tensor, ratio: float, generator: torch.Generator | None):
+def random_masking(x: torch.Tensor, ratio: float, generator: torch.Generator | None,
+                   noise: torch.Tensor | None = None):
     """MAE's per-sample random masking.
 
     Args:
         x: (B, N, D) patch tokens.
         ratio: fraction of patches to drop.
         generator: source of the per-sample permutations.
+        noise: (B, N) scores to use instead of drawing them (the lowest are kept); lets a
+            caller reproduce one example's mask outside its batch.
 
     Returns:
         visible tokens (B, K, D), mask (B, N) with 1 = masked, ids_restore (B, N).
     """
     b, n, d = x.shape
     keep = max(1, int(round(n * (1 - ratio))))
-    noise = torch.rand(b, n, generator=generator).to(x.device)
+    if noise is None:
+        noise = torch.rand(b, n, generator=generator)
+    noise = noise.to(x.device)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     visible = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).expand(-1, -1, d))
@@ -138,12 +143,13 @@ class ViTEncoder(VisionTransformer):
         self.num_patches = self.patch_embed.num_patches
         self.feature_dim = embed_dim
 
-    def forward_tokens(self, x: torch.Tensor, *, mask_ratio: float = 0.0, generator: torch.Generator | None = None):
+    def forward_tokens(self, x: torch.Tensor, *, mask_ratio: float = 0.0, generator: torch.Generator | None = None,
+                       mask_noise: torch.Tensor | None = None):
         """(B, C, H, W) -> tokens (B, 1 + K, D); with masking also mask and ids_restore."""
         x = self.pos_embed(self.patch_embed(x))
         mask = ids_restore = None
         if mask_ratio > 0:
-            x, mask, ids_restore = random_masking(x, mask_ratio, generator)
+            x, mask, ids_restore = random_masking(x, mask_ratio, generator, mask_noise)
         x = self.blocks(self.norm_pre(self.cls_token(x)))
         return self.norm(x), mask, ids_restore
 

@@ -78,8 +78,11 @@ class MAE(Objective):
         x = self.augmenter(images, generator)
         return self.losses_on_views(x, generator)
 
-    def losses_on_views(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        latent, mask, ids_restore = self.encoder.forward_tokens(x, mask_ratio=self.mask_ratio, generator=generator)
+    def losses_on_views(self, x: torch.Tensor, generator: torch.Generator | None,
+                        mask_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-example loss [B] on already augmented, normalised views (B, C, H, W)."""
+        latent, mask, ids_restore = self.encoder.forward_tokens(x, mask_ratio=self.mask_ratio, generator=generator,
+                                                                mask_noise=mask_noise)
         pred = self.decoder(latent, ids_restore)
         target = patchify(x.detach(), self.encoder.patch_size)
         if self.norm_pix:

@@ -1,0 +1,253 @@
+"""Per-sample gradient clipping in one backward pass ("book-keeping" ghost clipping).
+
+DP-SGD needs, for every example b in a batch, its gradient g_b, its norm ||g_b||, and the
+clipped sum sum_b min(1, C / ||g_b||) g_b. Opacus's hook mode materialises every g_b (memory
+B x parameters); its ghost mode avoids that but runs the backward pass twice. This engine does
+one forward and one backward pass and never materialises g_b for linear layers:
+
+1. During capture the parameters are frozen, so autograd computes only activation gradients
+   (the weight gradients of an ordinary backward pass are never computed). Forward hooks keep
+   each layer's input a and register a hook on its output for the gradient g of the summed
+   per-example losses.
+2. Per-example squared norms come from a and g layer by layer. For a linear map over T tokens,
+   ||G_b||_F^2 = sum_{t,s} (a_bt . a_bs)(g_bt . g_bs) (the "ghost norm", Goodfellow 2015; Li et
+   al. 2022), costing T^2 (in + out) per example instead of T in out; the cheaper of the two
+   forms is used per layer.
+3. With c_b = min(1, C / (||g_b|| + 1e-6)) (Opacus's rule), each weight gradient is a single
+   matrix product: grad W = sum_b c_b sum_t g_bt a_bt^T = (c * g)^T a.
+
+Supported layers (every trainable parameter must sit in one): Linear, Conv2d (groups=1),
+LayerNorm, and memlens's token modules (PosEmbed, ClsToken, MaskToken). Noise, averaging and
+the optimizer step are left to Opacus's ``DPOptimizerFastGradientClipping``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memlens.errors import MemlensError
+from memlens.models.vit import ClsToken, MaskToken, PosEmbed
+
+TOKEN_MODULES = (PosEmbed, ClsToken, MaskToken)
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.LayerNorm) + TOKEN_MODULES
+
+
+def _linear_view(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, in) inputs and (B, T, out) output gradients of a linear map (a conv is one over patches)."""
+    b = g.shape[0]
+    if isinstance(module, nn.Conv2d):
+        k, stride = module.kernel_size, module.stride
+        if k == stride and module.padding in ((0, 0), "valid") and module.dilation == (1, 1):
+            # Non-overlapping patches (ViT patch embedding): a reshape, no im2col.
+            c, h, w = a.shape[1:]
+            cols = a.reshape(b, c, h // k[0], k[0], w // k[1], k[1]).permute(0, 2, 4, 1, 3, 5)
+            cols = cols.reshape(b, (h // k[0]) * (w // k[1]), c * k[0] * k[1])
+        else:
+            cols = F.unfold(a, k, dilation=module.dilation, padding=module.padding, stride=stride).transpose(1, 2)
+        return cols, g.reshape(b, g.shape[1], -1).transpose(1, 2)
+    return a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+
+
+class GhostClipper:
+    """Per-example gradient norms and clipped gradient sums for ``model``, one backward pass.
+
+    Usage::
+
+        clipper = GhostClipper(model)
+        with clipper.capture():
+            per_example_loss = model.losses(...)       # shape [B]
+            per_example_loss.sum().backward()
+        norms = clipper.norms()                         # [B]
+        clipper.accumulate_clipped(max_grad_norm)       # writes p.grad
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers: list[tuple[str, nn.Module]] = []
+        covered: set[int] = set()
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if not isinstance(module, SUPPORTED):
+                raise MemlensError(f"DP-SGD cannot compute per-sample gradients of layer '{name}' "
+                                   f"({type(module).__name__}); supported: Linear, Conv2d, LayerNorm, token modules")
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                raise MemlensError(f"DP-SGD does not support grouped convolution '{name}'")
+            self.layers.append((name, module))
+            covered.update(id(p) for p in own)
+        self.params = [p for _, m in self.layers for p in m.parameters(recurse=False) if p.requires_grad]
+        self._records: dict[str, dict] = {}
+        self._active = False
+
+    # ------------------------------------------------------------------ capture
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Freeze parameters and record layer inputs and output gradients; always restores."""
+        self._records = {}
+        frozen = [p for p in self.params if p.requires_grad]
+        handles = []
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            for name, module in self.layers:
+                handles.append(module.register_forward_hook(self._hook(name)))
+            self._active = True
+            yield
+        finally:
+            self._active = False
+            for h in handles:
+                h.remove()
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
+            if name in self._records:
+                raise MemlensError(f"layer '{name}' ran twice in one forward pass; parameter sharing is not "
+                                   "supported under DP-SGD")
+            rec = {"inputs": inputs}
+            self._records[name] = rec
+            if not output.requires_grad:
+                # The first layer sees data that needs no gradient: make its output a leaf so the
+                # backward pass still reaches it.
+                output = output.detach().requires_grad_(True)
+                rec["leaf"] = True
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                rec["grad"] = grad
+
+            output.register_hook(grad_hook)
+            return output if rec.get("leaf") else None
+
+        return hook
+
+    # ------------------------------------------------------------------ per-layer maths
+
+    def _records_in_order(self):
+        for name, module in self.layers:
+            rec = self._records.get(name)
+            if rec is None or "grad" not in rec:
+                continue  # the layer did not take part in this loss
+            yield name, module, rec
+
+    @staticmethod
+    def _ghost_is_cheaper(t: int, d_in: int, d_out: int) -> bool:
+        return t * t * (d_in + d_out) < t * d_in * d_out
+
+    def _squared_norms(self, module: nn.Module, rec: dict) -> torch.Tensor:
+        g = rec["grad"]
+        a = rec["inputs"][0]
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            a3, g3 = rec["views"] = _linear_view(module, a, g)
+            t, d_in, d_out = a3.shape[1], a3.shape[2], g3.shape[2]
+            if self._ghost_is_cheaper(t, d_in, d_out):
+                sq = (torch.bmm(a3, a3.mT) * torch.bmm(g3, g3.mT)).flatten(1).sum(dim=1)
+            else:
+                sq = torch.bmm(g3.mT, a3).square().flatten(1).sum(dim=1)
+            if module.bias is not None:
+                sq = sq + g3.sum(dim=1).square().sum(dim=1)
+            return sq
+        # Small parameters: materialise once and keep them for accumulate_clipped.
+        rec["per_sample"] = per_sample = self._materialised(module, rec)
+        total = None
+        for gs in per_sample.values():
+            sq = gs.reshape(gs.shape[0], -1).square().sum(dim=1)
+            total = sq if total is None else total + sq
+        return total
+
+    @staticmethod
+    def _materialised(module: nn.Module, rec: dict) -> dict[nn.Parameter, torch.Tensor]:
+        """Per-example gradients of small parameters (LayerNorm, token modules): (B, *shape)."""
+        g = rec["grad"]
+        if isinstance(module, nn.LayerNorm):
+            x = rec["inputs"][0]
+            xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+            dims = tuple(range(1, x.dim() - len(module.normalized_shape)))
+            out = {}
+            if module.weight is not None:
+                out[module.weight] = (g * xhat).sum(dim=dims) if dims else g * xhat
+            if module.bias is not None:
+                out[module.bias] = g.sum(dim=dims) if dims else g
+            return out
+        return type(module).per_sample_grads(module, rec["inputs"], g)
+
+    # ------------------------------------------------------------------ public
+
+    def batch_size(self) -> int:
+        for _, _, rec in self._records_in_order():
+            return rec["grad"].shape[0]
+        return 0
+
+    @torch.no_grad()
+    def norms(self) -> torch.Tensor:
+        """Per-example gradient norms over all parameters, shape [B]."""
+        total = None
+        for _, module, rec in self._records_in_order():
+            sq = self._squared_norms(module, rec)
+            total = sq if total is None else total + sq
+        if total is None:
+            raise MemlensError("the loss did not depend on any trainable layer")
+        return total.clamp_min(0).sqrt()
+
+    def per_sample_grads(self) -> dict[nn.Parameter, torch.Tensor]:
+        """Materialised per-example gradients (B, *shape) of every parameter: for tests and audits
+        of the engine, not used in training."""
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        for _, module, rec in self._records_in_order():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                a3, g3 = _linear_view(module, rec["inputs"][0], rec["grad"])
+                out[module.weight] = torch.einsum("bto,bti->boi", g3, a3).reshape(g3.shape[0], *module.weight.shape)
+                if module.bias is not None:
+                    out[module.bias] = g3.sum(dim=1)
+            else:
+                out.update(self._materialised(module, rec))
+        return out
+
+    def clip_coefficients(self, max_grad_norm: float) -> torch.Tensor:
+        return (max_grad_norm / (self.norms() + 1e-6)).clamp(max=1.0)
+
+    @torch.no_grad()
+    def accumulate_clipped(self, max_grad_norm: float, coef: torch.Tensor | None = None) -> torch.Tensor:
+        """Add sum_b c_b g_b to every ``p.grad`` (c_b = min(1, C / (||g_b|| + 1e-6)) unless ``coef`` is
+        given) and return the per-example norms (None when ``coef`` was given)."""
+        norms = None
+        if coef is None:
+            norms = self.norms()
+            coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for _, module, rec in self._records_in_order():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                a3, g3 = rec.get("views") or _linear_view(module, rec["inputs"][0], rec["grad"])
+                # Scale whichever operand is smaller by the clipping coefficients.
+                scale_g = g3.shape[-1] <= a3.shape[-1]
+                if scale_g:
+                    g3 = g3 * coef.view(-1, 1, 1)
+                else:
+                    a3 = a3 * coef.view(-1, 1, 1)
+                grads = {module.weight: (g3.reshape(-1, g3.shape[-1]).t() @ a3.reshape(-1, a3.shape[-1]))
+                         .reshape(module.weight.shape)}
+                if module.bias is not None:
+                    grads[module.bias] = g3.sum(dim=(0, 1)) if scale_g else coef @ g3.sum(dim=1)
+            else:
+                per_sample = rec.get("per_sample") or self._materialised(module, rec)
+                grads = {p: (coef @ gs.reshape(gs.shape[0], -1)).reshape(p.shape) for p, gs in per_sample.items()}
+            for p, grad in grads.items():
+                if p.grad is None:
+                    p.grad = grad  # a fresh tensor: nothing else refers to it
+                else:
+                    p.grad.add_(grad)
+        self._records = {}
+        return norms
+
+    def zero_fill(self) -> None:
+        """Give every parameter a zero gradient (an empty Poisson batch: the step is pure noise)."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._records = {}

@@ -1,0 +1,90 @@
+"""Epsilon sweeps: one recipe, f and g trained at each privacy level (``memlens sweep``).
+
+Layout: ``SWEEP_DIR/sweep.json`` and ``SWEEP_DIR/eps-<value>/{f,g}[-seedN]/`` run directories,
+``eps-inf`` being the non-private baseline. Re-running a sweep skips finished runs and resumes
+interrupted ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from memlens.config import DPConfig, SweepConfig, TrainConfig, format_epsilon, validate
+from memlens.data import load
+from memlens.errors import MemlensError
+from memlens.io import prepare_output_dir, read_json, write_json
+from memlens.train.loop import EpochInfo, train
+from memlens.train.run import RUN_FILE, read_run
+
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass
+class SweepRun:
+    epsilon: float
+    side: str
+    seed: int
+    run_dir: Path
+    config: TrainConfig
+
+    @property
+    def name(self) -> str:
+        return f"eps-{format_epsilon(self.epsilon)}/{self.run_dir.name}"
+
+
+def plan_runs(config: SweepConfig, out_dir: str | Path) -> list[SweepRun]:
+    out = Path(out_dir)
+    runs = []
+    base = config.train
+    for eps in config.epsilons:
+        for side in ("f", "g"):
+            for seed in [base.seed, *config.extra_seeds]:
+                dp = None if math.isinf(eps) else DPConfig(epsilon=eps, **config.dp.model_dump())
+                cfg = base.model_copy(update={"subsets": side, "seed": seed, "dp": dp})
+                name = side if seed == base.seed else f"{side}-seed{seed}"
+                runs.append(SweepRun(eps, side, seed, out / f"eps-{format_epsilon(eps)}" / name, cfg))
+    return runs
+
+
+def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, cache_dir: str | Path | None = None,
+              on_run: Callable[[SweepRun, str], None] | None = None,
+              on_epoch: Callable[[EpochInfo], None] | None = None) -> list[tuple[SweepRun, str]]:
+    """Train every run of the sweep that is not finished yet.
+
+    Returns:
+        (run, what happened) pairs: "trained", "resumed" or "skipped (finished)".
+    """
+    out = Path(out_dir)
+    marker = out / SWEEP_FILE
+    if marker.is_file() and not force:
+        previous = validate(SweepConfig, read_json(marker, what="sweep record")["config"], source=str(marker))
+        if previous != config:
+            raise MemlensError(f"{out} holds a sweep with a different config; pass --force to start it again")
+    prepare_output_dir(out, force=force, resume=not force, marker=SWEEP_FILE)
+    write_json(marker, {"version": 1, "config": config.model_dump(mode="json")})
+    dataset = load(config.train.data, cache_dir=cache_dir)
+    done = []
+    for run in plan_runs(config, out):
+        status = None
+        if (run.run_dir / RUN_FILE).is_file():
+            status = read_run(run.run_dir).status
+        if status in ("complete", "stopped_budget"):
+            what = "skipped (finished)"
+        else:
+            what = "resumed" if status else "trained"
+            if on_run:
+                on_run(run, what)
+            train(run.config, run.run_dir, resume=status is not None, dataset=dataset, on_epoch=on_epoch)
+        done.append((run, what))
+    return done
+
+
+def sweep_runs(sweep_dir: str | Path) -> list[SweepRun]:
+    """The runs of an existing sweep directory, read from its ``sweep.json``."""
+    sweep_dir = Path(sweep_dir)
+    raw = read_json(sweep_dir / SWEEP_FILE, what="sweep record")
+    config = validate(SweepConfig, raw["config"], source=str(sweep_dir / SWEEP_FILE))
+    return plan_runs(config, sweep_dir)

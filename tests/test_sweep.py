@@ -1,0 +1,86 @@
+import json
+
+from typer.testing import CliRunner
+
+from memlens.cli import app
+from memlens.train import read_run
+from memlens.train.sweep import sweep_runs
+
+runner = CliRunner()
+
+
+def run(*args):
+    r = runner.invoke(app, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def _write_sweep(tmp_path, epsilons="[inf, 8]", extra=""):
+    assert run("split", "--source", "digits", "--sizes", "S_S=300,S_C=40,S_I=40,S_E=40", "--out",
+               tmp_path / "s.json")[0] == 0
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"""
+train:
+  framework: mae
+  splits: {tmp_path / 's.json'}
+  model: {{arch: vit_micro, depth: 1, embed_dim: 32}}
+  mae: {{decoder_dim: 32}}
+  epochs: 1
+  batch_size: 64
+epsilons: {epsilons}
+{extra}""")
+    return path
+
+
+def test_sweep_layout_resume_and_privacy(tmp_path):
+    cfg = _write_sweep(tmp_path, extra="extra_seeds: [7]")
+    code, out, err = run("sweep", cfg, "--out", tmp_path / "sw")
+    assert code == 0, err
+    names = sorted(r.name for r in sweep_runs(tmp_path / "sw"))
+    assert names == sorted(f"eps-{e}/{s}" for e in ("inf", "8") for s in ("f", "g", "f-seed7", "g-seed7"))
+    f8 = read_run(tmp_path / "sw" / "eps-8" / "f")
+    assert f8.config.subsets == "f" and f8.config.dp.epsilon == 8 and f8.dp["epsilon_spent"] <= 8
+    assert read_run(tmp_path / "sw" / "eps-inf" / "g-seed7").config.seed == 7
+    assert read_run(tmp_path / "sw" / "eps-inf" / "g").dp is None
+    # an interrupted run is resumed, finished ones are skipped
+    rec_path = tmp_path / "sw" / "eps-8" / "g" / "run.json"
+    rec = json.loads(rec_path.read_text())
+    rec["status"] = "interrupted"
+    rec_path.write_text(json.dumps(rec))
+    (tmp_path / "sw" / "eps-8" / "g" / "model.safetensors").unlink()
+    code, out, err = run("sweep", cfg, "--out", tmp_path / "sw")
+    assert code == 0, err
+    assert "eps-8/g: resumed" in out and "eps-inf/f: skipped (finished)" in out
+    assert read_run(tmp_path / "sw" / "eps-8" / "g").status == "complete"
+
+    code, out, _ = run("privacy", tmp_path / "sw" / "eps-8" / "f")
+    assert code == 0 and "-differentially private with respect to each of its 340 training images" in out
+    code, out, _ = run("privacy", tmp_path / "sw" / "eps-inf" / "f")
+    assert code == 0 and "without differential privacy" in out
+
+
+def test_changed_sweep_needs_force(tmp_path):
+    cfg = _write_sweep(tmp_path, epsilons="[inf]")
+    assert run("sweep", cfg, "--out", tmp_path / "sw")[0] == 0
+    cfg.write_text(cfg.read_text().replace("epsilons: [inf]", "epsilons: [inf, 20]"))
+    code, _, err = run("sweep", cfg, "--out", tmp_path / "sw")
+    assert code == 2 and "different config; pass --force" in err
+    assert run("sweep", cfg, "--out", tmp_path / "sw", "--force")[0] == 0
+
+
+def test_dp_bad_input_exit_codes(tmp_path):
+    base = ["train", "--out", tmp_path / "r", "--subsets", "all", "--epochs", "1", "--arch", "vit_micro"]
+    code, _, err = run(*base, "--dp-epsilon", "8", "--dp-delta", "0.001")
+    assert code == 2 and "not below 1/N = 1/1797" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(*base, "--framework", "simclr", "--dp-epsilon", "8")
+    assert code == 2 and "cannot be trained with DP-SGD: SimCLR does not decompose" in err
+    code, _, err = run(*base, "--dp-epsilon", "0")
+    assert code == 2 and "dp.epsilon: Input should be greater than 0" in err
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("framework: mae\nsubsets: all\nepochs: 3\nbatch_size: 128\ndp: {epsilon: 8}\n")
+    code, out, err = run("privacy", "--config", cfg)
+    assert code == 0, err
+    assert out.startswith("this config gives epsilon = ") and "at delta = 5.56e-05" in out and "42 steps" in out
+    code, out, err = run("privacy", "--config", cfg, "--dp-noise-multiplier", "0.5")
+    assert code == 0 and "training will stop there" in out
+    code, _, err = run("privacy")
+    assert code == 2 and "either a run directory or --config" in err
