@@ -226,6 +226,49 @@ def sweep(
     console.print(f"sweep complete: {out} ({len(results)} runs)", highlight=False)
 
 
+# ----------------------------------------------------------------------------- audit
+
+
+@command
+def audit(
+    out: Path = typer.Option(..., "--out", "-o", help="audit directory to write"),
+    f: list[str] = typer.Option([], "--f", help="a run trained on S_S+S_C (repeat for more seeds)"),
+    g: list[str] = typer.Option([], "--g", help="a run trained on S_S+S_I (repeat for more seeds)"),
+    splits: Optional[str] = typer.Option(None, help="splits.json"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="audit YAML (flags override it)"),
+    augment: Optional[str] = typer.Option(None, help="augmentation set of the views (default: training set)"),
+    pairs: Optional[int] = typer.Option(None, help="K pairs of views per point"),
+    distance: Optional[str] = typer.Option(None, help="l2, l1, cosine or angular"),
+    max_per_subset: Optional[int] = typer.Option(None, help="score at most this many points per subset"),
+    seed: Optional[int] = typer.Option(None),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing audit"),
+):
+    """Measure memorization: SSLMem per point, LayerMem per layer, UnitMem per unit, and the tests."""
+    from memlens.audit import run_audit, write_audit
+    from memlens.config import AuditConfig, deep_update, load_yaml, validate
+
+    over = _overrides({"f": f or None, "g": g or None, "splits": splits, "augment": augment, "pairs": pairs,
+                       "distance": distance, "max_per_subset": max_per_subset, "seed": seed})
+    cfg = load_yaml(AuditConfig, config, overrides=over) if config else validate(
+        AuditConfig, deep_update({}, over), source="options")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise MemlensError(f"{out} already holds {'an audit' if (out / 'audit.json').exists() else 'other files'}; "
+                           f"pass --force to overwrite it")
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("scoring points", total=None)
+        result = run_audit(cfg, cache_dir=_cache_dir(),
+                           progress=lambda stage, done, total: bar.update(task, completed=done, total=total))
+    write_audit(result, out, force=force)
+    s = result.summary
+    typer.echo(f"wrote {out} ({s.timings['total']:.1f} s, {int(s.timings['images_forwarded']):,} images forwarded)")
+    for name, st in s.subsets.items():
+        typer.echo(f"  {name}: mean SSLMem {st.mean:+.4f} (95% CI {st.ci_low:+.4f} .. {st.ci_high:+.4f}, n={st.n})")
+    main = [t for t in s.tests if t.method in ("welch_t", "one_sample_t") and not t.name.startswith("unitmem")]
+    typer.echo("  tests: " + ", ".join(f"{t.name} p={t.p_holm:.2g}" for t in main if t.p_holm is not None))
+
+
 def main() -> None:
     app()
 

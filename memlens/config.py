@@ -340,3 +340,62 @@ class SweepConfig(Strict):
         if self.train.seed in self.extra_seeds:
             raise ValueError(f"extra_seeds repeats the base seed {self.train.seed}")
         return self
+
+
+# ----------------------------------------------------------------------------- audits
+
+
+class UnitMemSettings(Strict):
+    subsets: list[Subset] = Field(["S_C"], min_length=1, description="D': the points UnitMem is measured on")
+    augment: str | None = Field(None, description="default: the SSLMem views; 'none' = unaugmented (Fig. 5)")
+    views: int = Field(10, ge=1, description="augmentations per point (Eq. 5)")
+    rest: Literal["mean", "median"] = "mean"
+    negative: Literal["clamp", "abs"] = "clamp"
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, v: str | None) -> str | None:
+        from memlens.data.augment import AUGMENTATIONS
+
+        if v is not None and v not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation set '{v}'; valid: {', '.join(AUGMENTATIONS)}")
+        return v
+
+
+class AuditConfig(Strict):
+    """``memlens audit``: which encoders, which points, and how to measure."""
+
+    f: list[str] = Field(..., min_length=1, description="runs trained on S_S + S_C")
+    g: list[str] = Field(..., min_length=1, description="runs trained on S_S + S_I")
+    splits: str
+    augment: str | None = Field(None, description="augmentation set of the views; default: the runs' training set")
+    pairs: int = Field(5, ge=1, description="K pairs of views per point (2K views)")
+    distance: Literal["l2", "l1", "cosine", "angular"] = "l2"
+    subsets: list[Subset] = Field(["S_C", "S_S", "S_I", "S_E"], min_length=1)
+    max_per_subset: int | None = Field(None, ge=2, description="score at most this many (random) points per subset")
+    unitmem: UnitMemSettings = UnitMemSettings()
+    top_k: int = Field(50, ge=1, description="size of the Top / Least memorized groups")
+    ranking_k: int = Field(100, ge=1, description="k of the top-k ranking overlaps")
+    batch_points: int = Field(64, ge=1, description="points per forward batch")
+    bootstrap: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    alpha: float = Field(0.01, gt=0, lt=1, description="significance level reported with the tests")
+    seed: int = 0
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, v: str | None) -> str | None:
+        from memlens.data.augment import AUGMENTATIONS
+
+        if v is not None and v not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation set '{v}'; valid: {', '.join(AUGMENTATIONS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _scored(self) -> "AuditConfig":
+        if "S_C" not in self.subsets:
+            raise ValueError("subsets must include S_C (the candidates)")
+        missing = [s for s in self.unitmem.subsets if s not in self.subsets]
+        if missing:
+            raise ValueError(f"unitmem.subsets {missing} are not among the scored subsets")
+        return self

@@ -87,18 +87,21 @@ def synthetic(cfg: SyntheticConfig) -> Dataset:
 
     Typical images are a class prototype (a smooth random colour field) shifted by a few
     pixels, rescaled in brightness and perturbed with noise, so every image has many near
-    neighbours. Planted outliers are blocky random patterns unlike any prototype or each other:
-    their augmentations overlap no other image's, which is what makes a point memorable. Their
-    ids are recorded in ``meta["outlier_ids"]``.
+    neighbours. A planted outlier is a class of its own with a single member: a high-frequency
+    colour field of its own with a bright blob somewhere, so its crops resemble no other image's
+    and differ from one another (the SSLMem paper's picture of an atypical point, Appendix D.3:
+    an augmentation set that overlaps no other). Self-similar textures such as stripes would
+    not do: any two crops of them look alike to every encoder. Their ids are recorded in
+    ``meta["outlier_ids"]``.
     """
     rng = np.random.default_rng(cfg.seed)
     s, c = cfg.image_size, cfg.channels
     yy, xx = np.meshgrid(np.linspace(0, 1, s, endpoint=False), np.linspace(0, 1, s, endpoint=False), indexing="ij")
 
-    def smooth_field(amplitude: float) -> np.ndarray:
+    def smooth_field(amplitude: float, freqs: tuple[int, int] = (1, 4)) -> np.ndarray:
         field = np.zeros((s, s, c))
         for _ in range(3):
-            fy, fx = rng.integers(1, 4, size=2)
+            fy, fx = rng.integers(*freqs, size=2)
             phase = rng.uniform(0, 2 * np.pi)
             colour = rng.uniform(-1, 1, size=c)
             field += np.sin(2 * np.pi * (fy * yy + fx * xx) + phase)[..., None] * colour
@@ -113,15 +116,16 @@ def synthetic(cfg: SyntheticConfig) -> Dataset:
         for i, k in enumerate(labels):
             dy, dx = rng.integers(-shift, shift + 1, size=2)
             img = np.roll(prototypes[k], (dy, dx), axis=(0, 1)) * rng.uniform(0.85, 1.15)
-            out[i] = img + smooth_field(0.08) + rng.normal(0, 0.03, size=(s, s, c))
+            out[i] = img + smooth_field(0.25) + rng.normal(0, 0.03, size=(s, s, c))
         return out, labels
 
     def outlier() -> np.ndarray:
-        cells = rng.integers(2, 5)
-        block = rng.uniform(0, 1, size=(cells, cells, c))
-        reps = -(-s // cells)
-        img = np.kron(block, np.ones((reps, reps, 1)))[:s, :s]
-        return img + rng.normal(0, 0.03, size=(s, s, c))
+        # A singleton: its own high-frequency colour field plus a bright blob somewhere. Different
+        # crops of it look different (one holds the blob, another does not), so only an encoder
+        # that has seen this very image maps them together.
+        cy, cx = rng.uniform(0.15, 0.85, size=2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.12 ** 2))[..., None] * rng.uniform(-1, 1, size=c)
+        return 0.5 + smooth_field(1.2, (2, 6)) + 0.8 * blob + rng.normal(0, 0.03, size=(s, s, c))
 
     x_train, y_train = typical(cfg.n)
     outlier_rows = np.sort(rng.choice(cfg.n, size=cfg.outliers, replace=False)) if cfg.outliers else np.array([], int)

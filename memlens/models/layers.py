@@ -22,6 +22,11 @@ class LayerSpec:
         layout: ``channels_first`` for (B, C, H, W) maps, ``tokens`` for (B, T, D) sequences.
         depth: position of the layer in the forward order (0 = first).
         block: the ViT block or ResNet stage the layer belongs to (for per-block tables).
+        prev: the layer whose LayerMem this layer's ΔLayerMem subtracts (None for the first).
+            For conv nets the previous layer in forward order (localizing paper, Eq. 4 and
+            Table 1); for ViTs the residual stream the sub-block reads (Table 10:
+            ΔLM^ATT_N = LM^ATT_N - ResBlock^FC_{N-1}, ΔLM^FC_N = LM^FC_N - ResBlock^ATT_N,
+            ΔBlockMem_N = ResBlock^FC_N - ResBlock^FC_{N-1}).
     """
 
     name: str
@@ -30,6 +35,7 @@ class LayerSpec:
     layout: Layout
     depth: int
     block: int
+    prev: str | None = None
 
     def unit_activations(self, out: torch.Tensor) -> torch.Tensor:
         """Per-unit activation of each input, shape (B, units).

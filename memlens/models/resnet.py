@@ -96,7 +96,7 @@ class ResNet9(ConvEncoder):
             units = modules[name.removesuffix(".act")].conv.out_channels if name.endswith(".act") \
                 else self.conv4_2.conv.out_channels if name == "res6" else self.conv2_2.conv.out_channels
             specs.append(LayerSpec(name=name, kind=kind, units=units, layout="channels_first",
-                                   depth=len(specs), block=block))
+                                   depth=len(specs), block=block, prev=specs[-1].name if specs else None))
         return specs
 
 
@@ -151,5 +151,5 @@ class ResNet18(ConvEncoder):
             for j, block in enumerate(getattr(self, f"layer{k}")):
                 for act, kind in (("act1", "conv"), ("act2", "block")):
                     specs.append(LayerSpec(name=f"layer{k}.{j}.{act}", kind=kind, units=block.conv1.out_channels,
-                                           layout="channels_first", depth=len(specs), block=k))
+                                           layout="channels_first", depth=len(specs), block=k, prev=specs[-1].name))
         return specs

@@ -183,12 +183,18 @@ class ViTEncoder(VisionTransformer):
         hidden = self.blocks[0].mlp.fc1.out_features
         specs = []
         for i in range(len(self.blocks)):
-            for suffix, kind, units in (("attn", "attention", d), ("res_attn", "resblock_attn", d),
-                                        ("mlp.act", "mlp_hidden", hidden), ("mlp", "mlp", d), ("", "block", d)):
+            stream = f"blocks.{i - 1}" if i else None  # ResBlock^FC of the previous block
+            for suffix, kind, units, prev in (("attn", "attention", d, stream),
+                                              ("res_attn", "resblock_attn", d, stream),
+                                              ("mlp.act", "mlp_hidden", hidden, f"blocks.{i}.res_attn"),
+                                              ("mlp", "mlp", d, f"blocks.{i}.res_attn"),
+                                              ("", "block", d, stream)):
                 name = f"blocks.{i}.{suffix}" if suffix else f"blocks.{i}"
-                specs.append(LayerSpec(name=name, kind=kind, units=units, layout="tokens", depth=len(specs), block=i))
-        specs.append(LayerSpec(name="norm", kind="output", units=d, layout="tokens", depth=len(specs),
-                               block=len(self.blocks) - 1))
+                specs.append(LayerSpec(name=name, kind=kind, units=units, layout="tokens", depth=len(specs), block=i,
+                                       prev=prev))
+        last = len(self.blocks) - 1
+        specs.append(LayerSpec(name="norm", kind="output", units=d, layout="tokens", depth=len(specs), block=last,
+                               prev=f"blocks.{last}"))
         return specs
 
 

@@ -1,0 +1,61 @@
+"""LayerMem and ΔLayerMem (localizing paper, Eq. 3-4, Tables 1, 2 and 10).
+
+    LayerMem_D'(l) = 1/|D'| sum_i SSLMem'_{f^l, g^l}(x_i)
+    ΔLayerMem_D'(l) = LayerMem_D'(l) - LayerMem_D'(prev(l))
+
+where f^l, g^l are the encoders' outputs after layer l and SSLMem' the symmetric normalised
+score. ``prev(l)`` is the previous layer in forward order for conv nets and, for ViTs, the
+residual stream the sub-block reads (see :class:`memlens.models.layers.LayerSpec`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memlens.audit.sslmem import symmetric_normalize
+
+
+def layermem(align_f: torch.Tensor, align_g: torch.Tensor) -> float:
+    """Eq. 3 for one layer. align_f, align_g: (N,) alignment losses of the layer's outputs on D'."""
+    if align_f.numel() == 0:
+        return float("nan")
+    return float(symmetric_normalize(align_f, align_g).mean())
+
+
+def delta_layermem(values: dict[str, float], prev: dict[str, str | None]) -> dict[str, float | None]:
+    """Eq. 4: each layer's LayerMem minus that of its ``prev`` layer (None for the first layer)."""
+    return {name: (None if prev.get(name) is None else value - values[prev[name]]) for name, value in values.items()}
+
+
+@dataclass(frozen=True)
+class ViTBlockRow:
+    """One row of the localizing paper's Table 10."""
+
+    block: int
+    attention: float
+    delta_attention: float | None
+    resblock_attention: float
+    mlp: float
+    delta_mlp: float
+    resblock_mlp: float
+    delta_block: float | None
+
+
+def vit_block_table(values: dict[str, float], depth: int) -> list[ViTBlockRow]:
+    """Attention vs fully-connected memorization per block (Table 10):
+
+    ΔLM^ATT_N = LM^ATT_N - ResBlock^FC_{N-1}, ΔLM^FC_N = LM^FC_N - ResBlock^ATT_N,
+    ΔBlockMem_N = ResBlock^FC_N - ResBlock^FC_{N-1}.
+    """
+    rows = []
+    for i in range(depth):
+        prev_block = values.get(f"blocks.{i - 1}") if i else None
+        att, res_att = values[f"blocks.{i}.attn"], values[f"blocks.{i}.res_attn"]
+        fc, res_fc = values[f"blocks.{i}.mlp"], values[f"blocks.{i}"]
+        rows.append(ViTBlockRow(block=i + 1, attention=att,
+                                delta_attention=None if prev_block is None else att - prev_block,
+                                resblock_attention=res_att, mlp=fc, delta_mlp=fc - res_att, resblock_mlp=res_fc,
+                                delta_block=None if prev_block is None else res_fc - prev_block))
+    return rows

@@ -1,0 +1,180 @@
+"""The audit's pure metric functions against values computed by hand."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from memlens.audit.classmem import ClassMemAccumulator, classmem
+from memlens.audit.layermem import delta_layermem, layermem, vit_block_table
+from memlens.audit.sslmem import alignment_loss, pair_distance, range_normalize, sslmem, symmetric_normalize
+from memlens.audit.stats import (bootstrap_ci, cohens_d, holm, mann_whitney, ranking_consistency, signed_rank,
+                                 sslmem_tests, welch)
+from memlens.audit.unitmem import UnitMemAccumulator, unitmem
+
+T = torch.tensor
+
+
+def test_pair_distances_on_normalised_vectors():
+    u, v = T([[3.0, 4.0]]), T([[8.0, 6.0]])  # -> (0.6, 0.8) and (0.8, 0.6)
+    assert pair_distance(u, v, "l2").item() == pytest.approx(math.sqrt(0.08))
+    assert pair_distance(u, v, "l1").item() == pytest.approx(0.4)
+    assert pair_distance(u, v, "cosine").item() == pytest.approx(0.04)
+    assert pair_distance(u, v, "angular").item() == pytest.approx(math.acos(0.96) / math.pi)
+    assert pair_distance(u, 5 * u, "l2").item() == pytest.approx(0.0, abs=1e-7)  # scale does not matter
+
+
+def test_alignment_loss_pairs_consecutive_views():
+    # 2 points x 2 pairs x 2 views, 2-d outputs; distances by hand (l2 of normalised vectors)
+    e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    views = T([e1, e1, e1, e2,   # point 0: pairs (e1, e1) -> 0 and (e1, e2) -> sqrt 2
+               e2, e2, e2, e2])  # point 1: both pairs identical -> 0
+    assert torch.allclose(alignment_loss(views, pairs=2), T([math.sqrt(2) / 2, 0.0]))
+    with pytest.raises(ValueError, match="whole number of points"):
+        alignment_loss(views[:6], pairs=2)
+    # a single point is fine
+    assert alignment_loss(views[:4], pairs=2).shape == (1,)
+
+
+def test_sslmem_and_its_normalisations():
+    f, g = T([1.0, 2.0, 0.5, 0.0]), T([3.0, 1.0, 0.5, 0.0])
+    raw = sslmem(f, g)
+    assert torch.equal(raw, T([2.0, -1.0, 0.0, 0.0]))
+    assert torch.allclose(range_normalize(raw), T([2 / 3, -1 / 3, 0.0, 0.0]))  # range = 2 - (-1) = 3
+    assert torch.equal(range_normalize(T([0.2, 0.2])), T([0.0, 0.0]))
+    assert torch.allclose(symmetric_normalize(f, g), T([0.5, -1 / 3, 0.0, 0.0]))  # 0/0 -> 0
+
+
+def test_layermem_and_delta():
+    assert layermem(T([1.0, 1.0]), T([3.0, 1.0])) == pytest.approx(0.25)  # mean of 0.5 and 0
+    assert math.isnan(layermem(T([]), T([])))
+    d = delta_layermem({"a": 0.1, "b": 0.25, "c": 0.2}, {"a": None, "b": "a", "c": "b"})
+    assert d["a"] is None and d["b"] == pytest.approx(0.15) and d["c"] == pytest.approx(-0.05)
+
+
+def test_vit_block_table_follows_table_10():
+    v = {"blocks.0.attn": 0.006, "blocks.0.res_attn": 0.007, "blocks.0.mlp": 0.020, "blocks.0": 0.022,
+         "blocks.1.attn": 0.028, "blocks.1.res_attn": 0.028, "blocks.1.mlp": 0.039, "blocks.1": 0.040}
+    rows = vit_block_table(v, 2)
+    assert rows[0].delta_attention is None and rows[0].delta_mlp == pytest.approx(0.013)
+    assert rows[1].delta_attention == pytest.approx(0.006)  # 0.028 - 0.022 (paper's row 2: 0.006)
+    assert rows[1].delta_mlp == pytest.approx(0.011)         # 0.039 - 0.028 (paper: 0.011)
+    assert rows[1].delta_block == pytest.approx(0.018)       # 0.040 - 0.022 (paper: 0.018)
+
+
+def test_unitmem_by_hand():
+    mu = T([[1.0, 0.0, 2.0],
+            [3.0, 0.0, 2.0],
+            [2.0, 0.0, 2.0]])
+    r = unitmem(mu)
+    # unit 0: max 3 (point 1), rest mean (1 + 2) / 2 = 1.5 -> 1.5 / 4.5
+    assert r.unitmem[0].item() == pytest.approx(1 / 3) and r.argmax[0] == 1 and r.mu_rest[0] == pytest.approx(1.5)
+    # unit 1: silent everywhere -> 0, not NaN; unit 2: constant -> 0; ties go to the first point
+    assert r.unitmem[1].item() == 0.0 and r.unitmem[2].item() == 0.0
+    assert r.argmax[1] == 0 and r.argmax[2] == 0
+
+
+def test_unitmem_negative_activation_rules():
+    mu = T([[-1.0], [2.0], [0.5]])
+    assert unitmem(mu, negative="clamp").unitmem.item() == pytest.approx((2 - 0.25) / (2 + 0.25))
+    assert unitmem(mu, negative="abs").unitmem.item() == pytest.approx((2 - 0.75) / (2 + 0.75))
+    all_negative = T([[-1.0], [-2.0]])
+    r = unitmem(all_negative)
+    assert r.unitmem.item() == 0.0 and r.argmax.item() == 0
+
+
+def test_unitmem_median_variant():
+    assert unitmem(T([[1.0], [5.0], [2.0], [10.0]]), rest="median").unitmem.item() == pytest.approx(8 / 12)
+    assert unitmem(T([[1.0], [5.0], [2.0], [10.0]]), rest="mean").unitmem.item() == pytest.approx(
+        (10 - 8 / 3) / (10 + 8 / 3))
+    # even number of others: the median interpolates (1, 2, 4, 5 -> 3)
+    assert unitmem(T([[1.0], [5.0], [2.0], [4.0], [10.0]]), rest="median").unitmem.item() == pytest.approx(7 / 13)
+
+
+def test_unitmem_needs_two_points():
+    with pytest.raises(ValueError, match="at least 2 points"):
+        unitmem(T([[1.0, 2.0]]))
+
+
+@pytest.mark.parametrize("rest", ["mean", "median"])
+def test_streaming_unitmem_equals_the_batch_formula(rest):
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(37, 11, generator=g)
+    mu[5, 3] = mu[20, 3] = 9.0  # a tie for the maximum: the first (5) must win
+    acc = UnitMemAccumulator(11, rest=rest)
+    for chunk in torch.split(mu, [4, 16, 17]):
+        acc.update(chunk)
+    a, b = acc.result(), unitmem(mu, rest=rest)
+    assert torch.allclose(a.unitmem, b.unitmem, atol=1e-6) and torch.equal(a.argmax, b.argmax)
+    assert a.argmax[3] == 5
+
+
+def test_classmem_by_hand():
+    mu = T([[1.0], [3.0], [2.0], [6.0]])
+    labels = T([0, 0, 1, 1])
+    # class means 2 and 4: (4 - 2) / (4 + 2)
+    assert classmem(mu, labels).item() == pytest.approx(1 / 3)
+    acc = ClassMemAccumulator(1, 5)
+    acc.update(mu[:3], labels[:3])
+    acc.update(mu[3:], labels[3:])
+    assert acc.result().item() == pytest.approx(1 / 3)  # empty classes 2..4 are left out
+    with pytest.raises(ValueError, match="two classes"):
+        classmem(mu, T([1, 1, 1, 1]))
+
+
+def test_holm_by_hand():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    out = holm([0.5, float("nan"), 0.01])
+    assert out[0] == pytest.approx(0.5) and math.isnan(out[1]) and out[2] == pytest.approx(0.02)
+
+
+def test_effect_sizes_by_hand():
+    assert cohens_d(np.array([1.0, 2, 3]), np.array([2.0, 3, 4])) == pytest.approx(-1.0)
+    mw = mann_whitney([3.0, 4.0], [1.0, 2.0], alternative="greater", name="x", hypothesis="x")
+    assert mw.statistic == 4 and mw.effect_size == pytest.approx(1.0)
+    sr = signed_rank([1.0, 2.0, -3.0], alternative="two-sided", name="x", hypothesis="x")
+    assert sr.effect_size == pytest.approx(0.0)
+
+
+def test_welch_matches_the_textbook_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1, 1, 40), rng.normal(0, 2, 60)
+    r = welch(a, b, alternative="greater", name="x", hypothesis="x")
+    se = math.sqrt(a.var(ddof=1) / 40 + b.var(ddof=1) / 60)
+    t = (a.mean() - b.mean()) / se
+    dof = se ** 4 / ((a.var(ddof=1) / 40) ** 2 / 39 + (b.var(ddof=1) / 60) ** 2 / 59)
+    assert r.statistic == pytest.approx(t) and r.p_value == pytest.approx(sps.t.sf(t, dof))
+
+
+def test_sslmem_hypothesis_family():
+    rng = np.random.default_rng(1)
+    scores = {"S_C": rng.normal(0.3, 0.1, 200), "S_S": rng.normal(0.0, 0.1, 800),
+              "S_I": rng.normal(-0.3, 0.1, 200), "S_E": rng.normal(0.1, 0.1, 200)}
+    tests = {(t.name, t.method): t for t in sslmem_tests(scores)}
+    for (name, method), t in tests.items():
+        if name == "S=0":
+            assert t.p_value > 0.001
+        else:
+            assert t.p_holm < 1e-6, (name, method)
+    assert len(tests) == 14
+    # subsets that were not scored are left out of the family
+    assert {t.name for t in sslmem_tests({"S_C": scores["S_C"], "S_S": scores["S_S"]})} == {"C>S", "C>0", "S=0"}
+
+
+def test_bootstrap_interval():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.5, 1.0, 400)
+    lo, hi = bootstrap_ci(x, seed=0)
+    assert lo < x.mean() < hi and hi - lo == pytest.approx(2 * 1.96 / 20, rel=0.2)
+
+
+def test_ranking_consistency():
+    a = np.arange(50.0)
+    same = ranking_consistency(a, a, k=10, name_a="a", name_b="b")
+    assert same.overlap == 1.0 and same.tau == pytest.approx(1.0)
+    flipped = ranking_consistency(a, -a, k=10, name_a="a", name_b="b")
+    assert flipped.overlap == 0.0 and flipped.tau == pytest.approx(-1.0)
+    half = ranking_consistency(a, np.r_[a[:45], -a[45:]], k=10, name_a="a", name_b="b")
+    assert half.overlap == 0.5
