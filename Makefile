@@ -22,16 +22,15 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/memlens split --source digits --out runs/demo/splits.json --force
-	$(BIN)/memlens train --config pipelines/demo-train.yaml --splits runs/demo/splits.json --subsets f --out runs/demo/f --force
-	$(BIN)/memlens train --config pipelines/demo-train.yaml --splits runs/demo/splits.json --subsets g --out runs/demo/g --force
-	@echo "demo encoders: runs/demo/f (trained on S_S+S_C) and runs/demo/g (trained on S_S+S_I)"
+	$(BIN)/memlens run pipelines/demo.yaml --out runs/demo
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -n 2 --durations=15
 
 benchmarks: $(BIN)/.installed
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/dp_overhead.py
+	$(BIN)/python benchmarks/audit_throughput.py
 
 lint: $(BIN)/.installed
 	$(BIN)/pip install --quiet ruff && $(BIN)/ruff check memlens tests benchmarks

@@ -269,7 +269,113 @@ def audit(
     typer.echo("  tests: " + ", ".join(f"{t.name} p={t.p_holm:.2g}" for t in main if t.p_holm is not None))
 
 
+# ----------------------------------------------------------------------------- report
+
+
+@command
+def report(
+    audits: list[Path] = typer.Argument(..., help="audit directories (several epsilons of one dataset are compared)"),
+    out: Path = typer.Option(..., "--out", "-o", help="PDF to write"),
+    html: Optional[Path] = typer.Option(None, "--html", help="also write the HTML"),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="policy file: adds the verdict"),
+    redact: bool = typer.Option(False, "--redact", help="replace image thumbnails by placeholders"),
+    title: Optional[str] = typer.Option(None, help="report title"),
+):
+    """Render the HTML and PDF compliance report of one or more audits."""
+    from memlens.policy import load_policy
+    from memlens.reports import render_report
+
+    pol = load_policy(policy) if policy else None
+    r = render_report(audits, out_pdf=out, out_html=html, policy=pol, redact=redact, title=title)
+    typer.echo(f"wrote {out} ({r.pages} pages)" + (f" and {html}" if html else "")
+               + ("" if r.gate is None else f"; policy {r.gate.policy}: {'PASSED' if r.gate.passed else 'FAILED'}"))
+
+
+# ----------------------------------------------------------------------------- gate
+
+
+@command
+def gate(
+    audits: list[Path] = typer.Argument(..., help="audit directories"),
+    policy: Path = typer.Option(..., "--policy", help="policy YAML"),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="write JUnit XML (one test case per rule)"),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="write a Markdown summary"),
+):
+    """Check audits against a policy: exit 0 if every rule passes, 1 if any fails, 2 on bad input."""
+    from rich.table import Table
+
+    from memlens.audit import read_audit
+    from memlens.policy import evaluate, load_policy, to_junit
+    from memlens.policy.gate import write_markdown
+
+    pol = load_policy(policy)
+    result = evaluate(pol, [read_audit(a) for a in audits])
+    table = Table(title=f"memlens gate: policy {pol.name}")
+    for col in ("audit", "rule", "threshold", "observed", "result"):
+        table.add_column(col)
+    for r in result.results:
+        table.add_row(r.audit, r.rule, r.threshold, r.observed, "[green]pass[/]" if r.passed else "[red]FAIL[/]")
+    console = _console()
+    console.print(table)
+    for r in result.results:
+        if not r.passed and r.detail:
+            console.print(f"[red]{r.audit}[/]: {r.detail}", highlight=False)
+    if junit:
+        to_junit(result, junit)
+    if markdown:
+        write_markdown(result, markdown)
+    console.print("[bold green]PASSED[/]" if result.passed else "[bold red]FAILED[/]")
+    raise typer.Exit(result.exit_code)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+@command
+def run(
+    config: Path = typer.Argument(..., help="pipeline YAML"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory"),
+    force: bool = typer.Option(False, "--force", help="delete the output directory and start again"),
+    fail_on_gate: bool = typer.Option(False, "--fail-on-gate", help="exit 1 when the policy gate fails"),
+):
+    """Split, train f and g per epsilon, probe, audit, report and gate, in one resumable command."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from memlens.config import PipelineConfig, load_yaml
+    from memlens.pipeline import run_pipeline
+
+    cfg = load_yaml(PipelineConfig, config)
+    console = _console()
+    with Progress(TextColumn("{task.description:<22}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        result = run_pipeline(cfg, out, force=force, cache_dir=_cache_dir(), progress=progress,
+                              log=lambda msg: console.print(msg, highlight=False))
+    console.print(f"\n[bold]pipeline complete[/] in {result.seconds:.0f} s: {out}", highlight=False)
+    for stage, status in result.stages.items():
+        console.print(f"  {stage:<7} {status}", highlight=False)
+    console.print("files:", highlight=False)
+    for f in result.files:
+        console.print(f"  {f}", highlight=False)
+    if result.gate_passed is not None:
+        console.print(f"gate: {'[green]PASSED[/]' if result.gate_passed else '[red]FAILED[/]'} (details: "
+                      f"{out / 'gate.md'})")
+    if fail_on_gate and result.gate_exit:
+        raise typer.Exit(result.gate_exit)
+
+
 def main() -> None:
+    import logging
+
+    # WeasyPrint and fontTools log font-subsetting notices at WARNING; they are not the user's concern.
+    for name in ("weasyprint", "fontTools"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     app()
 
 

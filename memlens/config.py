@@ -309,6 +309,15 @@ def parse_epsilon(v: Any) -> float:
     return eps
 
 
+def epsilon_list(v: Any) -> list[float]:
+    if not isinstance(v, list):
+        v = [v]
+    out = [parse_epsilon(x) for x in v]
+    if len(set(out)) != len(out):
+        raise ValueError("epsilons are repeated")
+    return out
+
+
 def format_epsilon(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:g}"
 
@@ -324,12 +333,7 @@ class SweepConfig(Strict):
     @field_validator("epsilons", mode="before")
     @classmethod
     def _eps(cls, v: Any) -> list[float]:
-        if not isinstance(v, list):
-            v = [v]
-        out = [parse_epsilon(x) for x in v]
-        if len(set(out)) != len(out):
-            raise ValueError("epsilons are repeated")
-        return out
+        return epsilon_list(v)
 
     @model_validator(mode="after")
     def _recipe(self) -> "SweepConfig":
@@ -399,3 +403,55 @@ class AuditConfig(Strict):
         if missing:
             raise ValueError(f"unitmem.subsets {missing} are not among the scored subsets")
         return self
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+class ReportSettings(Strict):
+    title: str | None = None
+    redact: bool = Field(False, description="replace image thumbnails by placeholders")
+    html: bool = True
+
+
+class PipelineConfig(Strict):
+    """``memlens run``: split, train f and g per epsilon, probe, audit, report and gate."""
+
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    train: dict[str, Any] = Field(..., description="the training recipe (TrainConfig fields, without data, "
+                                                   "splits, subsets and dp)")
+    epsilons: list[float] = Field(["inf"], min_length=1)
+    dp: SweepDP = SweepDP()
+    extra_seeds: list[int] = []
+    audit: dict[str, Any] = Field({}, description="audit settings (AuditConfig fields, without f, g and splits)")
+    probe: bool = True
+    policy: str | None = Field(None, description="policy file for the gate (and the report's verdict)")
+    report: ReportSettings = ReportSettings()
+
+    @field_validator("epsilons", mode="before")
+    @classmethod
+    def _eps(cls, v: Any) -> list[float]:
+        return epsilon_list(v)
+
+    @model_validator(mode="after")
+    def _parts(self) -> "PipelineConfig":
+        for key in ("data", "splits", "subsets", "dp"):
+            if key in self.train:
+                raise ValueError(f"train.{key} is set by the pipeline; put it at the top level" if key in ("data", "dp")
+                                 else f"train.{key} is set by the pipeline")
+        for key in ("f", "g", "splits"):
+            if key in self.audit:
+                raise ValueError(f"audit.{key} is set by the pipeline")
+        return self
+
+    def train_config(self, splits_path: str) -> TrainConfig:
+        return validate(TrainConfig, {**self.train, "data": self.data.model_dump(mode="json"), "splits": splits_path,
+                                      "subsets": "f"}, source="pipeline train")
+
+    def sweep_config(self, splits_path: str) -> SweepConfig:
+        return SweepConfig(train=self.train_config(splits_path), epsilons=self.epsilons, dp=self.dp,
+                           extra_seeds=self.extra_seeds)
+
+    def audit_config(self, *, f: list[str], g: list[str], splits_path: str) -> AuditConfig:
+        return validate(AuditConfig, {**self.audit, "f": f, "g": g, "splits": splits_path}, source="pipeline audit")

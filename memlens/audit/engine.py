@@ -34,7 +34,7 @@ from memlens.audit.classmem import ClassMemAccumulator
 from memlens.audit.hooks import tap
 from memlens.audit.layermem import delta_layermem, vit_block_table
 from memlens.audit.results import AUDIT_FILE, AuditSummary
-from memlens.audit.sslmem import alignment_loss, range_normalize, symmetric_normalize
+from memlens.audit.sslmem import range_normalize, symmetric_normalize
 from memlens.audit.stats import bootstrap_ci, ranking_consistency, sslmem_tests, welch
 from memlens.audit.unitmem import UnitMemAccumulator, unitmem
 from memlens.config import SUBSETS, AuditConfig
@@ -187,6 +187,7 @@ def _audit(cfg, f_runs, g_runs, splits, dataset, progress, t_start) -> AuditResu
     images = torch.from_numpy(dataset.images)
     labels = dataset.labels
     dprime = np.isin(subset_of, cfg.unitmem.subsets)
+    is_candidate = subset_of == "S_C"
     has_labels = labels is not None
     num_classes = len(dataset.class_names) if has_labels else 0
     t_loaded = time.perf_counter()
@@ -216,20 +217,26 @@ def _audit(cfg, f_runs, g_runs, splits, dataset, progress, t_start) -> AuditResu
 
     batch = cfg.batch_points
     n_batches = math.ceil(n / batch)
+    modules = {id(r): dict(r.encoder.named_modules()) for r in f_runs + g_runs}
     for b in range(n_batches):
         sl = slice(b * batch, min(n, (b + 1) * batch))
         positions = np.arange(sl.start, sl.stop)
         views = augmenter.views(images[torch.from_numpy(rows[sl])], n_views,
                                 torch.Generator().manual_seed(derive_seed(cfg.seed, "views", b)))
+        # LayerMem is measured on the candidates: other batches only need the representation.
+        layers_needed = None if is_candidate[sl].any() else {names[-1]}
         for side, runs, align, layer in (("f", f_runs, align_f, layer_f), ("g", g_runs, align_g, layer_g)):
             for i, run in enumerate(runs):
                 want_units = side == "f" and i == 0 and shared_units and bool(dprime[sl].any())
                 with tap(run.encoder, specs, views_per_point=n_views, pairs=k, distance=cfg.distance,
-                         units=want_units) as tapped:
-                    rep = run.encoder.representation(views)
-                align[i, sl] = alignment_loss(rep, pairs=k, metric=cfg.distance).numpy()
-                for li, name in enumerate(names):
-                    layer[li, sl] += tapped.align[name].numpy()
+                         units=want_units, align_layers=layers_needed, modules=modules[id(run)]) as tapped:
+                    run.encoder.representation(views)
+                # The representation is the last exposed layer's output, flattened (tested for
+                # every architecture), so its alignment is the one that layer's hook computed.
+                align[i, sl] = tapped.align[names[-1]].numpy()
+                if layers_needed is None:
+                    for li, name in enumerate(names):
+                        layer[li, sl] += tapped.align[name].numpy()
                 if want_units:
                     feed_units(tapped, positions)
                 forwards += len(views)

@@ -62,7 +62,25 @@ def alignment_loss(views: torch.Tensor, *, pairs: int, metric: Distance = "l2") 
     if flat.shape[0] % (2 * pairs):
         raise ValueError(f"{flat.shape[0]} rows are not a whole number of points with {2 * pairs} views")
     p = flat.reshape(-1, pairs, 2, flat.shape[1])
-    return pair_distance(p[:, :, 0], p[:, :, 1], metric).mean(dim=1)
+    if metric == "l1":
+        return pair_distance(p[:, :, 0], p[:, :, 1], metric).mean(dim=1)
+    # l2, cosine and angular of normalised vectors depend only on cos(u, v): the 2x2 Gram matrix
+    # of each pair, one batched product over the (large) layer output, instead of normalised
+    # copies of it. These hooks run on every layer of every encoder: this is most of the audit's
+    # own cost.
+    gram = torch.bmm(p.reshape(-1, 2, p.shape[-1]), p.reshape(-1, 2, p.shape[-1]).transpose(1, 2)).double()
+    gram = gram.reshape(p.shape[0], pairs, 2, 2)
+    uu, vv, uv = gram[..., 0, 0], gram[..., 1, 1], gram[..., 0, 1]
+    cos = (uv / (uu * vv).sqrt().clamp_min(1e-24)).clamp(-1.0, 1.0)
+    if metric == "l2":
+        d = (2.0 - 2.0 * cos).clamp_min(0.0).sqrt()
+    elif metric == "cosine":
+        d = 1.0 - cos
+    elif metric == "angular":
+        d = torch.arccos(cos) / math.pi
+    else:
+        raise ValueError(f"unknown distance '{metric}'; valid: {', '.join(DISTANCES)}")
+    return d.mean(dim=1).to(views.dtype)
 
 
 def sslmem(align_f: torch.Tensor, align_g: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,165 @@
+"""The one-command pipeline (``memlens run``): split, train f and g per epsilon (the sweep),
+probe, audit each epsilon, render the report and evaluate the gate.
+
+Resumable: a stage whose output is already there and matches is skipped (interrupted training
+runs are resumed), so a rerun after an interruption or a policy change only redoes what is
+needed. Layout of the output directory::
+
+    pipeline.json  splits.json  sweep/eps-<e>/{f,g}[-seedN]/  audits/eps-<e>/
+    report.pdf  report.html  gate.json  gate.md  junit.xml
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from memlens.config import PipelineConfig, format_epsilon, validate
+from memlens.data import Splits, load, make_splits
+from memlens.errors import MemlensError
+from memlens.io import prepare_output_dir, read_json, write_json
+
+PIPELINE_FILE = "pipeline.json"
+
+
+@dataclass
+class PipelineResult:
+    out: Path
+    files: list[Path] = field(default_factory=list)
+    stages: dict[str, str] = field(default_factory=dict)
+    gate_passed: bool | None = None
+    gate_exit: int = 0
+    seconds: float = 0.0
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = False,
+                 cache_dir: str | Path | None = None, progress: Progress | None = None,
+                 log: Callable[[str], None] | None = None) -> PipelineResult:
+    """Run (or resume) the whole pipeline into ``out_dir``.
+
+    Args:
+        progress: progress(stage, done, total) for long stages.
+        log: one line per stage event.
+    """
+    from memlens.audit import run_audit, write_audit
+    from memlens.audit.results import AUDIT_FILE, read_audit
+    from memlens.policy import load_policy, to_junit
+    from memlens.policy.gate import evaluate, write_markdown
+    from memlens.reports import render_report
+    from memlens.train.probe import probe_run
+    from memlens.train.run import read_run
+    from memlens.train.sweep import plan_runs, run_sweep
+
+    t0 = time.perf_counter()
+    say = log or (lambda _msg: None)
+    out = Path(out_dir)
+    marker = out / PIPELINE_FILE
+    if marker.is_file() and not force:
+        previous = validate(PipelineConfig, read_json(marker, what="pipeline record")["config"], source=str(marker))
+        if previous != config:
+            raise MemlensError(f"{out} holds a pipeline run with a different config; pass --force to start again")
+    policy = load_policy(config.policy) if config.policy else None  # fail early on a bad policy
+    prepare_output_dir(out, force=force, resume=not force, marker=PIPELINE_FILE)
+    write_json(marker, {"version": 1, "config": config.model_dump(mode="json")})
+    result = PipelineResult(out)
+
+    # 1. splits
+    dataset = load(config.data, cache_dir=cache_dir)
+    splits_path = out / "splits.json"
+    if splits_path.is_file():
+        Splits.load(splits_path, dataset)
+        result.stages["split"] = "skipped (exists)"
+    else:
+        make_splits(dataset, config.split).save(splits_path)
+        result.stages["split"] = "done"
+    say(f"split: {result.stages['split']}")
+    splits_str = str(splits_path.resolve())
+
+    # 2. training: f and g per epsilon
+    sweep_cfg = config.sweep_config(splits_str)
+    sweep_dir = out / "sweep"
+    runs = plan_runs(sweep_cfg, sweep_dir)
+    total_epochs = len(runs) * sweep_cfg.train.epochs
+    done_epochs = 0
+
+    def on_run(run, what):
+        say(f"train {run.name}: {what}")
+
+    def on_epoch(info):
+        nonlocal done_epochs
+        done_epochs += 1
+        if progress:
+            progress("training", done_epochs, total_epochs)
+
+    outcomes = run_sweep(sweep_cfg, sweep_dir, cache_dir=cache_dir, on_run=on_run, on_epoch=on_epoch)
+    result.stages["train"] = ", ".join(sorted({w for _, w in outcomes}))
+
+    # 3. linear probes
+    if config.probe and dataset.labels is not None:
+        for k, run in enumerate(runs):
+            if read_run(run.run_dir).probe is None:
+                probe_run(run.run_dir, dataset=dataset)
+            if progress:
+                progress("probing", k + 1, len(runs))
+        result.stages["probe"] = "done"
+    else:
+        result.stages["probe"] = "skipped (no labels)" if config.probe else "off"
+
+    # 4. audits, one per epsilon
+    audit_dirs = []
+    for eps in sweep_cfg.epsilons:
+        eps_runs = [r for r in runs if r.epsilon == eps or (math.isinf(eps) and math.isinf(r.epsilon))]
+        cfg = config.audit_config(f=[str(r.run_dir.resolve()) for r in eps_runs if r.side == "f"],
+                                  g=[str(r.run_dir.resolve()) for r in eps_runs if r.side == "g"],
+                                  splits_path=splits_str)
+        adir = out / "audits" / f"eps-{format_epsilon(eps)}"
+        audit_dirs.append(adir)
+        if (adir / AUDIT_FILE).is_file():
+            try:
+                existing = read_audit(adir)
+                fresh = existing.summary.settings == cfg and all(
+                    r.run_json_sha256 == _sha(Path(r.path) / "run.json") for r in existing.summary.runs)
+            except MemlensError:
+                fresh = False
+            if fresh:
+                say(f"audit eps-{format_epsilon(eps)}: skipped (up to date)")
+                continue
+        say(f"audit eps-{format_epsilon(eps)}: running")
+        res = run_audit(cfg, cache_dir=cache_dir, dataset=dataset,
+                        progress=(lambda stage, d, t: progress(f"auditing eps-{format_epsilon(eps)}", d, t))
+                        if progress else None)
+        write_audit(res, adir, force=True)
+    result.stages["audit"] = "done"
+
+    # 5. report and 6. gate
+    rep = render_report(audit_dirs, out_pdf=out / "report.pdf",
+                        out_html=out / "report.html" if config.report.html else None, policy=policy,
+                        redact=config.report.redact, title=config.report.title)
+    result.files += [p for p in (rep.pdf, rep.html) if p]
+    result.stages["report"] = f"{rep.pages} pages"
+    if policy is not None:
+        gate = evaluate(policy, [read_audit(a) for a in audit_dirs])
+        write_json(out / "gate.json", {"policy": gate.policy, "passed": gate.passed,
+                                        "results": [r.to_dict() for r in gate.results]})
+        write_markdown(gate, out / "gate.md")
+        to_junit(gate, out / "junit.xml")
+        result.files += [out / "gate.json", out / "gate.md", out / "junit.xml"]
+        result.gate_passed, result.gate_exit = gate.passed, gate.exit_code
+        result.stages["gate"] = "passed" if gate.passed else "FAILED"
+    result.files = [splits_path, *audit_dirs, *result.files]
+    result.seconds = time.perf_counter() - t0
+    write_json(marker, {"version": 1, "config": config.model_dump(mode="json"), "stages": result.stages,
+                        "seconds": round(result.seconds, 1), "gate_passed": result.gate_passed})
+    return result
+
+
+def _sha(path: Path) -> str:
+    from memlens.io import sha256_file
+
+    return sha256_file(path) if path.is_file() else ""

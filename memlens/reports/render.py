@@ -1,0 +1,211 @@
+"""Compliance reports: jinja2 templates rendered to HTML and, with WeasyPrint, to PDF.
+
+The report is built from audit directories only (plus, for thumbnails, the training data the
+runs name). Everything taken from data (ids, labels, class names, file names) goes through
+jinja2's autoescaping; charts are SVG generated here.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
+
+import memlens
+from memlens.audit.results import Audit, read_audit
+from memlens.errors import MemlensError
+from memlens.io import atomic_write_bytes, atomic_write_text
+from memlens.policy.gate import GateResult, audit_label, evaluate
+from memlens.policy.schema import Policy
+from memlens.reports import charts
+
+TEST_NAMES = {"C>S": "S_C > S_S", "C>E": "S_C > S_E", "S>I": "S_S > S_I", "E>I": "S_E > S_I", "C>0": "S_C > 0",
+              "I<0": "S_I < 0", "S=0": "S_S = 0"}
+
+
+@dataclass
+class ReportResult:
+    pdf: Path | None
+    html: Path | None
+    pages: int | None
+    gate: GateResult | None
+
+
+def _f(x: Any, digits: int = 3, signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
+        return "inf" if isinstance(x, float) and math.isinf(x) else "n/a"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _p(p: float | None) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "n/a"
+    return "< 1e-300" if p == 0 else (f"{p:.2g}" if p < 0.001 else f"{p:.3f}")
+
+
+def _thumbnails(audit: Audit, ids: list[str], *, redact: bool) -> dict[str, str | None]:
+    """PNG data URIs of the given training images (None where unavailable or redacted)."""
+    if redact or not ids:
+        return {i: None for i in ids}
+    from PIL import Image
+
+    from memlens.data import load
+    from memlens.train.run import read_run
+
+    try:
+        record = read_run(audit.summary.runs[0].path)
+        ds = load(record.config.data)
+    except MemlensError:
+        return {i: None for i in ids}
+    if ds.fingerprint != audit.summary.data["fingerprint"]:
+        return {i: None for i in ids}
+    out = {}
+    for i in ids:
+        img = ds.images[ds.indices([i])[0]]
+        img = img[..., 0] if img.shape[-1] == 1 else img
+        pil = Image.fromarray(img).resize((64, 64), Image.Resampling.NEAREST)
+        buf = io.BytesIO()
+        pil.save(buf, format="PNG")
+        out[i] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return out
+
+
+def _probe(audit: Audit) -> float | None:
+    accs = [r.probe_accuracy for r in audit.summary.runs if r.side == "f" and r.probe_accuracy is not None]
+    return float(np.mean(accs)) if accs else None
+
+
+def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: int) -> dict[str, Any]:
+    s = audit.summary
+    pts, layers, units = audit.points, audit.layers, audit.units
+    cand = pts[pts["subset"] == "S_C"]
+    score = policy.score if policy else "sslmem_sym_norm"
+    threshold = (policy.rules.max_fraction_candidates_above.score
+                 if policy and policy.rules.max_fraction_candidates_above else 0.2)
+    frac_above = float((cand[score] > threshold).mean()) if len(cand) else float("nan")
+    sc = s.subsets.get("S_C")
+    welch = next((t for t in s.tests if t.name == "C>S" and t.method == "welch_t"), None)
+    signal = welch is not None and welch.p_holm is not None and not math.isnan(welch.p_holm) and welch.p_holm < 0.01
+    best_layer = layers.sort_values("layermem", ascending=False).iloc[0] if len(layers) else None
+    f_runs = [r for r in s.runs if r.side == "f"]
+    eps = s.dp_epsilon
+    private = eps is not None
+    top = cand.sort_values("sslmem", ascending=False).head(top_k)
+    thumbs = _thumbnails(audit, top["id"].tolist() + [p["id"] for p in s.requested_points], redact=redact)
+    unit_frac = s.units.get("frac_above_half")
+    recipe = s.recipe
+    main_tests = [t for t in s.tests if t.name in TEST_NAMES]
+    layer_tests = {t.name[len("unitmem_top>least["):-1]: t for t in s.tests if t.name.startswith("unitmem_top>least")}
+    layer_rows = []
+    for _, row in layers.iterrows():
+        t = layer_tests.get(row["layer"])
+        layer_rows.append({**row.to_dict(), "tt_p": _p(t.p_value) if t else "n/a"})
+    top_units = s.top_units[:15]
+    order = [r["layer"] for r in layer_rows]
+    has_classmem = units["classmem"].notna().any()
+    words = [
+        f"Candidate images (S_C, {sc.n if sc else 0} images the encoder was trained on) have a mean SSLMem of "
+        f"{_f(sc.mean if sc else None, 4, True)} (95% CI {_f(sc.ci_low if sc else None, 4, True)} to "
+        f"{_f(sc.ci_high if sc else None, 4, True)}); symmetric normalised, {_f(sc.mean_sym_norm if sc else None, 3, True)}.",
+        ("The candidates are significantly more memorized than images shared by both encoders "
+         f"(S_C > S_S, p = {_p(welch.p_holm)}, Holm-corrected): the audit detects memorization."
+         if signal else
+         "The candidates are not significantly more memorized than images shared by both encoders "
+         f"(S_C > S_S, p = {_p(welch.p_holm if welch else None)}): this audit does not detect memorization, "
+         "which is not the same as showing there is none."),
+        f"{frac_above:.1%} of the candidates score above {threshold:g} ({score}).",
+        (f"The layer with the highest LayerMem is {best_layer['layer']} ({_f(best_layer['layermem'], 3)})."
+         if best_layer is not None else ""),
+        (f"{unit_frac:.1%} of the encoder's units have UnitMem above 0.5, i.e. respond to one training image at "
+         f"least three times more than to the others." if unit_frac is not None else ""),
+        (f"The encoder was trained with differential privacy: ({_f(eps, 2)}, {f_runs[0].delta:.2g})-DP."
+         if private else "The encoder was trained without differential privacy (epsilon = infinity)."),
+    ]
+    return {
+        "name": audit.path.name, "label": audit_label(audit), "path": str(audit.path), "sha256": audit.sha256,
+        "s": s, "words": [w for w in words if w], "signal": signal, "private": private,
+        "epsilon_label": "inf" if not private else f"{eps:.3g}", "epsilon": math.inf if not private else eps,
+        "frac_above": frac_above, "threshold": threshold, "score": score,
+        "sc": sc, "best_layer": best_layer.to_dict() if best_layer is not None else None,
+        "unit_frac": unit_frac, "probe": _probe(audit),
+        "subsets": [(name, NAMES_LONG[name], st) for name, st in s.subsets.items()],
+        "tests": main_tests, "test_names": TEST_NAMES,
+        "top": [{**r, "thumb": thumbs.get(r["id"])} for r in top.to_dict(orient="records")],
+        "requested": [{**r, "thumb": thumbs.get(r["id"])} for r in s.requested_points],
+        "layer_rows": layer_rows, "vit_blocks": s.vit_blocks, "top_units": top_units,
+        "f_runs": f_runs, "g_runs": [r for r in s.runs if r.side == "g"], "recipe": recipe,
+        "charts": {
+            "sslmem": Markup(charts.sslmem_distributions(pts)),
+            "layermem": Markup(charts.layermem_chart(layers)),
+            "unitmem": Markup(charts.unitmem_boxes(units, order)),
+            "unit_vs_class": Markup(charts.unit_vs_class(units)) if has_classmem else None,
+        },
+        "redact": redact,
+    }
+
+
+NAMES_LONG = {"S_C": "candidates (trained f only)", "S_S": "shared (trained f and g)",
+              "S_I": "independent (trained g only)", "S_E": "extra (trained neither)"}
+
+
+def build_context(audits: list[Audit], *, policy: Policy | None = None, redact: bool = False, top_k: int = 12,
+                  title: str | None = None) -> dict[str, Any]:
+    fingerprints = {a.summary.data["fingerprint"] for a in audits}
+    if len(fingerprints) > 1:
+        raise MemlensError("the audits are of different data (fingerprints differ); report them separately")
+    ctxs = sorted((_audit_context(a, policy, redact=redact, top_k=top_k) for a in audits),
+                  key=lambda c: (-c["epsilon"], c["name"]))
+    gate = evaluate(policy, audits) if policy else None
+    comparison = None
+    if len(ctxs) > 1:
+        rows = [{"epsilon_label": c["epsilon_label"], "mean": c["sc"].mean, "ci_low": c["sc"].ci_low,
+                 "ci_high": c["sc"].ci_high, "mean_sym_norm": c["sc"].mean_sym_norm,
+                 "unitmem_mean": c["s"].units.get("mean"), "unit_frac": c["unit_frac"],
+                 "probe_accuracy": c["probe"], "signal": c["signal"], "name": c["name"]} for c in ctxs]
+        comparison = {"rows": rows, "chart": Markup(charts.epsilon_chart(rows))}
+    first = ctxs[0]["s"]
+    return {
+        "title": title or f"Memorization audit: {first.model.get('arch')} {first.framework.upper()} encoder",
+        "date": dt.date.today().isoformat(), "created": dt.datetime.now().isoformat(timespec="seconds"),
+        "audits": ctxs, "gate": gate, "policy": policy, "comparison": comparison, "redact": redact,
+        "memlens_version": memlens.__version__, "fmt": _f, "p": _p,
+    }
+
+
+def render_html(context: dict[str, Any]) -> str:
+    env = Environment(loader=PackageLoader("memlens.reports", "templates"),
+                      autoescape=select_autoescape(["html", "j2"], default=True), trim_blocks=True,
+                      lstrip_blocks=True)
+    return env.get_template("report.html.j2").render(**context)
+
+
+def render_report(audit_dirs: list[str | Path], *, out_pdf: str | Path | None, out_html: str | Path | None = None,
+                  policy: Policy | None = None, redact: bool = False, title: str | None = None) -> ReportResult:
+    """Render the report of one or more audits (several epsilons of one dataset are compared).
+
+    Returns:
+        The paths written, the PDF page count and the policy evaluation (when a policy is given).
+    """
+    if not audit_dirs:
+        raise MemlensError("no audit directories given")
+    audits = [read_audit(p) for p in audit_dirs]
+    ctx = build_context(audits, policy=policy, redact=redact, title=title)
+    html = render_html(ctx)
+    pages = None
+    if out_html:
+        atomic_write_text(out_html, html)
+    if out_pdf:
+        from weasyprint import HTML
+
+        doc = HTML(string=html, base_url=str(Path.cwd())).render()
+        pages = len(doc.pages)
+        atomic_write_bytes(out_pdf, doc.write_pdf())
+    return ReportResult(Path(out_pdf) if out_pdf else None, Path(out_html) if out_html else None, pages, ctx["gate"])

@@ -1,0 +1,199 @@
+"""Reports (HTML/PDF read back), policies, the gate, the one-command pipeline and the Dockerfile."""
+
+import json
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pypdf import PdfReader
+from typer.testing import CliRunner
+
+from memlens.audit import read_audit, run_audit, write_audit
+from memlens.cli import app
+from memlens.config import AuditConfig, SplitConfig, SplitSizes, TrainConfig
+from memlens.data import load, make_splits
+from memlens.errors import MemlensError
+from memlens.policy import load_policy
+from memlens.reports import render_report
+from memlens.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+EVIL = "<b>bold</b> & <script>x</script>"
+
+
+def run(*args):
+    r = runner.invoke(app, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def audit_dir(tmp_path_factory):
+    """A real micro audit of data whose class names and ids contain markup."""
+    root = tmp_path_factory.mktemp("report")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (160, 8, 8, 3), dtype=np.uint8)
+    ids = np.array([f"img-{i:03d}" if i % 7 else f"img<i>{i}</i>" for i in range(160)])
+    np.savez(root / "d.npz", x=x, y=np.arange(160) % 2, class_names=np.array([EVIL, "plain"]), ids=ids)
+    data = {"source": "npz", "path": str(root / "d.npz")}
+    ds = load(**data)
+    make_splits(ds, SplitConfig(sizes=SplitSizes(S_S=80, S_C=24, S_I=24, S_E=24))).save(root / "s.json")
+    recipe = {"framework": "mae", "data": data, "splits": str(root / "s.json"), "epochs": 1, "batch_size": 32,
+              "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "mae": {"decoder_dim": 16}}
+    for side in ("f", "g"):
+        train(TrainConfig.model_validate({**recipe, "subsets": side}), root / side, dataset=ds)
+    res = run_audit(AuditConfig(f=[str(root / "f")], g=[str(root / "g")], splits=str(root / "s.json"), pairs=2,
+                                bootstrap=200, top_k=5), dataset=ds)
+    return write_audit(res, root / "audit")
+
+
+def _text(pdf):
+    return "\n".join(page.extract_text() for page in PdfReader(pdf).pages)
+
+
+def test_pdf_reads_back_with_sections_and_headline_numbers(audit_dir, tmp_path):
+    r = render_report([audit_dir], out_pdf=tmp_path / "r.pdf", out_html=tmp_path / "r.html",
+                      policy=load_policy(ROOT / "policies" / "default.yaml"))
+    reader = PdfReader(tmp_path / "r.pdf")
+    assert len(reader.pages) == r.pages >= 4
+    text = _text(tmp_path / "r.pdf")
+    for title in ("Setup and provenance", "SSLMem: memorization of individual images", "Statistical tests",
+                  "Where the memorization is: layers and units", "Method notes and limitations", "Policy checks"):
+        assert title in text
+    summary = json.loads((audit_dir / "audit.json").read_text())
+    sc = summary["subsets"]["S_C"]
+    assert f"{sc['mean']:+.4f}" in text and f"{sc['ci_low']:+.4f}" in text
+    assert summary["data"]["fingerprint"] in text.replace("\n", "")
+    assert re.search(r"Page 1 of \d+", text)
+    assert "FAILED" in text or "PASSED" in text
+
+
+def test_data_derived_text_is_escaped(audit_dir, tmp_path):
+    render_report([audit_dir], out_pdf=None, out_html=tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert "<script>x</script>" not in html and "<b>bold</b>" not in html
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; &lt;script&gt;x&lt;/script&gt;" in html
+    assert "<i>7</i>" not in html  # ids are data too
+    assert "img&lt;i&gt;" in html or "img-" in html
+
+
+def test_redact_leaves_no_image_of_the_data(audit_dir, tmp_path):
+    render_report([audit_dir], out_pdf=tmp_path / "open.pdf")
+    render_report([audit_dir], out_pdf=tmp_path / "red.pdf", redact=True)
+    count = lambda p: sum(len(page.images) for page in PdfReader(p).pages)  # noqa: E731
+    assert count(tmp_path / "open.pdf") > 0
+    assert count(tmp_path / "red.pdf") == 0
+    assert "redacted" in _text(tmp_path / "red.pdf")
+
+
+def test_epsilon_comparison_needs_several_audits(audit_dir, tmp_path):
+    html = tmp_path / "two.html"
+    render_report([audit_dir, audit_dir], out_pdf=None, out_html=html)
+    assert "Privacy levels compared" in html.read_text()
+    render_report([audit_dir], out_pdf=None, out_html=tmp_path / "one.html")
+    assert "Privacy levels compared" not in (tmp_path / "one.html").read_text()
+
+
+def _policy(tmp_path, name, body):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(body)
+    return p
+
+
+def test_gate_exit_codes_junit_and_markdown(audit_dir, tmp_path):
+    loose = _policy(tmp_path, "loose", "version: 1\nname: loose\nrules:\n  require_signal: false\n"
+                                      "  max_mean_candidate_score: 1.0\n  max_point_score: 1.0\n"
+                                      "  max_fraction_units_above: {level: 0.5, fraction: 1.0}\n")
+    code, out, _ = run("gate", "--policy", loose, audit_dir, "--junit", tmp_path / "j.xml", "--markdown",
+                       tmp_path / "g.md")
+    assert code == 0 and "PASSED" in out
+    suite = ET.parse(tmp_path / "j.xml").getroot()
+    cases = suite.findall("testcase")
+    assert len(cases) == 3 and suite.get("failures") == "0"
+    assert {c.get("name") for c in cases} == {"max_mean_candidate_score", "max_point_score",
+                                             "max_fraction_units_above"}
+    assert "memlens gate: PASSED" in (tmp_path / "g.md").read_text()
+
+    code, out, _ = run("gate", "--policy", ROOT / "policies" / "strict.yaml", audit_dir, "--junit", tmp_path / "s.xml")
+    assert code == 1 and "FAILED" in out
+    suite = ET.parse(tmp_path / "s.xml").getroot()
+    failed = {c.get("name") for c in suite.findall("testcase") if c.find("failure") is not None}
+    assert "require_dp" in failed  # a non-private encoder never passes the strict policy
+    # one case per rule: require_dp and four thresholds (strict.yaml turns require_signal off)
+    assert len(suite.findall("testcase")) == 5
+
+
+def test_gate_bad_input_is_exit_2(audit_dir, tmp_path):
+    policy = ROOT / "policies" / "default.yaml"
+    code, _, err = run("gate", "--policy", policy, tmp_path / "nowhere")
+    assert code == 2 and "audit directory not found" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in audit_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "audit.json").write_text('{"kind": "memlens-audit", "version": 1, "created": 3}')
+    code, _, err = run("gate", "--policy", policy, broken)
+    assert code == 2 and "audit.json" in err and len(err.strip().splitlines()) == 1
+    (broken / "audit.json").write_text("not json")
+    assert run("gate", "--policy", policy, broken)[0] == 2
+    bad = _policy(tmp_path, "bad", "version: 1\nrules:\n  max_mean_score: 0.1\n")
+    code, _, err = run("gate", "--policy", bad, audit_dir)
+    assert code == 2 and "rules.max_mean_score: unknown key" in err
+
+
+def test_policy_validation_names_the_key(tmp_path):
+    for body, needle in (("version: 1\nrules:\n  max_point_score: high\n", "rules.max_point_score"),
+                         ("version: 2\nrules: {}\n", "version"),
+                         ("version: 1\nrules:\n  require_dp: {max_epsilon: -1}\n", "rules.require_dp.max_epsilon"),
+                         ("version: 1\nrules:\n  max_fraction_candidates_above: {score: 0.2}\n",
+                          "rules.max_fraction_candidates_above.fraction"),
+                         ("version: 1\nscore: sslmem_z\nrules: {}\n", "score"),
+                         ("version: 1\nrules:\n  max_unitmem: {every: 0.9}\n", "rules.max_unitmem.every: unknown key")):
+        with pytest.raises(MemlensError, match=re.escape(needle)):
+            load_policy(_policy(tmp_path, "p", body))
+    for shipped in ("default", "strict"):
+        assert load_policy(ROOT / "policies" / f"{shipped}.yaml").name == shipped
+
+
+def test_dockerfile_lints_clean():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    out = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    assert "libpango" in text and re.search(r"^USER 10001$", text, re.M) and 'ENTRYPOINT ["memlens"]' in text
+
+
+@pytest.mark.slow
+def test_pipeline_runs_end_to_end_and_resumes(tmp_path):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+data: {{source: digits}}
+split: {{sizes: {{S_S: 200, S_C: 40, S_I: 40, S_E: 40}}}}
+train:
+  framework: mae
+  model: {{arch: vit_micro, depth: 1, embed_dim: 16, num_heads: 2}}
+  mae: {{decoder_dim: 16}}
+  epochs: 1
+  batch_size: 32
+epsilons: [inf, 8]
+audit: {{pairs: 2, bootstrap: 200}}
+policy: {ROOT / 'policies' / 'default.yaml'}
+""")
+    code, out, err = run("run", cfg, "--out", tmp_path / "out")
+    assert code == 0, err
+    out_dir = tmp_path / "out"
+    for f in ("splits.json", "report.pdf", "report.html", "gate.json", "gate.md", "junit.xml",
+              "audits/eps-inf/audit.json", "audits/eps-8/audit.json", "sweep/eps-8/f/model.safetensors"):
+        assert (out_dir / f).is_file(), f
+    assert read_audit(out_dir / "audits" / "eps-8").summary.dp_epsilon <= 8
+    assert "Privacy levels compared" in (out_dir / "report.html").read_text()
+    assert json.loads((out_dir / "gate.json").read_text())["passed"] in (True, False)
+    code, out, err = run("run", cfg, "--out", tmp_path / "out")
+    assert code == 0 and "skipped (finished)" in out and "skipped (up to date)" in out
+    cfg.write_text(cfg.read_text().replace("epsilons: [inf, 8]", "epsilons: [inf, 20]"))
+    code, _, err = run("run", cfg, "--out", tmp_path / "out")
+    assert code == 2 and "different config; pass --force" in err
