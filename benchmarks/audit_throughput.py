@@ -9,7 +9,8 @@ the encoders are trained), then:
 * times ``run_audit`` (everything: loading, augmentation, hooks, metrics, statistics);
 * times the bare forward passes the audit needs: the same view batches (augmented beforehand,
   not timed), through every encoder, with no hooks, plus the Top/Least pass of f[0];
-* prints audit time / bare forward time (target: at most 1.3).
+* prints audit time / bare forward time (target: at most 1.3), medians over alternating rounds
+  (this machine's speed drifts by tens of percent between minutes; alternating cancels that).
 
 Peak memory: the high-water mark of live tensor bytes during ``run_audit`` (PyTorch allocation
 events), with D' = the scored S_S points, for N and 4N points: UnitMem's accumulators are
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import tempfile
 import time
 import warnings
@@ -83,6 +85,7 @@ def peak_mb(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only the demo encoders")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating audit / bare-forward measurements")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     root = Path(tempfile.mkdtemp(prefix="memlens-audit-bench-"))
@@ -102,11 +105,14 @@ def main() -> None:
     for k, (name, data, sizes, recipe, extra) in enumerate(setups):
         cfg, ds = make_pair(root / str(k), data, sizes, recipe)
         cfg = cfg.model_copy(update=extra)
-        run_audit(cfg, dataset=ds)  # warm caches (first-call costs are not the audit's)
-        t0 = time.perf_counter()
-        result = run_audit(cfg, dataset=ds)
-        audit_s = time.perf_counter() - t0
-        bare = bare_forward_seconds(cfg, ds, result)
+        result = run_audit(cfg, dataset=ds)  # warm caches (first-call costs are not the audit's)
+        audits, bares = [], []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            result = run_audit(cfg, dataset=ds)
+            audits.append(time.perf_counter() - t0)
+            bares.append(bare_forward_seconds(cfg, ds, result))
+        audit_s, bare = statistics.median(audits), statistics.median(bares)
         print(f"{name:<36}{len(result.points):>7}{audit_s:>9.2f}{bare:>11.2f}{audit_s / bare:>7.2f}")
         if k == 0:
             mems = []

@@ -26,6 +26,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+def check_augmentation(name: str | None) -> str | None:
+    """Field validator: None or the name of an augmentation set."""
+    from memlens.data.augment import AUGMENTATIONS
+
+    if name is not None and name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation set '{name}'; valid: {', '.join(AUGMENTATIONS)}")
+    return name
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -198,14 +207,7 @@ class TrainConfig(Strict):
     dino: DINOConfig = DINOConfig()
     dp: DPConfig | None = None
 
-    @field_validator("augment")
-    @classmethod
-    def _augment(cls, v: str | None) -> str | None:
-        from memlens.data.augment import AUGMENTATIONS
-
-        if v is not None and v not in AUGMENTATIONS:
-            raise ValueError(f"unknown augmentation set '{v}'; valid: {', '.join(AUGMENTATIONS)}")
-        return v
+    _augment = field_validator("augment")(lambda v: check_augmentation(v))
 
     @property
     def augmentation(self) -> str:
@@ -356,14 +358,7 @@ class UnitMemSettings(Strict):
     rest: Literal["mean", "median"] = "mean"
     negative: Literal["clamp", "abs"] = "clamp"
 
-    @field_validator("augment")
-    @classmethod
-    def _augment(cls, v: str | None) -> str | None:
-        from memlens.data.augment import AUGMENTATIONS
-
-        if v is not None and v not in AUGMENTATIONS:
-            raise ValueError(f"unknown augmentation set '{v}'; valid: {', '.join(AUGMENTATIONS)}")
-        return v
+    _augment = field_validator("augment")(lambda v: check_augmentation(v))
 
 
 class AuditConfig(Strict):
@@ -386,14 +381,7 @@ class AuditConfig(Strict):
     alpha: float = Field(0.01, gt=0, lt=1, description="significance level reported with the tests")
     seed: int = 0
 
-    @field_validator("augment")
-    @classmethod
-    def _augment(cls, v: str | None) -> str | None:
-        from memlens.data.augment import AUGMENTATIONS
-
-        if v is not None and v not in AUGMENTATIONS:
-            raise ValueError(f"unknown augmentation set '{v}'; valid: {', '.join(AUGMENTATIONS)}")
-        return v
+    _augment = field_validator("augment")(lambda v: check_augmentation(v))
 
     @model_validator(mode="after")
     def _scored(self) -> "AuditConfig":

@@ -152,7 +152,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
         result.files += [out / "gate.json", out / "gate.md", out / "junit.xml"]
         result.gate_passed, result.gate_exit = gate.passed, gate.exit_code
         result.stages["gate"] = "passed" if gate.passed else "FAILED"
-    result.files = [splits_path, *audit_dirs, *result.files]
+    result.files = [splits_path, sweep_dir, *audit_dirs, *result.files]
     result.seconds = time.perf_counter() - t0
     write_json(marker, {"version": 1, "config": config.model_dump(mode="json"), "stages": result.stages,
                         "seconds": round(result.seconds, 1), "gate_passed": result.gate_passed})

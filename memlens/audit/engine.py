@@ -162,11 +162,10 @@ def run_audit(config: AuditConfig, *, cache_dir: str | Path | None = None, datas
     dataset = dataset if dataset is not None else load(ref.config.data, cache_dir=cache_dir)
     splits = Splits.load(cfg.splits, dataset)
     check_runs(f_runs, g_runs, splits, dataset)
-    torch.set_grad_enabled(False)
-    try:
+    # inference_mode, not just no_grad: no version counters or view tracking on the large
+    # activations (measured: about a third off ResNet9's forward passes here).
+    with torch.inference_mode():
         return _audit(cfg, f_runs, g_runs, splits, dataset, progress, t_start)
-    finally:
-        torch.set_grad_enabled(True)
 
 
 def _audit(cfg, f_runs, g_runs, splits, dataset, progress, t_start) -> AuditResult:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from memlens.audit.stats import Consistency, TestResult
 from memlens.config import AuditConfig, format_validation_error
 from memlens.errors import MemlensError
 from memlens.io import read_json, sha256_file
@@ -81,27 +82,6 @@ class TopUnit(Model):
     argmax_id: str
 
 
-class TestRow(Model):
-    name: str
-    hypothesis: str
-    statistic: float
-    p_value: float
-    effect_size: float
-    method: str
-    n_a: int
-    n_b: int | None = None
-    p_holm: float | None = None
-
-
-class ConsistencyRow(Model):
-    a: str
-    b: str
-    k: int
-    overlap: float
-    tau: float
-    p_value: float
-
-
 class AuditSummary(Model):
     version: Literal[1] = 1
     kind: Literal["memlens-audit"] = "memlens-audit"
@@ -122,8 +102,8 @@ class AuditSummary(Model):
     top_units: list[TopUnit]
     top_points: list[dict[str, Any]]
     requested_points: list[dict[str, Any]]
-    tests: list[TestRow]
-    consistency: dict[str, list[ConsistencyRow]]
+    tests: list[TestResult]
+    consistency: dict[str, list[Consistency]]
     timings: dict[str, float]
 
     @property
