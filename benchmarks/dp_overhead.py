@@ -66,7 +66,7 @@ def make_step(setup: dict, mode: str, batch: int):
             dpo.zero_grad(set_to_none=True)
             with clipper.capture():
                 obj.losses_on_views(x, g).sum().backward()
-            clipper.accumulate_clipped(1.0)
+            clipper.accumulate_clipped(max_grad_norm=1.0)
             dpo.step()
     else:
         _register_opacus_samplers()

@@ -95,7 +95,7 @@ def test_conv_and_linear_layers_of_any_model():
         loss(model(x)).sum().backward()
     ours = clipper.per_sample_grads()
     assert max((ours[p][b] - loop[b][p]).abs().max().item() for p in model.parameters() for b in range(4)) <= 1e-5
-    clipper.accumulate_clipped(0.5)
+    clipper.accumulate_clipped(max_grad_norm=0.5)
     expected = sum(loop[b][p] * min(1.0, 0.5 / (torch.sqrt(sum(loop[b][q].pow(2).sum() for q in model.parameters()))
                                               .item() + 1e-6)) for b in range(4) for p in [model[4].weight])
     assert torch.allclose(model[4].weight.grad, expected, atol=1e-6)
@@ -115,7 +115,7 @@ def _update(obj, x, noise, *, sigma, clip, expected):
     dpo.zero_grad(set_to_none=True)
     with clipper.capture():
         obj.losses_on_views(x, None, noise).sum().backward()
-    clipper.accumulate_clipped(clip)
+    clipper.accumulate_clipped(max_grad_norm=clip)
     dpo.step()
     return torch.cat([(p.detach() - b).flatten() for p, b in zip(obj.parameters(), before)])
 

@@ -63,7 +63,7 @@ class GhostClipper:
             per_example_loss = model.losses(...)       # shape [B]
             per_example_loss.sum().backward()
         norms = clipper.norms()                         # [B]
-        clipper.accumulate_clipped(max_grad_norm)       # writes p.grad
+        clipper.accumulate_clipped(max_grad_norm=1.0)   # writes p.grad
     """
 
     def __init__(self, model: nn.Module):
@@ -210,11 +210,11 @@ class GhostClipper:
                 out.update(self._materialised(module, rec))
         return out
 
-    def clip_coefficients(self, max_grad_norm: float) -> torch.Tensor:
+    def clip_coefficients(self, *, max_grad_norm: float) -> torch.Tensor:
         return (max_grad_norm / (self.norms() + 1e-6)).clamp(max=1.0)
 
     @torch.no_grad()
-    def accumulate_clipped(self, max_grad_norm: float, coef: torch.Tensor | None = None) -> torch.Tensor:
+    def accumulate_clipped(self, *, max_grad_norm: float, coef: torch.Tensor | None = None) -> torch.Tensor:
         """Add sum_b c_b g_b to every ``p.grad`` (c_b = min(1, C / (||g_b|| + 1e-6)) unless ``coef`` is
         given) and return the per-example norms (None when ``coef`` was given)."""
         norms = None

@@ -133,7 +133,7 @@ class DPStepper(Stepper):
                         with self.clipper.capture():
                             per_example = obj.losses(images, labels, g)
                             per_example.sum().backward()
-                        self.clipper.accumulate_clipped(self.dp.max_grad_norm)
+                        self.clipper.accumulate_clipped(max_grad_norm=self.dp.max_grad_norm)
                     else:
                         per_example = obj.losses(images, labels, g)
                         per_example.sum().backward()

@@ -109,6 +109,13 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         t = layer_tests.get(row["layer"])
         layer_rows.append({**row.to_dict(), "tt_p": _p(t.p_value) if t else "n/a"})
     top_units = s.top_units[:15]
+    # Table 3 of the localizing paper: adjacent ranking layers, and the first against the last
+    cons = s.consistency.get("layers", [])
+    rank_layers = list(dict.fromkeys([c.a for c in cons] + [c.b for c in cons]))
+    pos = {n: i for i, n in enumerate(rank_layers)}
+    consistency = [c for c in cons if abs(pos[c.a] - pos[c.b]) == 1]
+    consistency += [c for c in cons if rank_layers and {c.a, c.b} == {rank_layers[0], rank_layers[-1]}
+                    and len(rank_layers) > 2]
     order = [r["layer"] for r in layer_rows]
     has_classmem = units["classmem"].notna().any()
     words = [
@@ -141,6 +148,7 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         "top": [{**r, "thumb": thumbs.get(r["id"])} for r in top.to_dict(orient="records")],
         "requested": [{**r, "thumb": thumbs.get(r["id"])} for r in s.requested_points],
         "layer_rows": layer_rows, "vit_blocks": s.vit_blocks, "top_units": top_units,
+        "consistency": consistency, "seed_consistency": s.consistency.get("seeds", []),
         "f_runs": f_runs, "g_runs": [r for r in s.runs if r.side == "g"], "recipe": recipe,
         "charts": {
             "sslmem": Markup(charts.sslmem_distributions(pts)),
