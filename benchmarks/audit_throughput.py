@@ -119,7 +119,7 @@ def main() -> None:
             for n in (300, 1200):
                 c = AuditConfig.model_validate({**cfg.model_dump(), "subsets": ["S_C", "S_S"], "max_per_subset": n,
                                                 "unitmem": {"subsets": ["S_S"]}})
-                mems.append(peak_mb(lambda c=c: run_audit(c, dataset=ds)))
+                mems.append(peak_mb(lambda c=c, ds=ds: run_audit(c, dataset=ds)))
             print(f"  peak memory, D' = 300 S_S points: {mems[0]:.1f} MB; 1,200 points (4x): {mems[1]:.1f} MB "
                   f"(ratio {mems[1] / mems[0]:.2f})")
 

@@ -23,7 +23,8 @@ import torch
 
 SETUPS = {
     "demo ViT (vit_micro, 8 px)": {"arch": "vit_micro", "size": 8, "chans": 1,
-                                   "mae": {"mask_ratio": 0.5, "decoder_dim": 48, "decoder_depth": 1, "decoder_heads": 2}},
+                                   "mae": {"mask_ratio": 0.5, "decoder_dim": 48, "decoder_depth": 1,
+                                           "decoder_heads": 2}},
     "vit_tiny (32 px)": {"arch": "vit_tiny", "size": 32, "chans": 3, "mae": {}},
 }
 MODES = ("non-private", "ghost-bk", "opacus-hooks")
@@ -121,7 +122,8 @@ def main() -> None:
         base_t, base_m = statistics.median(times["non-private"]), mem["non-private"]
         for m in MODES:
             t = statistics.median(times[m])
-            print(f"{name:<30}{m:<14}{1000 * t:>10.1f}{mem[m] / 2**20:>10.1f}{t / base_t:>9.2f}{mem[m] / base_m:>10.2f}")
+            print(f"{name:<30}{m:<14}{1000 * t:>10.1f}{mem[m] / 2**20:>10.1f}{t / base_t:>9.2f}"
+                  f"{mem[m] / base_m:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def command(fn):
             _fail(str(exc))
         except KeyboardInterrupt:
             sys.stderr.write("memlens: interrupted; completed work is kept (re-run with --resume to continue)\n")
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
 
     return app.command()(wrapper)
 
@@ -180,8 +180,7 @@ def privacy(
     dp_noise_multiplier: Optional[float] = typer.Option(None),
 ):
     """The differential-privacy guarantee of a run (or of a config, before training)."""
-    from memlens.config import load_yaml
-    from memlens.config import TrainConfig
+    from memlens.config import TrainConfig, load_yaml
     from memlens.dp.guarantee import planned_guarantee, run_guarantee
 
     if (run_dir is None) == (config is None):

@@ -231,6 +231,39 @@ def format_validation_error(exc: ValidationError, *, source: str) -> str:
     return f"{source}: {loc}: {msg}{more}"
 
 
+def claim_resumable_dir(path: str | Path, *, marker: str, config: M, what: str, force: bool) -> Path:
+    """Open the output directory of a resumable job (sweep, pipeline) for ``config``.
+
+    A directory that already holds a record of the same job is resumed as is; one that holds a
+    record of a different config, or files that are not ours, is refused unless ``force``
+    (which starts afresh), so a rerun never mixes the outputs of two configs.
+
+    Args:
+        path: the output directory.
+        marker: file name of the job record inside it (``sweep.json``, ``pipeline.json``).
+        config: the validated config of the job; written to the record.
+        what: name of the job in error messages.
+        force: delete what is there and start again.
+
+    Raises:
+        MemlensError: the directory holds another config's output or foreign files.
+    """
+    from memlens.io import prepare_output_dir, read_json, write_json  # io is the lower layer
+
+    out = Path(path)
+    record = out / marker
+    if not force:
+        if record.is_file():
+            previous = validate(type(config), read_json(record, what=f"{what} record")["config"], source=str(record))
+            if previous != config:
+                raise MemlensError(f"{out} holds a {what} with a different config; pass --force to start it again")
+        elif out.is_dir() and any(out.iterdir()):
+            raise MemlensError(f"{out} already holds other files; pass --force to overwrite it")
+    prepare_output_dir(out, force=force, resume=not force, marker=marker)
+    write_json(record, {"version": 1, "config": config.model_dump(mode="json")})
+    return out
+
+
 def validate(model: type[M], data: Any, *, source: str) -> M:
     try:
         return model.model_validate(data)

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from memlens.config import PipelineConfig, format_epsilon, validate
+from memlens.config import PipelineConfig, claim_resumable_dir, format_epsilon
 from memlens.data import Splits, load, make_splits
 from memlens.errors import MemlensError
-from memlens.io import prepare_output_dir, read_json, write_json
+from memlens.io import write_json
 
 PIPELINE_FILE = "pipeline.json"
 
@@ -59,14 +59,8 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
     out = Path(out_dir)
-    marker = out / PIPELINE_FILE
-    if marker.is_file() and not force:
-        previous = validate(PipelineConfig, read_json(marker, what="pipeline record")["config"], source=str(marker))
-        if previous != config:
-            raise MemlensError(f"{out} holds a pipeline run with a different config; pass --force to start again")
     policy = load_policy(config.policy) if config.policy else None  # fail early on a bad policy
-    prepare_output_dir(out, force=force, resume=not force, marker=PIPELINE_FILE)
-    write_json(marker, {"version": 1, "config": config.model_dump(mode="json")})
+    claim_resumable_dir(out, marker=PIPELINE_FILE, config=config, what="pipeline", force=force)
     result = PipelineResult(out)
 
     # 1. splits
@@ -132,7 +126,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
                 continue
         say(f"audit eps-{format_epsilon(eps)}: running")
         res = run_audit(cfg, cache_dir=cache_dir, dataset=dataset,
-                        progress=(lambda stage, d, t: progress(f"auditing eps-{format_epsilon(eps)}", d, t))
+                        progress=(lambda stage, d, t, eps=eps: progress(f"auditing eps-{format_epsilon(eps)}", d, t))
                         if progress else None)
         write_audit(res, adir, force=True)
     result.stages["audit"] = "done"
@@ -154,7 +148,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
         result.stages["gate"] = "passed" if gate.passed else "FAILED"
     result.files = [splits_path, sweep_dir, *audit_dirs, *result.files]
     result.seconds = time.perf_counter() - t0
-    write_json(marker, {"version": 1, "config": config.model_dump(mode="json"), "stages": result.stages,
+    write_json(out / PIPELINE_FILE, {"version": 1, "config": config.model_dump(mode="json"), "stages": result.stages,
                         "seconds": round(result.seconds, 1), "gate_passed": result.gate_passed})
     return result
 

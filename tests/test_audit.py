@@ -186,7 +186,8 @@ def test_mismatched_runs_are_refused(pair, digits, tmp_path):
     train(other, tmp_path / "g2", dataset=digits)
     with pytest.raises(MemlensError, match=r"differ in their recipe \(epochs: 1 vs 2\)"):
         run_audit(cfg.model_copy(update={"g": [str(tmp_path / "g2")]}), dataset=digits)
-    make_splits(digits, SplitConfig(sizes=SplitSizes(S_S=120, S_C=40, S_I=40, S_E=40), seed=9)).save(tmp_path / "o.json")
+    other = make_splits(digits, SplitConfig(sizes=SplitSizes(S_S=120, S_C=40, S_I=40, S_E=40), seed=9))
+    other.save(tmp_path / "o.json")
     with pytest.raises(MemlensError, match="trained with other splits"):
         run_audit(cfg.model_copy(update={"splits": str(tmp_path / "o.json")}), dataset=digits)
 

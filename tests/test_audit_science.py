@@ -1,6 +1,5 @@
 """End to end on trained encoders: the audit finds points that were planted to be memorable."""
 
-import numpy as np
 import pytest
 
 from memlens.audit import run_audit
@@ -32,7 +31,8 @@ def test_planted_atypical_points_are_found(tmp_path):
             train(TrainConfig.model_validate({**recipe, "subsets": side, "seed": seed}), tmp_path / f"{side}{seed}",
                   dataset=ds)
     result = run_audit(AuditConfig(f=[str(tmp_path / "f0"), str(tmp_path / "f1")],
-                                   g=[str(tmp_path / "g0"), str(tmp_path / "g1")], splits=str(tmp_path / "splits.json")),
+                                   g=[str(tmp_path / "g0"), str(tmp_path / "g1")],
+                                   splits=str(tmp_path / "splits.json")),
                        dataset=ds)
     points = result.points
     order = points.sort_values("sslmem", ascending=False)["id"].tolist()

@@ -2,8 +2,15 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from memlens.data.augment import (AUGMENTATIONS, Augmenter, ColorJitter, GaussianBlur, Grayscale, ResizedCrop,
-                                  torchvision_pipeline)
+from memlens.data.augment import (
+    AUGMENTATIONS,
+    Augmenter,
+    ColorJitter,
+    GaussianBlur,
+    Grayscale,
+    ResizedCrop,
+    torchvision_pipeline,
+)
 from memlens.errors import MemlensError
 
 

@@ -117,7 +117,7 @@ def _update(obj, x, noise, *, sigma, clip, expected):
         obj.losses_on_views(x, None, noise).sum().backward()
     clipper.accumulate_clipped(max_grad_norm=clip)
     dpo.step()
-    return torch.cat([(p.detach() - b).flatten() for p, b in zip(obj.parameters(), before)])
+    return torch.cat([(p.detach() - b).flatten() for p, b in zip(obj.parameters(), before, strict=True)])
 
 
 def test_clipped_noised_update_has_the_expected_scale(batch):

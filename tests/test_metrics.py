@@ -10,8 +10,16 @@ from scipy import stats as sps
 from memlens.audit.classmem import ClassMemAccumulator, classmem
 from memlens.audit.layermem import delta_layermem, layermem, vit_block_table
 from memlens.audit.sslmem import alignment_loss, pair_distance, range_normalize, sslmem, symmetric_normalize
-from memlens.audit.stats import (bootstrap_ci, cohens_d, holm, mann_whitney, ranking_consistency, signed_rank,
-                                 sslmem_tests, welch)
+from memlens.audit.stats import (
+    bootstrap_ci,
+    cohens_d,
+    holm,
+    mann_whitney,
+    ranking_consistency,
+    signed_rank,
+    sslmem_tests,
+    welch,
+)
 from memlens.audit.unitmem import UnitMemAccumulator, unitmem
 
 T = torch.tensor

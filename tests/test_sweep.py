@@ -49,7 +49,7 @@ def test_sweep_layout_resume_and_privacy(tmp_path):
     (tmp_path / "sw" / "eps-8" / "g" / "model.safetensors").unlink()
     code, out, err = run("sweep", cfg, "--out", tmp_path / "sw")
     assert code == 0, err
-    assert "eps-8/g: resumed" in out and "eps-inf/f: skipped (finished)" in out
+    assert "eps-8/g: resuming" in out and "eps-inf/f: skipped (finished)" in out
     assert read_run(tmp_path / "sw" / "eps-8" / "g").status == "complete"
 
     code, out, _ = run("privacy", tmp_path / "sw" / "eps-8" / "f")
@@ -65,6 +65,15 @@ def test_changed_sweep_needs_force(tmp_path):
     code, _, err = run("sweep", cfg, "--out", tmp_path / "sw")
     assert code == 2 and "different config; pass --force" in err
     assert run("sweep", cfg, "--out", tmp_path / "sw", "--force")[0] == 0
+
+
+def test_sweep_refuses_a_directory_of_other_files(tmp_path):
+    cfg = _write_sweep(tmp_path, epsilons="[inf]")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    code, _, err = run("sweep", cfg, "--out", tmp_path / "busy")
+    assert code == 2 and "already holds other files; pass --force" in err
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
 
 
 def test_dp_bad_input_exit_codes(tmp_path):

@@ -307,7 +307,7 @@ def _audit(cfg, f_runs, g_runs, splits, dataset, progress, t_start) -> AuditResu
 
     dprime_ids = [ids[p] for p in dprime_order]
     unit_rows, layer_rows, tests_extra, top_units = [], [], [], []
-    for li, s in enumerate(specs):
+    for s in specs:
         res = unit_acc[s.name].result() if len(dprime_order) >= 2 else None
         cm = None
         if has_labels:
@@ -319,7 +319,8 @@ def _audit(cfg, f_runs, g_runs, splits, dataset, progress, t_start) -> AuditResu
         for u in range(s.units):
             unit_rows.append((s.name, u, um[u], float(res.mu_max[u]) if res else np.nan,
                               float(res.mu_rest[u]) if res else np.nan,
-                              dprime_ids[int(res.argmax[u])] if res else "", float(cm[u]) if cm is not None else np.nan))
+                              dprime_ids[int(res.argmax[u])] if res else "",
+                              float(cm[u]) if cm is not None else np.nan))
         top_mean = least_mean = None
         if mu_groups["top"]:
             ut = unitmem(mu_groups["top"][s.name], rest=cfg.unitmem.rest, negative=cfg.unitmem.negative).unitmem

@@ -133,7 +133,7 @@ def sslmem_tests(scores: dict[str, np.ndarray]) -> list[TestResult]:
             else:
                 fn = welch if method == "parametric" else mann_whitney
                 family.append(fn(scores[a], scores[b], alternative=alt, name=name, hypothesis=hyp))
-        for t, p in zip(family, holm([t.p_value for t in family])):
+        for t, p in zip(family, holm([t.p_value for t in family]), strict=True):
             t.p_holm = p
         out += family
     return out

@@ -20,9 +20,10 @@ one set of random parameters for the whole batch, and per-image calls cost about
 (measured here), which would dominate audits and small-model training. So each operation below
 draws its parameters per sample from an explicit ``torch.Generator`` with torchvision's rules
 (``RandomResizedCrop.get_params``, ``ColorJitter``'s factor ranges and random order) and applies
-torchvision's kernels' arithmetic to the whole batch at once (crops via ``grid_sample``). ``tests/test_augment.py`` checks every operation against the
-corresponding ``torchvision.transforms.v2.functional`` kernel, and :func:`torchvision_pipeline`
-returns the equivalent per-image torchvision v2 pipeline.
+torchvision's kernels' arithmetic to the whole batch at once (crops via ``grid_sample``).
+``tests/test_augment.py`` checks every operation against the corresponding
+``torchvision.transforms.v2.functional`` kernel, and :func:`torchvision_pipeline` returns the
+equivalent per-image torchvision v2 pipeline.
 
 Colour operations run on [0, 1] pixels and normalisation comes last (the authors' code
 clamped already-normalised tensors; memlens does not).

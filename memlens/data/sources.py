@@ -317,7 +317,7 @@ def _decode(entries: list[tuple[str, Callable[[], bytes]]], *, resize: int | Non
         raise MemlensError(f"{where}: {len(bad)} unreadable or corrupt image(s): {shown}")
     sizes = Counter(im.shape[:2] for im in imgs)
     if len(sizes) > 1:
-        first_odd = next(n for n, im in zip(names, imgs) if im.shape[:2] != sizes.most_common(1)[0][0])
+        first_odd = next(n for n, im in zip(names, imgs, strict=True) if im.shape[:2] != sizes.most_common(1)[0][0])
         desc = ", ".join(f"{h}x{w}: {c}" for (h, w), c in sizes.most_common(3))
         raise MemlensError(f"{where}: images have mixed sizes ({desc}; e.g. {first_odd}); set data.resize")
     (h, w), = sizes

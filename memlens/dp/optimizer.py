@@ -35,10 +35,10 @@ class FusedDPOptimizer(DPOptimizerFastGradientClipping):
             flat = torch.normal(0.0, std, (sum(sizes),), generator=self.generator,
                                 dtype=params[0].summed_grad.dtype)
             noisy = torch._foreach_add([p.summed_grad for p in params],
-                                       [n.view_as(p) for n, p in zip(flat.split(sizes), params)])
+                                       [n.view_as(p) for n, p in zip(flat.split(sizes), params, strict=True)])
         else:
             noisy = [p.summed_grad.clone() for p in params]
-        for p, g in zip(params, noisy):
+        for p, g in zip(params, noisy, strict=True):
             p.grad = g
             _mark_as_processed(p.summed_grad)
 

@@ -34,7 +34,8 @@ def _register_opacus_samplers() -> None:
 
     for cls in TOKEN_MODULES:
         GradSampleModule.GRAD_SAMPLERS.setdefault(
-            cls, lambda layer, activations, backprops, _c=cls: _c.per_sample_grads(layer, tuple(activations), backprops))
+            cls,
+            lambda layer, activations, backprops, _c=cls: _c.per_sample_grads(layer, tuple(activations), backprops))
 
 
 class DPStepper(Stepper):

@@ -61,7 +61,7 @@ def evaluate(policy: Policy, audits: list[Audit]) -> GateResult:
         cand = audit.points[audit.points["subset"] == "S_C"][policy.score].to_numpy(dtype=float)
         units = audit.units
 
-        def add(rule: str, threshold: str, observed: str, ok: bool, detail: str = "") -> None:
+        def add(rule: str, threshold: str, observed: str, ok: bool, detail: str = "", name: str = name) -> None:
             rows.append(RuleResult(name, rule, threshold, observed, bool(ok), detail))
 
         if r.require_signal:

@@ -121,7 +121,7 @@ def epsilon_chart(rows: list[dict]) -> str:
     ax1.set_title("memorization: mean SSLMem of S_C (95% CI)", fontsize=8)
     acc = np.array([np.nan if r["probe_accuracy"] is None else 100 * r["probe_accuracy"] for r in rows], dtype=float)
     ax2.bar(x, np.nan_to_num(acc), color="#2471a3", alpha=0.8, width=0.55)
-    for xi, a in zip(x, acc):
+    for xi, a in zip(x, acc, strict=True):
         ax2.text(xi, (0 if math.isnan(a) else a) + 1, "n/a" if math.isnan(a) else f"{a:.1f}%", ha="center",
                  fontsize=7)
     ax2.set_ylim(0, 105)

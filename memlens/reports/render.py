@@ -121,7 +121,8 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
     words = [
         f"Candidate images (S_C, {sc.n if sc else 0} images the encoder was trained on) have a mean SSLMem of "
         f"{_f(sc.mean if sc else None, 4, True)} (95% CI {_f(sc.ci_low if sc else None, 4, True)} to "
-        f"{_f(sc.ci_high if sc else None, 4, True)}); symmetric normalised, {_f(sc.mean_sym_norm if sc else None, 3, True)}.",
+        f"{_f(sc.ci_high if sc else None, 4, True)}); symmetric normalised, "
+        f"{_f(sc.mean_sym_norm if sc else None, 3, True)}.",
         ("The candidates are significantly more memorized than images shared by both encoders "
          f"(S_C > S_S, p = {_p(welch.p_holm)}, Holm-corrected): the audit detects memorization."
          if signal else

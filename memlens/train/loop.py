@@ -26,8 +26,19 @@ from memlens.errors import MemlensError
 from memlens.io import prepare_output_dir
 from memlens.models import build_encoder, parameter_count
 from memlens.train.objectives import Objective, build_objective
-from memlens.train.run import (CHECKPOINT_FILE, MODEL_FILE, RUN_FILE, RunRecord, load_checkpoint, now, read_run,
-                               save_checkpoint, save_weights, versions, write_run)
+from memlens.train.run import (
+    CHECKPOINT_FILE,
+    MODEL_FILE,
+    RUN_FILE,
+    RunRecord,
+    load_checkpoint,
+    now,
+    read_run,
+    save_checkpoint,
+    save_weights,
+    versions,
+    write_run,
+)
 
 
 def derive_seed(seed: int, *tags: Any) -> int:
@@ -270,9 +281,10 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
             losses, seen, steps, extra = stepper.run_epoch(epoch, step)
             step += steps
             seconds = time.perf_counter() - t0
-            info = EpochInfo(epoch=epoch + 1, epochs=config.epochs, loss=float(np.mean(losses)) if losses else float("nan"),
-                             lr=optimizer.param_groups[0]["lr"], seconds=seconds, images_per_s=seen / max(seconds, 1e-9),
-                             extra=extra)
+            info = EpochInfo(epoch=epoch + 1, epochs=config.epochs,
+                             loss=float(np.mean(losses)) if losses else float("nan"),
+                             lr=optimizer.param_groups[0]["lr"], seconds=seconds,
+                             images_per_s=seen / max(seconds, 1e-9), extra=extra)
             record.history.append({"epoch": info.epoch, "loss": round(info.loss, 6), "lr": info.lr,
                                    "seconds": round(seconds, 3), "images_per_s": round(info.images_per_s, 1),
                                    "steps": step, **extra})

@@ -67,7 +67,8 @@ class MAE(Objective):
             raise MemlensError("framework 'mae' needs a ViT architecture (vit_tiny, vit_mini, vit_micro)")
         m = cfg.mae
         if m.decoder_dim % m.decoder_heads:
-            raise MemlensError(f"mae.decoder_dim {m.decoder_dim} is not divisible by mae.decoder_heads {m.decoder_heads}")
+            raise MemlensError(f"mae.decoder_dim {m.decoder_dim} is not divisible by "
+                               f"mae.decoder_heads {m.decoder_heads}")
         self.decoder = MAEDecoder(num_patches=encoder.num_patches, patch_size=encoder.patch_size, in_chans=in_chans,
                                   embed_dim=encoder.embed_dim, dim=m.decoder_dim, depth=m.decoder_depth,
                                   num_heads=m.decoder_heads)
@@ -207,7 +208,8 @@ class DINO(Objective):
     def after_step(self, progress: float) -> None:
         m = 1 - (1 - self.cfg.momentum) * (math.cos(math.pi * min(progress, 1.0)) + 1) / 2
         for ps, pt in zip(list(self.encoder.parameters()) + list(self.head.parameters()),
-                          list(self.teacher_encoder.parameters()) + list(self.teacher_head.parameters())):
+                          list(self.teacher_encoder.parameters()) + list(self.teacher_head.parameters()),
+                          strict=True):
             pt.mul_(m).add_(ps.detach(), alpha=1 - m)
 
 

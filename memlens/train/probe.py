@@ -88,7 +88,8 @@ def linear_probe(encoder: nn.Module, dataset: Dataset, *, splits: Splits | None 
     clf.fit(x_train, y_train)
     acc = float((clf.predict(x_test) == y_test).mean())
     return ProbeResult(accuracy=round(acc, 6), n_train=len(train_rows), n_test=len(test_rows), train_set=train_name,
-                       test_set=test_name, feature_dim=int(x_train.shape[1]), seconds=round(time.perf_counter() - t0, 3))
+                       test_set=test_name, feature_dim=int(x_train.shape[1]),
+                       seconds=round(time.perf_counter() - t0, 3))
 
 
 def probe_run(run_dir: str | Path, *, cache_dir: str | Path | None = None, dataset: Dataset | None = None,

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from memlens.config import DPConfig, SweepConfig, TrainConfig, format_epsilon, validate
+from memlens.config import DPConfig, SweepConfig, TrainConfig, claim_resumable_dir, format_epsilon, validate
 from memlens.data import load
-from memlens.errors import MemlensError
-from memlens.io import prepare_output_dir, read_json, write_json
+from memlens.io import read_json
 from memlens.train.loop import EpochInfo, train
 from memlens.train.run import RUN_FILE, read_run
 
@@ -54,17 +53,15 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
               on_epoch: Callable[[EpochInfo], None] | None = None) -> list[tuple[SweepRun, str]]:
     """Train every run of the sweep that is not finished yet.
 
+    Args:
+        on_run: called before each run that trains, with "training" or "resuming".
+        on_epoch: called after every epoch of every run.
+
     Returns:
         (run, what happened) pairs: "trained", "resumed" or "skipped (finished)".
     """
     out = Path(out_dir)
-    marker = out / SWEEP_FILE
-    if marker.is_file() and not force:
-        previous = validate(SweepConfig, read_json(marker, what="sweep record")["config"], source=str(marker))
-        if previous != config:
-            raise MemlensError(f"{out} holds a sweep with a different config; pass --force to start it again")
-    prepare_output_dir(out, force=force, resume=not force, marker=SWEEP_FILE)
-    write_json(marker, {"version": 1, "config": config.model_dump(mode="json")})
+    claim_resumable_dir(out, marker=SWEEP_FILE, config=config, what="sweep", force=force)
     dataset = load(config.train.data, cache_dir=cache_dir)
     done = []
     for run in plan_runs(config, out):
@@ -75,8 +72,8 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
             what = "skipped (finished)"
         else:
             what = "resumed" if status else "trained"
-            if on_run:
-                on_run(run, what)
+            if on_run:  # before the run starts: what is about to happen
+                on_run(run, "resuming" if status else "training")
             train(run.config, run.run_dir, resume=status is not None, dataset=dataset, on_epoch=on_epoch)
         done.append((run, what))
     return done
