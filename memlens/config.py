@@ -429,6 +429,15 @@ class AuditConfig(Strict):
 # ----------------------------------------------------------------------------- pipeline
 
 
+def _check_section(model: type[M], data: dict[str, Any], section: str) -> None:
+    """Validate one free-form section of a pipeline file; a ValueError names the section's key."""
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, source=section).replace(f"{section}: ", f"{section}.", 1)) \
+            from None
+
+
 class ReportSettings(Strict):
     title: str | None = None
     redact: bool = Field(False, description="replace image thumbnails by placeholders")
@@ -464,6 +473,11 @@ class PipelineConfig(Strict):
         for key in ("f", "g", "splits"):
             if key in self.audit:
                 raise ValueError(f"audit.{key} is set by the pipeline")
+        # Check both sections now: a typo found only when the audit starts would come after
+        # all the training, and fixing it then changes the config, which forces a restart.
+        _check_section(TrainConfig, {**self.train, "data": self.data.model_dump(mode="json"), "splits": "-",
+                                     "subsets": "f"}, "train")
+        _check_section(AuditConfig, {**self.audit, "f": ["-"], "g": ["-"], "splits": "-"}, "audit")
         return self
 
     def train_config(self, splits_path: str) -> TrainConfig:

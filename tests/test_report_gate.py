@@ -197,3 +197,19 @@ policy: {ROOT / 'policies' / 'default.yaml'}
     cfg.write_text(cfg.read_text().replace("epsilons: [inf, 8]", "epsilons: [inf, 20]"))
     code, _, err = run("run", cfg, "--out", tmp_path / "out")
     assert code == 2 and "different config; pass --force" in err
+
+
+@pytest.mark.parametrize("section, line, message", [
+    ("audit", "audit: {pair: 5}", "audit.pair: unknown key"),
+    ("audit", "audit: {pairs: many}", "audit.pairs: Input should be a valid integer"),
+    ("train", "train: {framework: mae, model: {arch: vit_micro}, epoch: 3}", "train.epoch: unknown key"),
+])
+def test_pipeline_sections_are_checked_before_any_work(tmp_path, section, line, message):
+    cfg = tmp_path / "p.yaml"
+    body = "data: {source: digits}\ntrain: {framework: mae, model: {arch: vit_micro}}\n"
+    if section == "train":
+        body = "data: {source: digits}\n"
+    cfg.write_text(body + line + "\n")
+    code, _, err = run("run", cfg, "--out", tmp_path / "out")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()  # refused before the split and the training
