@@ -91,7 +91,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
         if progress:
             progress("training", done_epochs, total_epochs)
 
-    outcomes = run_sweep(sweep_cfg, sweep_dir, cache_dir=cache_dir, on_run=on_run, on_epoch=on_epoch)
+    outcomes = run_sweep(sweep_cfg, sweep_dir, cache_dir=cache_dir, dataset=dataset, on_run=on_run, on_epoch=on_epoch)
     result.stages["train"] = ", ".join(sorted({w for _, w in outcomes}))
 
     # 3. linear probes

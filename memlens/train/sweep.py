@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from memlens.config import DPConfig, SweepConfig, TrainConfig, claim_resumable_dir, format_epsilon, validate
-from memlens.data import load
+from memlens.data import Dataset, load
 from memlens.io import read_json
 from memlens.train.loop import EpochInfo, train
 from memlens.train.run import RUN_FILE, read_run
@@ -49,11 +49,12 @@ def plan_runs(config: SweepConfig, out_dir: str | Path) -> list[SweepRun]:
 
 
 def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, cache_dir: str | Path | None = None,
-              on_run: Callable[[SweepRun, str], None] | None = None,
+              dataset: Dataset | None = None, on_run: Callable[[SweepRun, str], None] | None = None,
               on_epoch: Callable[[EpochInfo], None] | None = None) -> list[tuple[SweepRun, str]]:
     """Train every run of the sweep that is not finished yet.
 
     Args:
+        dataset: the already-loaded data of ``config.train.data`` (skips loading it again).
         on_run: called before each run that trains, with "training" or "resuming".
         on_epoch: called after every epoch of every run.
 
@@ -62,7 +63,8 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
     """
     out = Path(out_dir)
     claim_resumable_dir(out, marker=SWEEP_FILE, config=config, what="sweep", force=force)
-    dataset = load(config.train.data, cache_dir=cache_dir)
+    if dataset is None:
+        dataset = load(config.train.data, cache_dir=cache_dir)
     done = []
     for run in plan_runs(config, out):
         status = None
