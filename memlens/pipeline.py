@@ -50,7 +50,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
     from memlens.audit import run_audit, write_audit
     from memlens.audit.results import AUDIT_FILE, read_audit
     from memlens.policy import load_policy, to_junit
-    from memlens.policy.gate import evaluate, write_markdown
+    from memlens.policy.gate import write_markdown
     from memlens.reports import render_report
     from memlens.train.probe import probe_run
     from memlens.train.run import read_run
@@ -137,8 +137,8 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
                         redact=config.report.redact, title=config.report.title)
     result.files += [p for p in (rep.pdf, rep.html) if p]
     result.stages["report"] = f"{rep.pages} pages"
-    if policy is not None:
-        gate = evaluate(policy, [read_audit(a) for a in audit_dirs])
+    gate = rep.gate  # the report already evaluated the policy on the same audits
+    if gate is not None:
         write_json(out / "gate.json", {"policy": gate.policy, "passed": gate.passed,
                                         "results": [r.to_dict() for r in gate.results]})
         write_markdown(gate, out / "gate.md")
