@@ -62,31 +62,64 @@ def _overrides(pairs: dict[str, Any]) -> dict[str, Any]:
 def split(
     out: Path = typer.Option(..., "--out", "-o", help="splits.json to write"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with data: and split: sections"),
-    source: Optional[str] = typer.Option(None, help="data source: digits, synthetic, folder, npz"),
-    path: Optional[str] = typer.Option(None, "--path", help="folder, .tar/.tar.gz or .npz"),
+    source: Optional[str] = typer.Option(None, help="data source: digits, synthetic, folder, npz, manifest"),
+    path: Optional[str] = typer.Option(None, "--path", help="folder, .tar/.tar.gz, .npz or manifest .csv"),
     resize: Optional[int] = typer.Option(None, help="resize images to RESIZE x RESIZE"),
     seed: Optional[int] = typer.Option(None, help="split seed"),
     candidates: Optional[Path] = typer.Option(None, help="file of ids (one per line) that must be candidates"),
     sizes: Optional[str] = typer.Option(None, help="explicit sizes, e.g. S_S=4000,S_C=500,S_I=500,S_E=500"),
+    members_f: Optional[Path] = typer.Option(None, "--members-f", help="list of the images f was trained on"),
+    members_g: Optional[Path] = typer.Option(None, "--members-g", help="list of the images g was trained on"),
+    extra: Optional[Path] = typer.Option(None, "--extra", help="list of images neither was trained on (S_E)"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV path,subset[,label] declaring membership"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing splits file"),
 ):
-    """Cut a dataset into S_S (shared), S_C (candidates), S_I (independent) and S_E (extra)."""
-    from memlens.config import SplitFile, load_yaml, validate
+    """Cut a dataset into S_S (shared), S_C (candidates), S_I (independent) and S_E (extra).
+
+    Either at random (the papers' setup, for encoders memlens will train) or from the membership
+    of encoders trained elsewhere: --members-f/--members-g/--extra lists, or --manifest.
+    """
+    from memlens.config import DataConfig, SplitFile, deep_update, load_yaml, validate
     from memlens.data import load, make_splits
 
-    over = _overrides({"data.source": source, "data.path": path, "data.resize": resize, "split.seed": seed,
-                       "split.candidates_file": str(candidates) if candidates else None})
-    if sizes:
-        try:
-            over["split.sizes"] = {k.strip(): int(v) for k, v in (p.split("=") for p in sizes.split(","))}
-        except ValueError:
-            raise MemlensError(f"--sizes must look like S_S=4000,S_C=500; got '{sizes}'") from None
-    cfg = load_yaml(SplitFile, config, overrides=over) if config else validate(
-        SplitFile, __import__("memlens.config", fromlist=["deep_update"]).deep_update({}, over), source="options")
     if out.exists() and not force:
         raise MemlensError(f"{out} already exists; pass --force to overwrite it")
-    dataset = load(cfg.data, cache_dir=_cache_dir())
-    splits = make_splits(dataset, cfg.split)
+    if members_f or members_g or manifest:
+        from memlens.data.splits import (
+            membership_subsets,
+            read_path_list,
+            splits_from_manifest,
+            write_manifest,
+        )
+
+        if manifest and (members_f or members_g or extra):
+            raise MemlensError("give either --manifest or --members-f/--members-g/--extra, not both")
+        if config or source or path or candidates or sizes:
+            raise MemlensError("membership splits take no --config, --source, --path, --candidates or --sizes")
+        if not manifest:
+            if not (members_f and members_g):
+                raise MemlensError("--members-f and --members-g are both needed (what f and g were trained on)")
+            subsets = membership_subsets(read_path_list(members_f, what="--members-f"),
+                                         read_path_list(members_g, what="--members-g"),
+                                         read_path_list(extra, what="--extra") if extra else [])
+            manifest = Path(str(out.with_suffix("")) + ".manifest.csv")
+            write_manifest(manifest, subsets)
+        data = DataConfig(source="manifest", path=str(manifest.resolve()), resize=resize)
+        dataset = load(data, cache_dir=_cache_dir())
+        splits = splits_from_manifest(dataset, data)
+    else:
+        over = _overrides({"data.source": source, "data.path": path, "data.resize": resize, "split.seed": seed,
+                           "split.candidates_file": str(candidates) if candidates else None})
+        if sizes:
+            try:
+                over["split.sizes"] = {k.strip(): int(v) for k, v in (p.split("=") for p in sizes.split(","))}
+            except ValueError:
+                raise MemlensError(f"--sizes must look like S_S=4000,S_C=500; got '{sizes}'") from None
+        cfg = load_yaml(SplitFile, config, overrides=over) if config else validate(
+            SplitFile, deep_update({}, over), source="options")
+        dataset = load(cfg.data, cache_dir=_cache_dir())
+        splits = make_splits(dataset, cfg.split)
+        splits.data = cfg.data
     splits.save(out)
     s = splits.sizes()
     typer.echo(f"wrote {out}: S_S {s['S_S']}, S_C {s['S_C']}, S_I {s['S_I']}, S_E {s['S_E']} "
@@ -228,44 +261,163 @@ def sweep(
 # ----------------------------------------------------------------------------- audit
 
 
+def _encoder_specs(side: str, models: list[str], weights: list[str], common: dict[str, Any]) -> list[dict]:
+    """--f/--g values with their --f-weights/--g-weights, paired in order among timm:/py: specs."""
+    external = [m for m in models if m.startswith(("timm:", "py:"))]
+    if len(weights) > len(external):
+        raise MemlensError(f"{len(weights)} --{side}-weights for {len(external)} timm:/py: --{side} encoder(s)")
+    out, k = [], 0
+    for m in models:
+        spec: dict[str, Any] = {"model": m}
+        if m.startswith(("timm:", "py:")):
+            if k < len(weights):
+                spec["weights"] = weights[k]
+            k += 1
+            spec.update({key: v for key, v in common.items() if v is not None})
+        out.append(spec)
+    return out
+
+
+def _json_option(value: Optional[str], name: str) -> Optional[dict]:
+    import json
+
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise MemlensError(f"{name} must be a JSON object, e.g. '{{\"img_size\": 32}}': {exc.msg}") from None
+    if not isinstance(parsed, dict):
+        raise MemlensError(f"{name} must be a JSON object, e.g. '{{\"img_size\": 32}}'")
+    return parsed
+
+
 @command
 def audit(
     out: Path = typer.Option(..., "--out", "-o", help="audit directory to write"),
-    f: list[str] = typer.Option([], "--f", help="a run trained on S_S+S_C (repeat for more seeds)"),
-    g: list[str] = typer.Option([], "--g", help="a run trained on S_S+S_I (repeat for more seeds)"),
+    f: list[str] = typer.Option([], "--f", help="encoder trained on S_S+S_C: a run directory, timm:<model> or "
+                                               "py:<module>:<factory> (repeat for more seeds)"),
+    g: list[str] = typer.Option([], "--g", help="encoder trained on S_S+S_I (repeat for more seeds)"),
+    f_weights: list[str] = typer.Option([], "--f-weights", help="weights of each timm:/py: --f, in order"),
+    g_weights: list[str] = typer.Option([], "--g-weights", help="weights of each timm:/py: --g, in order"),
+    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="JSON kwargs of timm:/py: models, "
+                                                                            "e.g. '{\"img_size\": 32}'"),
+    key_prefix: Optional[str] = typer.Option(None, "--key-prefix", help="checkpoint key prefix to select and strip"),
+    no_strict: bool = typer.Option(False, "--no-strict", help="load weights even with missing/unexpected keys"),
+    representation: Optional[str] = typer.Option(None, help="pooled, cls, mean, features, output or layer:NAME"),
+    layers: list[str] = typer.Option([], "--layers", help="layers to hook (shell glob on module paths; repeat)"),
     splits: Optional[str] = typer.Option(None, help="splits.json"),
+    data: Optional[str] = typer.Option(None, "--data", help="the images: folder, archive, .npz or manifest .csv"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="audit YAML (flags override it)"),
     augment: Optional[str] = typer.Option(None, help="augmentation set of the views (default: training set)"),
-    pairs: Optional[int] = typer.Option(None, help="K pairs of views per point"),
+    views: Optional[str] = typer.Option(None, help="views per point, or 'auto' (until the ranking is reliable)"),
+    pairing: Optional[str] = typer.Option(None, help="all pairs of views (default) or disjoint pairs"),
     distance: Optional[str] = typer.Option(None, help="l2, l1, cosine or angular"),
     max_per_subset: Optional[int] = typer.Option(None, help="score at most this many points per subset"),
+    batch_points: Optional[int] = typer.Option(None, help="points per forward batch"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps"),
+    precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16 (forward passes)"),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers"),
     seed: Optional[int] = typer.Option(None),
     force: bool = typer.Option(False, "--force", help="overwrite an existing audit"),
 ):
     """Measure memorization: SSLMem per point, LayerMem per layer, UnitMem per unit, and the tests."""
+    from memlens import distributed as dist
     from memlens.audit import run_audit, write_audit
+    from memlens.audit.api import data_config_for_path
     from memlens.config import AuditConfig, deep_update, load_yaml, validate
+    from memlens.device import resolve_device
 
-    over = _overrides({"f": f or None, "g": g or None, "splits": splits, "augment": augment, "pairs": pairs,
-                       "distance": distance, "max_per_subset": max_per_subset, "seed": seed})
+    common = {"kwargs": _json_option(model_kwargs, "--model-kwargs"), "key_prefix": key_prefix,
+              "strict": False if no_strict else None}
+    over = _overrides({"f": _encoder_specs("f", f, f_weights, common) if f else None,
+                       "g": _encoder_specs("g", g, g_weights, common) if g else None,
+                       "splits": splits, "augment": augment, "pairing": pairing,
+                       "views": (views if views == "auto" else _int_option(views, "--views")) if views else None,
+                       "distance": distance, "max_per_subset": max_per_subset, "seed": seed,
+                       "batch_points": batch_points, "device": device, "precision": precision, "workers": workers,
+                       "representation": representation, "layers": layers or None,
+                       "data": data_config_for_path(data).model_dump() if data else None})
     cfg = load_yaml(AuditConfig, config, overrides=over) if config else validate(
         AuditConfig, deep_update({}, over), source="options")
     if out.exists() and any(out.iterdir()) and not force:
         raise MemlensError(f"{out} already holds {'an audit' if (out / 'audit.json').exists() else 'other files'}; "
                            f"pass --force to overwrite it")
+    main = dist.is_main()
+    if main and cfg.device == "auto":
+        typer.echo(f"device: {resolve_device('auto')} (auto)", err=True)
     from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
+    with Progress(transient=True, disable=not main) as bar:
         task = bar.add_task("scoring points", total=None)
         result = run_audit(cfg, cache_dir=_cache_dir(),
                            progress=lambda stage, done, total: bar.update(task, completed=done, total=total))
+    if not main:
+        return
     write_audit(result, out, force=force)
     s = result.summary
-    typer.echo(f"wrote {out} ({s.timings['total']:.1f} s, {int(s.timings['images_forwarded']):,} images forwarded)")
+    typer.echo(f"wrote {out} ({s.timings['total']:.1f} s, {int(s.timings['images_forwarded']):,} images forwarded, "
+               f"{s.views['count']} views per point, {s.environment['device']})")
     for name, st in s.subsets.items():
         typer.echo(f"  {name}: mean SSLMem {st.mean:+.4f} (95% CI {st.ci_low:+.4f} .. {st.ci_high:+.4f}, n={st.n})")
-    main = [t for t in s.tests if t.method in ("welch_t", "one_sample_t") and not t.name.startswith("unitmem")]
-    typer.echo("  tests: " + ", ".join(f"{t.name} p={t.p_holm:.2g}" for t in main if t.p_holm is not None))
+    rel = s.reliability or {}
+    if rel.get("reliability") is not None:
+        typer.echo(f"  ranking reliability (split-half, Spearman-Brown): {rel['reliability']:.2f}"
+                   + ("" if rel.get("meets_target") else f" (below {rel['target']:g}; about "
+                      f"{rel['views_for_target']:.0f} views would reach it: --views auto)"))
+    main_tests = [t for t in s.tests if t.method in ("welch_t", "one_sample_t") and not t.name.startswith("unitmem")]
+    typer.echo("  tests: " + ", ".join(f"{t.name} p={t.p_holm:.2g}" for t in main_tests if t.p_holm is not None))
+
+
+def _int_option(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise MemlensError(f"{name} must be a whole number or 'auto', got '{value}'") from None
+
+
+@command
+def layers(
+    model: str = typer.Argument(..., help="a run directory, timm:<model> or py:<module>:<factory>"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="weights file (timm:/py:)"),
+    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="JSON kwargs of the model"),
+    select: list[str] = typer.Option([], "--layers", help="keep only these layers (shell globs; repeat)"),
+    input_size: Optional[int] = typer.Option(None, help="input side, when the model does not say"),
+):
+    """List the layers an audit would hook, with their kind and number of units."""
+    from memlens.audit.encoders import resolve
+    from memlens.config import EncoderSpec, validate
+
+    spec = validate(EncoderSpec, _overrides({"model": model, "weights": weights, "input_size": input_size,
+                                             "kwargs": _json_option(model_kwargs, "--model-kwargs")}), source="options")
+    enc = resolve(spec)
+    specs = enc.discover(select or None)
+    typer.echo(f"{enc.label}: input {enc.in_chans}x{enc.input_size}x{enc.input_size}, representation "
+               f"{enc.representation}, {len(specs)} layers")
+    typer.echo(f"{'layer':<32} {'kind':<14} {'units':>7}  UnitMem by default")
+    for s in specs:
+        typer.echo(f"{s.name:<32} {s.kind:<14} {s.units:>7}  "
+                   f"{'yes (' + s.unit_kind + ')' if s.is_unit_layer else 'no (signed output)'}")
+    unit_total = sum(s.units for s in specs if s.is_unit_layer)
+    typer.echo(f"{sum(s.is_unit_layer for s in specs)} unit layers, {unit_total:,} units")
+
+
+@command
+def export(
+    run_dir: Path = typer.Argument(..., help="a memlens run directory"),
+    to: Path = typer.Option(..., "--to", help=".safetensors file to write"),
+    force: bool = typer.Option(False, "--force", help="overwrite --to"),
+):
+    """Export a run's encoder as plain safetensors for timm (ViTs) or a py: factory (ResNets)."""
+    import json
+
+    from memlens.train.export import export_run
+
+    if to.exists() and not force:
+        raise MemlensError(f"{to} already exists; pass --force to overwrite it")
+    spec = export_run(run_dir, to)
+    typer.echo(f"wrote {to}; audit it as:")
+    typer.echo("  " + json.dumps(spec))
 
 
 # ----------------------------------------------------------------------------- report
@@ -285,7 +437,8 @@ def report(
     from memlens.reports import render_report
 
     pol = load_policy(policy) if policy else None
-    r = render_report(audits, out_pdf=out, out_html=html, policy=pol, redact=redact, title=title)
+    r = render_report(audits, out_pdf=out, out_html=html, policy=pol, redact=redact, title=title,
+                      cache_dir=_cache_dir())
     typer.echo(f"wrote {out} ({r.pages} pages)" + (f" and {html}" if html else "")
                + ("" if r.gate is None else f"; policy {r.gate.policy}: {'PASSED' if r.gate.passed else 'FAILED'}"))
 

@@ -57,14 +57,14 @@ class SyntheticConfig(Strict):
 
 
 class DataConfig(Strict):
-    source: Literal["digits", "synthetic", "folder", "npz"] = "digits"
-    path: str | None = Field(None, description="folder, .tar/.tar.gz or .npz (folder and npz sources)")
+    source: Literal["digits", "synthetic", "folder", "npz", "manifest"] = "digits"
+    path: str | None = Field(None, description="folder, .tar/.tar.gz, .npz or manifest .csv (path[,label][,subset])")
     resize: int | None = Field(None, ge=4, le=1024, description="resize every image to resize x resize")
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")
     def _needs_path(self) -> "DataConfig":
-        if self.source in ("folder", "npz") and not self.path:
+        if self.source in ("folder", "npz", "manifest") and not self.path:
             raise ValueError(f"source '{self.source}' needs a path")
         return self
 
@@ -387,22 +387,98 @@ class SweepConfig(Strict):
 class UnitMemSettings(Strict):
     subsets: list[Subset] = Field(["S_C"], min_length=1, description="D': the points UnitMem is measured on")
     augment: str | None = Field(None, description="default: the SSLMem views; 'none' = unaugmented (Fig. 5)")
-    views: int = Field(10, ge=1, description="augmentations per point (Eq. 5)")
+    views: int | None = Field(None, ge=1, description="augmentations per point (Eq. 5); default: the SSLMem views")
     rest: Literal["mean", "median"] = "mean"
-    negative: Literal["clamp", "abs"] = "clamp"
+    signed: Literal["exclude", "abs", "shift"] = Field(
+        "exclude", description="signed layers (attention, residual stream, norms...): exclude them from UnitMem "
+                               "(default: units are neurons after a non-linearity, as in the paper), or measure "
+                               "|activation| (abs) or the response above the least-responding point (shift)")
+    min_activation: float = Field(
+        0.01, ge=0, description="activation floor: a unit whose largest mean response mu_max is below it is not "
+                                "ranked (UnitMem left empty, no responsible image)")
 
     _augment = field_validator("augment")(lambda v: check_augmentation(v))
+
+
+class DeclaredDP(Strict):
+    """A DP guarantee stated for an encoder memlens did not train (recorded as declared, not checked)."""
+
+    epsilon: float = Field(..., gt=0)
+    delta: float = Field(..., gt=0, lt=1)
+    accountant: str | None = None
+
+
+class EncoderSpec(Strict):
+    """An encoder to audit: a memlens run directory, ``timm:<model_name>`` or ``py:<module>:<factory>``."""
+
+    model: str = Field(..., description="run directory, timm:<model_name> or py:<module.path>:<callable>")
+    weights: str | None = Field(None, description=".safetensors (preferred) or .pt/.pth holding only tensors")
+    kwargs: dict[str, Any] = Field({}, description="keyword arguments of timm.create_model or of the factory")
+    key_prefix: str | None = Field(None, description="select and strip this prefix of the (flattened, dotted) "
+                                                     "checkpoint keys, e.g. 'state_dict.module.'")
+    strict: bool = Field(True, description="refuse missing or unexpected keys")
+    representation: str | None = Field(None, description="pooled, cls, mean, features, output or layer:<name>")
+    input_size: int | None = Field(None, ge=4, le=4096, description="input side; default: timm's data config")
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    dp: DeclaredDP | None = Field(None, description="a DP guarantee the encoder was trained with (declared)")
+    name: str | None = Field(None, description="label in reports")
+
+    @field_validator("representation")
+    @classmethod
+    def _rep(cls, v: str | None) -> str | None:
+        if v is not None and v not in REPRESENTATIONS and not (v.startswith("layer:") and len(v) > 6):
+            raise ValueError(f"unknown representation '{v}'; valid: {', '.join(REPRESENTATIONS)}, layer:<name>")
+        return v
+
+    @property
+    def kind(self) -> Literal["run", "timm", "py", "module"]:
+        for prefix in ("timm", "py", "module"):
+            if self.model.startswith(prefix + ":"):
+                return prefix  # type: ignore[return-value]
+        return "run"
+
+    def label(self) -> str:
+        return self.name or (self.model if self.kind != "run" else Path(self.model).name)
+
+
+REPRESENTATIONS = ("pooled", "cls", "mean", "features", "output")
+
+
+def encoder_spec(v: Any) -> Any:
+    """A string is shorthand for ``{model: <string>}``."""
+    return {"model": v} if isinstance(v, str) else v
+
+
+class ReliabilitySettings(Strict):
+    target: float = Field(0.9, gt=0, lt=1, description="split-half (Spearman-Brown) reliability the report asks for")
+    max_views: int = Field(64, ge=4, description="budget of views per point for views: auto")
+    bootstrap: int = Field(200, ge=0, description="bootstrap replicates over views for the top-k stability")
 
 
 class AuditConfig(Strict):
     """``memlens audit``: which encoders, which points, and how to measure."""
 
-    f: list[str] = Field(..., min_length=1, description="runs trained on S_S + S_C")
-    g: list[str] = Field(..., min_length=1, description="runs trained on S_S + S_I")
+    f: list[EncoderSpec] = Field(..., min_length=1, description="encoders trained on S_S + S_C")
+    g: list[EncoderSpec] = Field(..., min_length=1, description="encoders trained on S_S + S_I")
     splits: str
-    augment: str | None = Field(None, description="augmentation set of the views; default: the runs' training set")
-    pairs: int = Field(5, ge=1, description="K pairs of views per point (2K views)")
+    data: DataConfig | None = Field(None, description="the images (default: the runs' data, or the data recorded "
+                                                      "with the splits)")
+    augment: str | None = Field(None, description="augmentation set of the views; default: the runs' training set "
+                                                  "(mae for encoders memlens did not train)")
+    views: int | Literal["auto"] = Field(10, description="augmented views per point (2K); 'auto' adds views until "
+                                                         "the ranking reliability target is met")
+    pairing: Literal["all", "disjoint"] = Field(
+        "all", description="all: alignment over all pairs of a point's views (a U-statistic, same forward passes); "
+                           "disjoint: K = views/2 disjoint pairs (the papers' estimator)")
     distance: Literal["l2", "l1", "cosine", "angular"] = "l2"
+    representation: str | None = Field(None, description="default for every encoder: features for memlens runs, "
+                                                         "pooled for timm, output for py:")
+    layers: list[str] | None = Field(None, description="shell globs on module paths; default: discovered layers")
+    reliability: ReliabilitySettings = ReliabilitySettings()
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    workers: int = Field(0, ge=0, description="DataLoader workers gathering image batches")
     subsets: list[Subset] = Field(["S_C", "S_S", "S_I", "S_E"], min_length=1)
     max_per_subset: int | None = Field(None, ge=2, description="score at most this many (random) points per subset")
     unitmem: UnitMemSettings = UnitMemSettings()
@@ -415,9 +491,25 @@ class AuditConfig(Strict):
     seed: int = 0
 
     _augment = field_validator("augment")(lambda v: check_augmentation(v))
+    _f = field_validator("f", "g", mode="before")(lambda v: [encoder_spec(x) for x in v] if isinstance(v, list)
+                                                    else v)
+
+    @field_validator("views")
+    @classmethod
+    def _views(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 2:
+            raise ValueError("views must be at least 2 (one pair)")
+        return v
+
+    @field_validator("representation")
+    @classmethod
+    def _rep(cls, v: str | None) -> str | None:
+        return EncoderSpec._rep(v)
 
     @model_validator(mode="after")
     def _scored(self) -> "AuditConfig":
+        if self.pairing == "disjoint" and isinstance(self.views, int) and self.views % 2:
+            raise ValueError(f"pairing: disjoint needs an even number of views, got {self.views}")
         if "S_C" not in self.subsets:
             raise ValueError("subsets must include S_C (the candidates)")
         missing = [s for s in self.unitmem.subsets if s not in self.subsets]

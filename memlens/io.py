@@ -19,11 +19,34 @@ from typing import Any
 from memlens.errors import MemlensError
 
 
+def _umask() -> int:
+    # The process umask can only be read by setting it; put it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Mode of the files memlens writes: 0666 minus the umask (0644 under the usual 022)."""
+    return 0o666 & ~_umask()
+
+
+def directory_mode() -> int:
+    """Mode of the directories memlens creates itself: 0777 minus the umask (0755 under 022)."""
+    return 0o777 & ~_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``.
+
+    The file gets the mode an ordinary ``open(path, "w")`` would give it (the umask applies);
+    ``mkstemp`` alone would leave it 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -70,7 +70,9 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
         Splits.load(splits_path, dataset)
         result.stages["split"] = "skipped (exists)"
     else:
-        make_splits(dataset, config.split).save(splits_path)
+        splits = make_splits(dataset, config.split)
+        splits.data = config.data
+        splits.save(splits_path)
         result.stages["split"] = "done"
     say(f"split: {result.stages['split']}")
     splits_str = str(splits_path.resolve())
@@ -134,7 +136,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
     # 5. report and 6. gate
     rep = render_report(audit_dirs, out_pdf=out / "report.pdf",
                         out_html=out / "report.html" if config.report.html else None, policy=policy,
-                        redact=config.report.redact, title=config.report.title)
+                        redact=config.report.redact, title=config.report.title, cache_dir=cache_dir)
     result.files += [p for p in (rep.pdf, rep.html) if p]
     result.stages["report"] = f"{rep.pages} pages"
     gate = rep.gate  # the report already evaluated the policy on the same audits

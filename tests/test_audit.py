@@ -11,11 +11,11 @@ from memlens.audit import read_audit, run_audit, write_audit
 from memlens.audit.classmem import classmem
 from memlens.audit.unitmem import unitmem
 from memlens.cli import app
-from memlens.config import AuditConfig, SplitConfig, SplitSizes, TrainConfig
+from memlens.config import AuditConfig, EncoderSpec, SplitConfig, SplitSizes, TrainConfig
 from memlens.data import Augmenter, Splits, make_splits
 from memlens.errors import MemlensError
+from memlens.rng import RowStreams, derive_seed
 from memlens.train import load_encoder, train
-from memlens.train.loop import derive_seed
 
 RECIPE = {"framework": "mae", "epochs": 1, "batch_size": 64, "model": {"arch": "vit_micro", "depth": 2,
                                                                        "embed_dim": 32},
@@ -31,85 +31,98 @@ def pair(tmp_path_factory, digits):
         train(cfg, root / side, dataset=digits)
     cfg = TrainConfig.model_validate({**RECIPE, "splits": str(root / "s.json"), "subsets": "f", "seed": 5})
     train(cfg, root / "f5", dataset=digits)
-    # 2K = 4 views per point, and UnitMem on the same 4 views: the single-pass configuration
-    audit_cfg = AuditConfig(f=[str(root / "f")], g=[str(root / "g")], splits=str(root / "s.json"), pairs=2,
-                            batch_points=16, bootstrap=500, unitmem={"views": 4})
+    # 4 views per point, and UnitMem on the same 4 views: the single-pass configuration
+    audit_cfg = AuditConfig(f=[str(root / "f")], g=[str(root / "g")], splits=str(root / "s.json"), views=4,
+                            batch_points=16, bootstrap=500, reliability={"bootstrap": 50})
     return root, audit_cfg, run_audit(audit_cfg, dataset=digits)
 
 
-def _views(cfg, digits, rows, batch_index, k):
-    enc = load_encoder(cfg.f[0])
-    aug = Augmenter(enc.record.config.augmentation, mean=enc.normalization[0], std=enc.normalization[1])
-    images = torch.from_numpy(digits.images[rows])
-    return aug.views(images, k, torch.Generator().manual_seed(derive_seed(cfg.seed, "views", batch_index)))
+def _views(cfg, digits, ids, n_views, aug_name="mae"):
+    """Each point's views, drawn from its own key as the engine documents (not batch positions)."""
+    enc = load_encoder(cfg.f[0].model)
+    aug = Augmenter(aug_name, mean=enc.normalization[0], std=enc.normalization[1])
+    keys = [derive_seed(cfg.seed, "view", aug_name, i, j) for i in ids for j in range(n_views)]
+    images = torch.from_numpy(digits.images[digits.indices(ids)])
+    return aug.views(images, n_views, RowStreams(keys))
 
 
-def _engine_batches(cfg, digits):
-    """The engine's point order (S_C, S_S, S_I, S_E) and batches, rebuilt from the splits."""
+def _order(cfg, digits):
+    """The engine's point order (S_C, S_S, S_I, S_E), rebuilt from the splits."""
     splits = Splits.load(cfg.splits, digits)
-    ids = [i for name in ("S_C", "S_S", "S_I", "S_E") for i in splits.subsets[name]]
-    rows = digits.indices(ids)
-    return ids, rows, [(b, rows[b * 16:(b + 1) * 16]) for b in range(int(np.ceil(len(rows) / 16)))]
+    return [i for name in ("S_C", "S_S", "S_I", "S_E") for i in splits.subsets[name]]
 
 
-def _normalised_l2(a, b):
-    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
-    return np.linalg.norm(a - b, axis=-1)
+def _all_pairs_l2(z):
+    """(points, views, D) -> mean normalised-l2 distance over all pairs of distinct views, by double loop."""
+    z = z / np.linalg.norm(z, axis=-1, keepdims=True)
+    v = z.shape[1]
+    d = [np.linalg.norm(z[:, i] - z[:, j], axis=-1) for i in range(v) for j in range(i + 1, v)]
+    return np.mean(d, axis=0)
 
 
 def test_sslmem_matches_an_independent_computation(pair, digits):
     root, cfg, result = pair
-    ids, rows, batches = _engine_batches(cfg, digits)
-    f, g = load_encoder(cfg.f[0]), load_encoder(cfg.g[0])
-    expected_f, expected_g = [], []
+    ids = _order(cfg, digits)[:48]
+    f, g = load_encoder(cfg.f[0].model), load_encoder(cfg.g[0].model)
     with torch.no_grad():
-        for b, r in batches[:3]:
-            v = _views(cfg, digits, r, b, 4)
-            for enc, out in ((f, expected_f), (g, expected_g)):
-                z = enc.forward_features(v).reshape(len(r), 2, 2, -1).numpy()  # point, pair, view
-                out.extend(_normalised_l2(z[:, :, 0], z[:, :, 1]).mean(axis=1))
+        v = _views(cfg, digits, ids, 4)
+        zf = f.forward_features(v).reshape(48, 4, -1).double().numpy()
+        zg = g.forward_features(v).reshape(48, 4, -1).double().numpy()
     pts = result.points.set_index("id")
-    n = len(expected_f)
-    assert np.allclose(pts.loc[ids[:n], "align_f"], expected_f, atol=1e-5)
-    assert np.allclose(pts.loc[ids[:n], "align_g"], expected_g, atol=1e-5)
+    assert np.allclose(pts.loc[ids, "align_f"], _all_pairs_l2(zf), atol=1e-5)
+    assert np.allclose(pts.loc[ids, "align_g"], _all_pairs_l2(zg), atol=1e-5)
     assert np.allclose(pts["sslmem"], pts["align_g"] - pts["align_f"])
     span = pts["sslmem"].max() - pts["sslmem"].min()
     assert np.allclose(pts["sslmem_range_norm"], pts["sslmem"] / span)
     assert np.allclose(pts["sslmem_sym_norm"], (pts["align_g"] - pts["align_f"]) / (pts["align_f"] + pts["align_g"]))
+    # the papers' disjoint pairs (v1, v2), (v3, v4) on the same views
+    disjoint = run_audit(cfg.model_copy(update={"pairing": "disjoint"}), dataset=digits).points.set_index("id")
+    zn = zf / np.linalg.norm(zf, axis=-1, keepdims=True)
+    expected = (np.linalg.norm(zn[:, 0] - zn[:, 1], axis=-1) + np.linalg.norm(zn[:, 2] - zn[:, 3], axis=-1)) / 2
+    assert np.allclose(disjoint.loc[ids, "align_f"], expected, atol=1e-5)
+
+
+def test_scores_do_not_depend_on_batching_or_order(pair, digits):
+    root, cfg, result = pair
+    other = run_audit(cfg.model_copy(update={"batch_points": 7}), dataset=digits)
+    assert np.array_equal(other.points["sslmem"].to_numpy(), result.points["sslmem"].to_numpy())
+    assert np.allclose(other.units["unitmem"], result.units["unitmem"], equal_nan=True, atol=1e-9)
+    assert (other.units["argmax_id"].fillna("") == result.units["argmax_id"].fillna("")).all()
 
 
 def test_layer_and_unit_metrics_match_an_independent_computation(pair, digits):
     root, cfg, result = pair
-    ids, rows, batches = _engine_batches(cfg, digits)
-    f, g = load_encoder(cfg.f[0]), load_encoder(cfg.g[0])
+    ids = _order(cfg, digits)[:40]  # the candidates come first
+    f, g = load_encoder(cfg.f[0].model), load_encoder(cfg.g[0].model)
     layer = "blocks.1.mlp.act"
     outs = {"f": [], "g": []}
     hooks = [enc.get_submodule(layer).register_forward_hook(lambda m, i, o, s=s: outs[s].append(o.detach()))
              for s, enc in (("f", f), ("g", g))]
     with torch.no_grad():
-        for b, r in batches[:3]:  # the 40 candidates are the first 40 points
-            v = _views(cfg, digits, r, b, 4)
-            f.forward_features(v)
-            g.forward_features(v)
+        v = _views(cfg, digits, ids, 4)
+        f.forward_features(v)
+        g.forward_features(v)
     for h in hooks:
         h.remove()
-    of, og = torch.cat(outs["f"])[:160].numpy(), torch.cat(outs["g"])[:160].numpy()  # 40 points x 4 views
-    zf, zg = of.reshape(40, 2, 2, -1), og.reshape(40, 2, 2, -1)
-    af = _normalised_l2(zf[:, :, 0], zf[:, :, 1]).mean(1)
-    ag = _normalised_l2(zg[:, :, 0], zg[:, :, 1]).mean(1)
-    lm = np.mean((ag - af) / (af + ag))
+    of, og = outs["f"][0].double().numpy(), outs["g"][0].double().numpy()  # 40 points x 4 views
+    af = _all_pairs_l2(of.reshape(40, 4, -1))
+    ag = _all_pairs_l2(og.reshape(40, 4, -1))
     row = result.layers.set_index("layer").loc[layer]
-    assert row["layermem"] == pytest.approx(lm, abs=1e-5)
-    # UnitMem and ClassMem of the same layer, on D' = S_C: mu = mean over views and tokens
-    mu = torch.from_numpy(of.reshape(40, 4, of.shape[1], -1).mean(axis=(1, 2)))
-    ref = unitmem(mu)
+    assert row["layermem"] == pytest.approx(np.mean((ag - af) / (af + ag)), abs=1e-5)
+    # UnitMem and ClassMem of the GELU layer on D' = S_C: each activation clamped at 0, then the
+    # mean over views and tokens
+    mu = torch.from_numpy(np.clip(of, 0, None).reshape(40, 4, of.shape[1], -1).mean(axis=(1, 2)))
+    ref = unitmem(mu, min_activation=0.01)
     units = result.units[result.units.layer == layer].sort_values("unit")
-    assert np.allclose(units["unitmem"], ref.unitmem.numpy(), atol=1e-5)
+    assert np.allclose(units["unitmem"], ref.unitmem.numpy(), atol=1e-5, equal_nan=True)
     assert np.allclose(units["mu_max"], ref.mu_max.numpy(), atol=1e-5)
-    assert list(units["argmax_id"]) == [ids[i] for i in ref.argmax.tolist()]
-    labels = torch.from_numpy(digits.labels[rows[:40]])
-    assert np.allclose(units["classmem"], classmem(mu, labels).numpy(), atol=1e-5)
+    assert list(units["argmax_id"].fillna("")) == [ids[i] if i >= 0 else "" for i in ref.argmax.tolist()]
+    assert np.allclose(units["active_frac"], (mu > 0.01).double().mean(0).numpy())
+    labels = torch.from_numpy(digits.labels[digits.indices(ids)])
+    assert np.allclose(units["classmem"], classmem(mu, labels, min_activation=0.01).numpy(), atol=1e-5,
+                       equal_nan=True)
+    # signed layers (attention output) are not measured as units by default
+    assert set(result.units["layer"]) == {"blocks.0.mlp.act", "blocks.1.mlp.act"}
 
 
 def test_outputs_and_schema(pair, tmp_path):
@@ -122,13 +135,17 @@ def test_outputs_and_schema(pair, tmp_path):
                                                                                    "S_I": 40, "S_S": 120}
     assert list(a.layers.columns[:2]) == ["layer", "kind"] and {"layermem", "delta_layermem", "layermem_top",
                                                                 "layermem_least"} <= set(a.layers.columns)
-    assert len(a.layers) == len(load_encoder(cfg.f[0]).layer_specs())
-    assert list(a.units.columns) == ["layer", "unit", "unitmem", "mu_max", "mu_rest", "argmax_id", "classmem"]
+    assert len(a.layers) == len(load_encoder(cfg.f[0].model).layer_specs())
+    assert list(a.units.columns) == ["layer", "unit", "unitmem", "mu_max", "mu_rest", "argmax_id", "active_frac",
+                                     "classmem"]
     assert len(a.units) == a.summary.model["units_total"]
     assert list(a.tests.columns[:6]) == ["name", "hypothesis", "statistic", "p_value", "effect_size", "method"]
     assert {"C>S", "C>E", "S>I", "E>I", "C>0", "I<0", "S=0"} <= set(a.tests["name"])
     s = a.summary
-    assert s.runs[0].side == "f" and len(s.runs[0].model_sha256) == 64 and s.splits["hash"]
+    assert s.encoders[0].side == "f" and len(s.encoders[0].weights_sha256) == 64 and s.splits["hash"]
+    assert s.reliability["views"] == 4 and -1 <= s.reliability["split_half_r"] <= 1
+    assert 0 <= s.reliability["topk_overlap_mean"] <= 1 and s.views == {"count": 4, "pairing": "all", "auto": False,
+                                                                         "pairs_per_point": 6}
     assert s.vit_blocks and s.vit_blocks[1]["delta_attention"] == pytest.approx(
         s.vit_blocks[1]["attention"] - s.vit_blocks[0]["resblock_mlp"])
     assert (a.points[a.points.subset == "S_C"].sort_values("rank")["sslmem"].diff().dropna() <= 0).all()
@@ -150,8 +167,9 @@ def test_same_seed_same_scores(pair, digits):
 
 def test_several_f_runs_and_seed_consistency(pair, digits):
     root, cfg, result = pair
-    two = run_audit(cfg.model_copy(update={"f": [str(root / "f"), str(root / "f5")]}), dataset=digits)
-    single_f5 = run_audit(cfg.model_copy(update={"f": [str(root / "f5")]}), dataset=digits)
+    two = run_audit(cfg.model_copy(update={"f": [EncoderSpec(model=str(root / "f")),
+                                                 EncoderSpec(model=str(root / "f5"))]}), dataset=digits)
+    single_f5 = run_audit(cfg.model_copy(update={"f": [EncoderSpec(model=str(root / "f5"))]}), dataset=digits)
     # the expectation over encoders: align_f is the mean of the two runs' alignments on the same views
     assert np.allclose(two.points["align_f"], (result.points["align_f"] + single_f5.points["align_f"]) / 2)
     assert len(two.summary.consistency["seeds"]) == 1
@@ -162,10 +180,10 @@ def test_unitmem_with_unaugmented_views_and_median(pair, digits):
     changed = AuditConfig.model_validate({**cfg.model_dump(), "unitmem": {"augment": "none", "views": 1,
                                                                           "rest": "median"}})
     r = run_audit(changed, dataset=digits)
-    assert r.summary.timings["unit_pass"] > 0 and r.units["unitmem"].between(0, 1).all()
+    assert r.summary.timings["unit_pass"] > 0 and r.units["unitmem"].dropna().between(0, 1).all()
     # unaugmented views: recompute one layer's UnitMem from plain forward passes over D' = S_C
     splits = Splits.load(cfg.splits, digits)
-    f = load_encoder(cfg.f[0])
+    f = load_encoder(cfg.f[0].model)
     layer = "blocks.0.mlp.act"
     seen = []
     h = f.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o.detach()))
@@ -173,9 +191,9 @@ def test_unitmem_with_unaugmented_views_and_median(pair, digits):
     with torch.no_grad():
         f.forward_features(aug(torch.from_numpy(digits.images[digits.indices(splits.subsets["S_C"])]), None))
     h.remove()
-    ref = unitmem(seen[0].mean(dim=1), rest="median")
+    ref = unitmem(seen[0].clamp_min(0).mean(dim=1), rest="median", min_activation=0.01)
     units = r.units[r.units.layer == layer].sort_values("unit")
-    assert np.allclose(units["unitmem"], ref.unitmem.numpy(), atol=1e-5)
+    assert np.allclose(units["unitmem"], ref.unitmem.numpy(), atol=1e-5, equal_nan=True)
 
 
 def test_mismatched_runs_are_refused(pair, digits, tmp_path):
@@ -185,7 +203,7 @@ def test_mismatched_runs_are_refused(pair, digits, tmp_path):
     other = TrainConfig.model_validate({**RECIPE, "epochs": 2, "splits": cfg.splits, "subsets": "g"})
     train(other, tmp_path / "g2", dataset=digits)
     with pytest.raises(MemlensError, match=r"differ in their recipe \(epochs: 1 vs 2\)"):
-        run_audit(cfg.model_copy(update={"g": [str(tmp_path / "g2")]}), dataset=digits)
+        run_audit(cfg.model_copy(update={"g": [EncoderSpec(model=str(tmp_path / "g2"))]}), dataset=digits)
     other = make_splits(digits, SplitConfig(sizes=SplitSizes(S_S=120, S_C=40, S_I=40, S_E=40), seed=9))
     other.save(tmp_path / "o.json")
     with pytest.raises(MemlensError, match="trained with other splits"):
@@ -195,8 +213,9 @@ def test_mismatched_runs_are_refused(pair, digits, tmp_path):
 def test_audit_cli(pair, tmp_path):
     root, cfg, _ = pair
     runner = CliRunner()
-    args = ["audit", "--f", cfg.f[0], "--g", cfg.g[0], "--splits", cfg.splits, "--out", str(tmp_path / "a")]
-    r = runner.invoke(app, args + ["--pairs", "2", "--distance", "cosine"])
+    args = ["audit", "--f", cfg.f[0].model, "--g", cfg.g[0].model, "--splits", cfg.splits, "--out",
+            str(tmp_path / "a")]
+    r = runner.invoke(app, args + ["--views", "4", "--distance", "cosine"])
     assert r.exit_code == 0, r.stderr
     assert "S_C: mean SSLMem" in r.stdout and (tmp_path / "a" / "units.csv").is_file()
     assert json.loads((tmp_path / "a" / "audit.json").read_text())["settings"]["distance"] == "cosine"

@@ -123,7 +123,7 @@ def test_missing_path_and_unknown_source():
 
     with pytest.raises(MemlensError, match="source 'folder' needs a path"):
         validate(DataConfig, {"source": "folder"}, source="cfg")
-    with pytest.raises(MemlensError, match="'digits', 'synthetic', 'folder' or 'npz'"):
+    with pytest.raises(MemlensError, match="'digits', 'synthetic', 'folder', 'npz' or 'manifest'"):
         validate(DataConfig, {"source": "imagenet"}, source="cfg")
     with pytest.raises(MemlensError, match="not found"):
         load(DataConfig(source="folder", path="/nonexistent/dir"))

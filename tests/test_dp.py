@@ -51,7 +51,9 @@ def test_per_sample_gradients_equal_single_example_backward(batch):
         obj.losses_on_views(x, None, noise).sum().backward()
     ours = clipper.per_sample_grads()
     assert set(ours) == set(params)  # every trainable parameter, token modules included
-    worst = max((ours[p][b] - loop[b][p]).abs().max().item() for p in params for b in range(6))
+    # relative to each gradient's scale: float32 sums in another order differ in the last bits
+    worst = max(((ours[p][b] - loop[b][p]).abs().max() / loop[b][p].abs().max().clamp_min(1.0)).item()
+                for p in params for b in range(6))
     assert worst <= 1e-5
     # per-example norms, by the ghost identity and by materialising, match the loop's
     loop_norms = torch.stack([torch.sqrt(sum(loop[b][p].pow(2).sum() for p in params)) for b in range(6)])
@@ -72,7 +74,8 @@ def test_opacus_hook_mode_agrees(batch):
     gsm = GradSampleModule(obj, batch_first=True, loss_reduction="sum", strict=False)
     obj.zero_grad(set_to_none=True)
     obj.losses_on_views(x, None, noise).sum().backward()
-    worst = max((p.grad_sample[b] - loop[b][p]).abs().max().item() for p in params for b in range(6))
+    worst = max(((p.grad_sample[b] - loop[b][p]).abs().max() / loop[b][p].abs().max().clamp_min(1.0)).item()
+                for p in params for b in range(6))
     assert worst <= 1e-5
     gsm._close()
 

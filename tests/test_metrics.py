@@ -9,7 +9,14 @@ from scipy import stats as sps
 
 from memlens.audit.classmem import ClassMemAccumulator, classmem
 from memlens.audit.layermem import delta_layermem, layermem, vit_block_table
-from memlens.audit.sslmem import alignment_loss, pair_distance, range_normalize, sslmem, symmetric_normalize
+from memlens.audit.sslmem import (
+    alignment_loss,
+    pair_distance,
+    pairwise_distances,
+    range_normalize,
+    sslmem,
+    symmetric_normalize,
+)
 from memlens.audit.stats import (
     bootstrap_ci,
     cohens_d,
@@ -39,11 +46,34 @@ def test_alignment_loss_pairs_consecutive_views():
     e1, e2 = [1.0, 0.0], [0.0, 1.0]
     views = T([e1, e1, e1, e2,   # point 0: pairs (e1, e1) -> 0 and (e1, e2) -> sqrt 2
                e2, e2, e2, e2])  # point 1: both pairs identical -> 0
-    assert torch.allclose(alignment_loss(views, pairs=2), T([math.sqrt(2) / 2, 0.0]))
+    got = alignment_loss(views, views_per_point=4, pairing="disjoint")
+    assert torch.allclose(got, T([math.sqrt(2) / 2, 0.0]).double())
+    # all pairs of point 0: (e1,e1) 0, (e1,e1) 0, (e1,e2) x3 sqrt 2 -> 3 sqrt 2 / 6
+    got = alignment_loss(views, views_per_point=4, pairing="all")
+    assert torch.allclose(got, T([math.sqrt(2) / 2, 0.0]).double())
     with pytest.raises(ValueError, match="whole number of points"):
-        alignment_loss(views[:6], pairs=2)
-    # a single point is fine
-    assert alignment_loss(views[:4], pairs=2).shape == (1,)
+        alignment_loss(views[:6], views_per_point=4, pairing="disjoint")
+    with pytest.raises(ValueError, match="whole number of points"):
+        alignment_loss(views[:6], views_per_point=4)
+    assert alignment_loss(views[:4], views_per_point=4).shape == (1,)
+
+
+@pytest.mark.parametrize("metric", ["l2", "l1", "cosine", "angular"])
+def test_all_pairs_alignment_equals_a_brute_force_double_loop(metric):
+    g = torch.Generator().manual_seed(7)
+    views = torch.randn(5 * 6, 3, 4, generator=g)  # 5 points x 6 views, (3, 4) outputs
+    views[7] = views[6] + 1e-4 * torch.randn(3, 4, generator=g)  # nearly identical views keep their small
+    # distance, which 2 - 2 cos in float32 would lose
+    got = alignment_loss(views, views_per_point=6, pairing="all", metric=metric)
+    flat = views.reshape(5, 6, -1).double()
+    expected = []
+    for p in range(5):
+        d = [pair_distance(flat[p, i], flat[p, j], metric) for i in range(6) for j in range(i + 1, 6)]
+        expected.append(torch.stack(d).mean())
+    assert torch.allclose(got, torch.stack(expected), atol=1e-6, rtol=1e-5)
+    tiny = pair_distance(flat[1, 0], flat[1, 1], "l2").item()
+    assert tiny < 1e-3
+    assert pairwise_distances(views, views_per_point=6)[1, 0, 1].item() == pytest.approx(tiny, rel=1e-2)
 
 
 def test_sslmem_and_its_normalisations():
@@ -63,9 +93,14 @@ def test_layermem_and_delta():
 
 
 def test_vit_block_table_follows_table_10():
+    from memlens.models.layers import LayerSpec
+
     v = {"blocks.0.attn": 0.006, "blocks.0.res_attn": 0.007, "blocks.0.mlp": 0.020, "blocks.0": 0.022,
          "blocks.1.attn": 0.028, "blocks.1.res_attn": 0.028, "blocks.1.mlp": 0.039, "blocks.1": 0.040}
-    rows = vit_block_table(v, 2)
+    kinds = {"attn": "attention", "res_attn": "resblock_attn", "mlp": "mlp", "": "block"}
+    specs = [LayerSpec(name=f"blocks.{b}.{k}" if k else f"blocks.{b}", kind=kind, units=4, layout="tokens", depth=0,
+                       block=b) for b in range(2) for k, kind in kinds.items()]
+    rows = vit_block_table(v, specs)
     assert rows[0].delta_attention is None and rows[0].delta_mlp == pytest.approx(0.013)
     assert rows[1].delta_attention == pytest.approx(0.006)  # 0.028 - 0.022 (paper's row 2: 0.006)
     assert rows[1].delta_mlp == pytest.approx(0.011)         # 0.039 - 0.028 (paper: 0.011)
@@ -79,18 +114,34 @@ def test_unitmem_by_hand():
     r = unitmem(mu)
     # unit 0: max 3 (point 1), rest mean (1 + 2) / 2 = 1.5 -> 1.5 / 4.5
     assert r.unitmem[0].item() == pytest.approx(1 / 3) and r.argmax[0] == 1 and r.mu_rest[0] == pytest.approx(1.5)
-    # unit 1: silent everywhere -> 0, not NaN; unit 2: constant -> 0; ties go to the first point
-    assert r.unitmem[1].item() == 0.0 and r.unitmem[2].item() == 0.0
-    assert r.argmax[1] == 0 and r.argmax[2] == 0
+    # unit 1: silent everywhere -> not ranked (NaN, no responsible point); unit 2: constant -> 0, first point
+    assert math.isnan(r.unitmem[1].item()) and r.argmax[1] == -1
+    assert r.unitmem[2].item() == 0.0 and r.argmax[2] == 0
+    assert r.active.tolist() == [3, 0, 3]
 
 
-def test_unitmem_negative_activation_rules():
-    mu = T([[-1.0], [2.0], [0.5]])
-    assert unitmem(mu, negative="clamp").unitmem.item() == pytest.approx((2 - 0.25) / (2 + 0.25))
-    assert unitmem(mu, negative="abs").unitmem.item() == pytest.approx((2 - 0.75) / (2 + 0.75))
-    all_negative = T([[-1.0], [-2.0]])
-    r = unitmem(all_negative)
-    assert r.unitmem.item() == 0.0 and r.argmax.item() == 0
+def test_unitmem_activation_floor_and_signed_rules():
+    mu = T([[0.004, 0.5], [0.009, 2.0], [0.0, 0.5]])
+    r = unitmem(mu, min_activation=0.01)
+    assert math.isnan(r.unitmem[0].item()) and r.argmax[0] == -1  # mu_max 0.009 below the floor
+    assert r.unitmem[1].item() == pytest.approx((2 - 0.5) / (2 + 0.5)) and r.argmax[1] == 1
+    assert r.active.tolist() == [0, 3]
+    # a signed layer measured with shift: the response above the least-responding point
+    signed = T([[-1.0], [2.0], [0.5]])
+    shifted = unitmem(signed, shift="shift")  # -> 0, 3, 1.5: max 3, rest 0.75
+    assert shifted.unitmem.item() == pytest.approx((3 - 0.75) / (3 + 0.75)) and shifted.argmax.item() == 1
+
+
+def test_layer_rules_for_units():
+    from memlens.models.layers import LayerSpec
+
+    out = T([[[-0.1, 2.0], [0.3, -0.05]]])  # (B=1, T=2, D=2)
+    gelu = LayerSpec(name="a", kind="mlp_hidden", units=2, layout="tokens", depth=0, block=0, unit_kind="gelu")
+    assert torch.allclose(gelu.unit_activations(out), T([[0.15, 1.0]]))  # clamped at 0, then averaged
+    other = LayerSpec(name="b", kind="mlp", units=2, layout="tokens", depth=0, block=0)
+    assert torch.allclose(other.unit_activations(out, signed="abs"), T([[0.2, 1.025]]))
+    assert torch.allclose(other.unit_activations(out, signed="raw"), T([[0.1, 0.975]]))
+    assert gelu.is_unit_layer and not other.is_unit_layer
 
 
 def test_unitmem_median_variant():
@@ -106,17 +157,29 @@ def test_unitmem_needs_two_points():
         unitmem(T([[1.0, 2.0]]))
 
 
-@pytest.mark.parametrize("rest", ["mean", "median"])
-def test_streaming_unitmem_equals_the_batch_formula(rest):
+@pytest.mark.parametrize("rest,shift", [("mean", "none"), ("median", "none"), ("mean", "shift")])
+def test_streaming_unitmem_equals_the_batch_formula(rest, shift):
     g = torch.Generator().manual_seed(0)
-    mu = torch.randn(37, 11, generator=g)
+    mu = torch.rand(37, 11, generator=g)
+    if shift == "shift":
+        mu = mu - 0.5
     mu[5, 3] = mu[20, 3] = 9.0  # a tie for the maximum: the first (5) must win
-    acc = UnitMemAccumulator(11, rest=rest)
-    for chunk in torch.split(mu, [4, 16, 17]):
-        acc.update(chunk)
-    a, b = acc.result(), unitmem(mu, rest=rest)
-    assert torch.allclose(a.unitmem, b.unitmem, atol=1e-6) and torch.equal(a.argmax, b.argmax)
-    assert a.argmax[3] == 5
+    mu[:, 7] = 0.001  # silent unit
+    b = unitmem(mu, rest=rest, shift=shift, min_activation=0.01)
+    # points arrive out of order and on two "processes", each with its D' positions
+    perm = torch.randperm(37, generator=g)
+    halves = []
+    for part in (perm[:18], perm[18:]):
+        acc = UnitMemAccumulator(11, rest=rest, shift=shift, min_activation=0.01)
+        for chunk in torch.split(part, 7):
+            acc.update(mu[chunk], chunk)
+        halves.append(acc)
+    halves[1].merge(halves[0])
+    a = halves[1].result()
+    assert torch.allclose(a.unitmem, b.unitmem, atol=1e-6, equal_nan=True) and torch.equal(a.argmax, b.argmax)
+    assert a.argmax[3] == 5 and a.argmax[7] == -1
+    if shift == "none":
+        assert torch.equal(a.active, b.active)
 
 
 def test_classmem_by_hand():
@@ -126,10 +189,13 @@ def test_classmem_by_hand():
     assert classmem(mu, labels).item() == pytest.approx(1 / 3)
     acc = ClassMemAccumulator(1, 5)
     acc.update(mu[:3], labels[:3])
-    acc.update(mu[3:], labels[3:])
+    other = ClassMemAccumulator(1, 5)
+    other.update(mu[3:], labels[3:])
+    acc.merge(other)
     assert acc.result().item() == pytest.approx(1 / 3)  # empty classes 2..4 are left out
     with pytest.raises(ValueError, match="two classes"):
         classmem(mu, T([1, 1, 1, 1]))
+    assert math.isnan(classmem(T([[0.001], [0.002]]), T([0, 1]), min_activation=0.01).item())
 
 
 def test_holm_by_hand():

@@ -46,7 +46,7 @@ def audit_dir(tmp_path_factory):
               "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "mae": {"decoder_dim": 16}}
     for side in ("f", "g"):
         train(TrainConfig.model_validate({**recipe, "subsets": side}), root / side, dataset=ds)
-    res = run_audit(AuditConfig(f=[str(root / "f")], g=[str(root / "g")], splits=str(root / "s.json"), pairs=2,
+    res = run_audit(AuditConfig(f=[str(root / "f")], g=[str(root / "g")], splits=str(root / "s.json"), views=4,
                                 bootstrap=200, top_k=5), dataset=ds)
     return write_audit(res, root / "audit")
 
@@ -180,7 +180,7 @@ train:
   epochs: 1
   batch_size: 32
 epsilons: [inf, 8]
-audit: {{pairs: 2, bootstrap: 200}}
+audit: {{views: 4, bootstrap: 200}}
 policy: {ROOT / 'policies' / 'default.yaml'}
 """)
     code, out, err = run("run", cfg, "--out", tmp_path / "out")
@@ -201,7 +201,7 @@ policy: {ROOT / 'policies' / 'default.yaml'}
 
 @pytest.mark.parametrize("section, line, message", [
     ("audit", "audit: {pair: 5}", "audit.pair: unknown key"),
-    ("audit", "audit: {pairs: many}", "audit.pairs: Input should be a valid integer"),
+    ("audit", "audit: {distance: manhattan}", "audit.distance: Input should be"),
     ("train", "train: {framework: mae, model: {arch: vit_micro}, epoch: 3}", "train.epoch: unknown key"),
 ])
 def test_pipeline_sections_are_checked_before_any_work(tmp_path, section, line, message):

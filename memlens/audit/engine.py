@@ -1,16 +1,24 @@
 """The audit: SSLMem, LayerMem/ΔLayerMem, UnitMem/ClassMem and the tests, from one streaming pass.
 
-For each batch of points, 2K augmented views per point are drawn once and shared by every
-encoder (common random numbers: the f-g difference is measured on identical views, which
-removes the augmentation noise common to both). Each view batch goes once through each encoder
-with hooks on all exposed layers; the hooks reduce every layer's output on the spot to per-point
-alignment losses (LayerMem) and, for the audited encoder f[0] on D', to per-unit mean
-activations, which feed O(units) running accumulators (UnitMem, ClassMem). Nothing is
-re-run per layer and no activations of all points are kept.
+For every point, V augmented views are drawn once and shared by every encoder (common random
+numbers: the f - g difference is measured on identical views, which removes the augmentation
+noise common to both). A point's views are seeded by the point itself (the audit seed, the
+augmentation set, its id and the view number), never by its position in a batch, so every score
+is independent of the batch size, the order of the points and the number of processes scoring
+them. Each view batch goes once through each encoder with hooks on the hooked layers; the hooks
+reduce every layer's output on the spot to per-point alignment losses (LayerMem) and, for the
+audited encoder f[0] on D', to per-unit mean activations, which feed O(units) running
+accumulators (UnitMem, ClassMem). Of the representation, the audit keeps each point's matrix of
+view distances (V x V), from which the alignment over all pairs, the split-half reliability
+and the bootstrap over views all follow without another forward pass.
+
+Under ``torchrun`` the points are split across processes; per-point results are gathered and
+the unit accumulators merged (sums, maxima with the lowest-position argmax), so a sharded audit
+equals the single-process one.
 
 Two small extra passes happen only when needed: UnitMem measured with other views than SSLMem's
-(a different set, or ``none``), and UnitMem of the Top/Least memorized candidates (Table 11),
-which are only known once SSLMem is.
+(a different set, a different number, or ``none``), and UnitMem of the Top/Least memorized
+candidates (Table 11), which are only known once SSLMem is.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -30,49 +38,62 @@ import torch
 import torch.nn as nn
 
 import memlens
+from memlens import distributed as D
 from memlens.audit.classmem import ClassMemAccumulator
+from memlens.audit.encoders import AuditEncoder, resolve
 from memlens.audit.hooks import tap
 from memlens.audit.layermem import delta_layermem, vit_block_table
+from memlens.audit.reliability import ranking_reliability
 from memlens.audit.results import AUDIT_FILE, AuditSummary
-from memlens.audit.sslmem import range_normalize, symmetric_normalize
+from memlens.audit.sslmem import alignment_from_distances, pairwise_distances, range_normalize, symmetric_normalize
 from memlens.audit.stats import bootstrap_ci, ranking_consistency, sslmem_tests, welch
-from memlens.audit.unitmem import UnitMemAccumulator, unitmem
-from memlens.config import SUBSETS, AuditConfig
+from memlens.audit.unitmem import NONE, UnitMemAccumulator, unitmem
+from memlens.config import SUBSETS, AuditConfig, EncoderSpec
 from memlens.data import Augmenter, Dataset, Splits, load
 from memlens.data.augment import describe
+from memlens.device import autocast, describe_device, resolve_device
 from memlens.errors import MemlensError
-from memlens.io import atomic_write_text, dumps, sha256_file
-from memlens.train.loop import derive_seed
-from memlens.train.run import MODEL_FILE, RUN_FILE, RunRecord, load_encoder, now
+from memlens.io import atomic_write_text, dumps, sha256_bytes, sha256_file
+from memlens.rng import RowStreams, derive_seed
 
-RECIPE_IGNORED = ("seed", "subsets", "splits")
+RECIPE_IGNORED = ("seed", "subsets", "splits", "device", "precision", "workers", "distributed", "canaries")
 SCORING_ORDER = ("S_C", "S_S", "S_I", "S_E")  # candidates first
-
-
-@dataclass
-class LoadedRun:
-    path: Path
-    side: str
-    record: RunRecord
-    encoder: nn.Module
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
 class AuditResult:
+    """An audit in memory: the summary and pandas tables; :meth:`save` writes what ``memlens
+    report`` and ``memlens gate`` read."""
+
     summary: AuditSummary
     points: pd.DataFrame
     layers: pd.DataFrame
     units: pd.DataFrame
     tests: pd.DataFrame
+    canaries: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
 
+    def save(self, out_dir: str | Path, *, force: bool = False) -> Path:
+        return write_audit(self, out_dir, force=force)
 
-def _recipe(record: RunRecord) -> dict:
+    def tables(self) -> dict[str, pd.DataFrame]:
+        out = {"points": self.points, "layers": self.layers, "units": self.units, "tests": self.tests}
+        if self.canaries is not None:
+            out["canaries"] = self.canaries
+        return out
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _recipe(record) -> dict:
     cfg = record.config.model_dump(mode="json")
     for key in RECIPE_IGNORED:
         cfg.pop(key, None)
     if cfg.get("dp"):
-        cfg["dp"].pop("noise_seed", None)
+        for key in ("noise_seed", "coupling"):
+            cfg["dp"].pop(key, None)
     return cfg
 
 
@@ -88,53 +109,78 @@ def _diff(a: dict, b: dict, prefix: str = "") -> str | None:
     return None
 
 
-def load_runs(paths: list[str], side: str) -> list[LoadedRun]:
-    runs = []
-    for p in paths:
-        enc = load_encoder(p)
-        runs.append(LoadedRun(Path(p), side, enc.record, enc))
-    return runs
+def check_encoders(f: list[AuditEncoder], g: list[AuditEncoder], splits: Splits, dataset: Dataset) -> None:
+    """Refuse encoders that were not trained as the SSLMem setup requires (what can be checked).
 
-
-def check_runs(f_runs: list[LoadedRun], g_runs: list[LoadedRun], splits: Splits, dataset: Dataset) -> None:
-    """Refuse encoders that were not trained as the SSLMem setup requires.
+    memlens runs carry a record of their data, splits and recipe, which must match; encoders
+    from elsewhere are taken at the membership the splits declare.
 
     Raises:
-        MemlensError: naming the run and what does not match.
+        MemlensError: naming the encoder and what does not match.
     """
-    ref = f_runs[0]
-    ref_recipe = _recipe(ref.record)
-    for run in f_runs + g_runs:
-        rec = run.record
+    runs = [(e, side) for side, encs in (("f", f), ("g", g)) for e in encs if e.record is not None]
+    ref = runs[0][0] if runs else None
+    for enc, side in runs:
+        rec = enc.record
+        where = enc.info.get("path", enc.label)
         if rec.data["fingerprint"] != dataset.fingerprint:
-            raise MemlensError(f"run {run.path} was trained on other data (fingerprint {rec.data['fingerprint'][:12]}, "
-                               f"the splits' data is {dataset.fingerprint[:12]})")
+            raise MemlensError(f"run {where} was trained on other data than the audit's: the run's data is "
+                               f"{rec.data.get('source')} (fingerprint {rec.data['fingerprint'][:12]}), the audit "
+                               f"reads {dataset.source} (fingerprint {dataset.fingerprint[:12]})")
         if rec.splits is None:
-            raise MemlensError(f"run {run.path} was not trained from a splits file, so its subsets are unknown")
+            raise MemlensError(f"run {where} was not trained from a splits file, so its subsets are unknown")
         if rec.splits["hash"] != splits.hash:
-            raise MemlensError(f"run {run.path} was trained with other splits (hash {rec.splits['hash'][:12]}, "
+            raise MemlensError(f"run {where} was trained with other splits (hash {rec.splits['hash'][:12]}, "
                                f"given {splits.hash[:12]})")
-        expected = ["S_S", "S_C"] if run.side == "f" else ["S_S", "S_I"]
+        expected = ["S_S", "S_C"] if side == "f" else ["S_S", "S_I"]
         if sorted(rec.splits["subsets"]) != sorted(expected):
-            raise MemlensError(f"run {run.path} was trained on {'+'.join(rec.splits['subsets'])}, but a {run.side} run "
+            raise MemlensError(f"run {where} was trained on {'+'.join(rec.splits['subsets'])}, but a {side} run "
                                f"must be trained on {'+'.join(expected)}")
-        d = _diff(ref_recipe, _recipe(rec))
+        d = _diff(_recipe(ref.record), _recipe(rec))
         if d:
-            raise MemlensError(f"runs {ref.path} and {run.path} differ in their recipe ({d}); f and g must share it")
-    if len({(r.path.resolve()) for r in f_runs + g_runs}) != len(f_runs) + len(g_runs):
+            raise MemlensError(f"runs {ref.info.get('path')} and {where} differ in their recipe ({d}); f and g must "
+                               f"share it")
+    paths = [e.info.get("path") for e in f + g if e.info.get("path")]
+    if len(set(paths)) != len(paths):
         raise MemlensError("the same run is given twice")
+    first = f[0]
+    for enc in f + g:
+        if (enc.input_size, enc.in_chans) != (first.input_size, first.in_chans):
+            raise MemlensError(f"encoders {first.label} and {enc.label} take different inputs "
+                               f"({first.in_chans}x{first.input_size}px vs {enc.in_chans}x{enc.input_size}px); f and "
+                               f"g must be the same architecture")
+
+
+def resolve_data(cfg: AuditConfig, encoders: list[AuditEncoder], splits_path: str,
+                 cache_dir: str | Path | None) -> Dataset:
+    """The images of the audit: ``data`` of the config, else the runs' data, else the data the
+    splits file records (``memlens split`` of membership lists writes it)."""
+    from memlens.io import read_json
+
+    if cfg.data is not None:
+        return load(cfg.data, cache_dir=cache_dir)
+    runs = [e for e in encoders if e.record is not None]
+    if runs:
+        return load(runs[0].record.config.data, cache_dir=cache_dir)
+    raw = read_json(splits_path, what="splits file")
+    if isinstance(raw, dict) and raw.get("data"):
+        from memlens.config import DataConfig, validate
+
+        return load(validate(DataConfig, raw["data"], source=f"{splits_path}: data"), cache_dir=cache_dir)
+    raise MemlensError("the encoders are not memlens runs and the splits file records no data source; give the "
+                       "images with --data PATH (a folder, archive, .npz or manifest .csv)")
 
 
 def _choose_points(splits: Splits, dataset: Dataset, cfg: AuditConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
     rng = np.random.default_rng(derive_seed(cfg.seed, "points"))
     rows, subset_of, ids = [], [], []
+    requested = set(splits.requested)
     for name in [s for s in SCORING_ORDER if s in cfg.subsets]:
         sub = list(splits.subsets[name])
         if not sub:
             raise MemlensError(f"subset {name} of the splits is empty")
         if cfg.max_per_subset and len(sub) > cfg.max_per_subset:
             keep = set(rng.choice(len(sub), cfg.max_per_subset, replace=False).tolist())
-            requested = set(splits.requested)
             sub = [i for k, i in enumerate(sub) if k in keep or i in requested]
         rows.append(dataset.indices(sub))
         subset_of += [name] * len(sub)
@@ -142,160 +188,317 @@ def _choose_points(splits: Splits, dataset: Dataset, cfg: AuditConfig) -> tuple[
     return np.concatenate(rows), np.array(subset_of), ids
 
 
+# ----------------------------------------------------------------------------- the pass
+
+
+class _Batches(torch.utils.data.Dataset):
+    """uint8 image batches of given dataset rows (for a DataLoader with workers and pinning)."""
+
+    def __init__(self, images: np.ndarray, batches: list[np.ndarray]):
+        self.images, self.batches = images, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.images[self.batches[k]]))
+
+
+@dataclass
+class _Ctx:
+    cfg: AuditConfig
+    dataset: Dataset
+    rows: np.ndarray
+    ids: list[str]
+    subset_of: np.ndarray
+    f: list[AuditEncoder]
+    g: list[AuditEncoder]
+    specs: list
+    unit_layers: list[str]
+    device: torch.device
+    dprime_pos: np.ndarray  # position of each point in D' (-1: not in D')
+    progress: Progress | None
+    forwards: int = 0
+    modules: dict = field(default_factory=dict)
+
+    def loader(self, positions: np.ndarray):
+        batches = [positions[k:k + self.cfg.batch_points] for k in range(0, len(positions), self.cfg.batch_points)]
+        ds = _Batches(self.dataset.images, [self.rows[b] for b in batches])
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.workers,
+                                             pin_memory=self.device.type == "cuda")
+        for pos, images in zip(batches, loader, strict=True):
+            yield pos, images.to(self.device, non_blocking=True)
+
+    def views(self, augmenter: Augmenter, images: torch.Tensor, positions: np.ndarray, n_views: int) -> torch.Tensor:
+        keys = [derive_seed(self.cfg.seed, "view", augmenter.name, self.ids[p], j) for p in positions
+                for j in range(n_views)]
+        return augmenter.views(images, n_views, RowStreams(keys, self.device))
+
+
+def _unit_accumulators(ctx: _Ctx) -> tuple[dict, dict]:
+    u = ctx.cfg.unitmem
+    specs = {s.name: s for s in ctx.specs}
+    unit = {name: UnitMemAccumulator(specs[name].units, rest=u.rest,
+                                     shift="shift" if (u.signed == "shift" and not specs[name].is_unit_layer)
+                                     else "none", min_activation=u.min_activation)
+            for name in ctx.unit_layers}
+    labels = ctx.dataset.labels
+    cls = {}
+    if labels is not None:
+        n_cls = len(ctx.dataset.class_names)
+        cls = {name: ClassMemAccumulator(specs[name].units, n_cls, shift=unit[name].shift,
+                                         min_activation=u.min_activation) for name in ctx.unit_layers}
+    return unit, cls
+
+
+def _feed(ctx: _Ctx, tapped, positions: np.ndarray, unit_acc: dict, class_acc: dict) -> None:
+    sel = np.flatnonzero(ctx.dprime_pos[positions] >= 0)
+    if len(sel) == 0:
+        return
+    idx = torch.from_numpy(sel).to(ctx.device)
+    dpos = torch.from_numpy(ctx.dprime_pos[positions[sel]])
+    lab = ctx.dataset.labels[ctx.rows[positions[sel]]] if class_acc else None
+    for name in ctx.unit_layers:
+        mu = tapped.units[name].index_select(0, idx)
+        unit_acc[name].update(mu, dpos)
+        if class_acc:
+            class_acc[name].update(mu, torch.from_numpy(lab))
+
+
+def _scoring_pass(ctx: _Ctx, positions: np.ndarray, n_views: int, augmenter: Augmenter, *,
+                  units: bool) -> dict[str, Any]:
+    """Score ``positions`` (this process's share) with ``n_views`` views per point."""
+    cfg = ctx.cfg
+    n = len(positions)
+    names = [s.name for s in ctx.specs]
+    out = {"positions": positions,
+           "dist_f": np.zeros((len(ctx.f), n, n_views, n_views), np.float32),
+           "dist_g": np.zeros((len(ctx.g), n, n_views, n_views), np.float32),
+           "layer_f": np.zeros((len(names), n)), "layer_g": np.zeros((len(names), n))}
+    unit_acc, class_acc = _unit_accumulators(ctx) if units else ({}, {})
+    is_cand = ctx.subset_of == "S_C"
+    done = 0
+    n_batches = math.ceil(n / cfg.batch_points) if n else 0
+    for b, (pos, images) in enumerate(ctx.loader(positions)):
+        local = np.arange(done, done + len(pos))
+        done += len(pos)
+        v01 = ctx.views(augmenter, images, pos, n_views)
+        # LayerMem is measured on the candidates: other batches need only the representation.
+        want_layers = bool(is_cand[pos].any())
+        for side, encs in (("f", ctx.f), ("g", ctx.g)):
+            layer = out[f"layer_{side}"]
+            for i, enc in enumerate(encs):
+                want_units = units and side == "f" and i == 0 and bool((ctx.dprime_pos[pos] >= 0).any())
+                with tap(enc.module, ctx.specs, views_per_point=n_views, pairing=cfg.pairing if want_layers else None,
+                         distance=cfg.distance, unit_layers=set(ctx.unit_layers) if want_units else None,
+                         signed=cfg.unitmem.signed, modules=ctx.modules[id(enc)]) as tapped, \
+                        autocast(ctx.device, cfg.precision):
+                    z = enc.represent(enc.prepare(v01))
+                dist = pairwise_distances(z, views_per_point=n_views, metric=cfg.distance)
+                if not bool(torch.isfinite(dist).all()):
+                    raise MemlensError(f"encoder {enc.label}: its representation is NaN or inf on point "
+                                       f"'{ctx.ids[pos[0]]}' or its batch; the encoder cannot be audited")
+                tapped.check_finite(f"encoder {enc.label}")
+                out[f"dist_{side}"][i, local] = dist.float().cpu().numpy()
+                if want_layers:
+                    for li, name in enumerate(names):
+                        layer[li, local] += tapped.align[name].cpu().numpy()
+                if want_units:
+                    _feed(ctx, tapped, pos, unit_acc, class_acc)
+                ctx.forwards += len(v01)
+        if ctx.progress:
+            ctx.progress("scoring", b + 1, n_batches)
+    out["layer_f"] /= len(ctx.f)
+    out["layer_g"] /= len(ctx.g)
+    out["unit_acc"], out["class_acc"] = unit_acc, class_acc
+    return out
+
+
+def _unit_pass(ctx: _Ctx, positions: np.ndarray, n_views: int, augmenter: Augmenter, *,
+               accumulate: bool) -> tuple[dict, dict, dict[str, np.ndarray]]:
+    """Unit responses of f[0] on ``positions`` only (no alignment): accumulated, or per point."""
+    enc = ctx.f[0]
+    unit_acc, class_acc = _unit_accumulators(ctx) if accumulate else ({}, {})
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in ctx.unit_layers}
+    for pos, images in ctx.loader(positions):
+        v01 = ctx.views(augmenter, images, pos, n_views)
+        with tap(enc.module, ctx.specs, views_per_point=n_views, pairing=None, unit_layers=set(ctx.unit_layers),
+                 signed=ctx.cfg.unitmem.signed, modules=ctx.modules[id(enc)]) as tapped, \
+                autocast(ctx.device, ctx.cfg.precision):
+            enc.represent(enc.prepare(v01))
+        tapped.check_finite(f"encoder {enc.label}")
+        if accumulate:
+            _feed(ctx, tapped, pos, unit_acc, class_acc)
+        else:
+            for name in ctx.unit_layers:
+                rows[name].append(tapped.units[name].cpu().double().numpy())
+        ctx.forwards += len(v01)
+    stacked = {name: (np.concatenate(r) if r else np.zeros((0, 0))) for name, r in rows.items()}
+    return unit_acc, class_acc, stacked
+
+
+def _merge_pass(parts: list[dict]) -> dict[str, Any]:
+    """Combine the passes of all processes into one, in global point order."""
+    if len(parts) == 1:
+        return parts[0]
+    out: dict[str, Any] = {"positions": np.concatenate([p["positions"] for p in parts])}
+    for key, axis in (("dist_f", 1), ("dist_g", 1), ("layer_f", 1), ("layer_g", 1)):
+        out[key] = np.concatenate([p[key] for p in parts], axis=axis)
+    for key in ("unit_acc", "class_acc"):
+        merged = parts[0][key]
+        for p in parts[1:]:
+            for name, acc in p[key].items():
+                merged[name].merge(acc)
+        out[key] = merged
+    return out
+
+
+def _gather(result: dict[str, Any]) -> dict[str, Any]:
+    return _merge_pass(D.all_gather_object(result)) if D.active() else result
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
 def run_audit(config: AuditConfig, *, cache_dir: str | Path | None = None, dataset: Dataset | None = None,
-              progress: Callable[[str, int, int], None] | None = None) -> AuditResult:
+              f: list[nn.Module | AuditEncoder] | None = None, g: list[nn.Module | AuditEncoder] | None = None,
+              progress: Progress | None = None) -> AuditResult:
     """Audit encoders f (trained with the candidates) against g (trained without them).
+
+    Under ``torch.distributed`` (``torchrun``) each process scores its share of the points and
+    every process returns the same, complete result.
 
     Args:
         config: the audit settings.
         cache_dir: data cache directory.
         dataset: already-loaded data (skips loading).
+        f, g: encoder objects replacing ``config.f`` / ``config.g`` (Python API: any
+            ``nn.Module`` or :class:`~memlens.audit.encoders.AuditEncoder`).
         progress: called as progress(stage, done, total) during the passes.
 
     Returns:
-        The summary and the four tables, ready for :func:`write_audit`.
+        The summary and the tables, ready for :func:`write_audit`.
     """
     t_start = time.perf_counter()
     cfg = config
-    f_runs, g_runs = load_runs(cfg.f, "f"), load_runs(cfg.g, "g")
-    ref = f_runs[0].record
-    dataset = dataset if dataset is not None else load(ref.config.data, cache_dir=cache_dir)
+    device = resolve_device(cfg.device)
+    rep = cfg.representation
+    f_enc = [resolve(e, default_rep=rep, device=device) for e in (f if f is not None else cfg.f)]
+    g_enc = [resolve(e, default_rep=rep, device=device) for e in (g if g is not None else cfg.g)]
+    dataset = dataset if dataset is not None else resolve_data(cfg, f_enc + g_enc, cfg.splits, cache_dir)
     splits = Splits.load(cfg.splits, dataset)
-    check_runs(f_runs, g_runs, splits, dataset)
+    check_encoders(f_enc, g_enc, splits, dataset)
     # inference_mode, not just no_grad: no version counters or view tracking on the large
     # activations (measured: about a third off ResNet9's forward passes here).
     with torch.inference_mode():
-        return _audit(cfg, f_runs, g_runs, splits, dataset, progress, t_start)
+        return _audit(cfg, f_enc, g_enc, splits, dataset, device, progress, t_start)
 
 
-def _audit(cfg, f_runs, g_runs, splits, dataset, progress, t_start) -> AuditResult:
-    ref = f_runs[0].record
-    mean, std = ref.data["normalize"]["mean"], ref.data["normalize"]["std"]
-    aug_name = cfg.augment or ref.config.augmentation
-    augmenter = Augmenter(aug_name, mean=mean, std=std)
-    k = cfg.pairs
-    n_views = 2 * k
-    unit_aug_name = cfg.unitmem.augment or aug_name
-    shared_units = unit_aug_name == aug_name and cfg.unitmem.views == n_views
-    specs = f_runs[0].encoder.layer_specs()
+def _discover(cfg: AuditConfig, f: list[AuditEncoder], g: list[AuditEncoder]) -> list:
+    specs = f[0].discover(cfg.layers)
+    ref = [(s.name, s.units) for s in specs]
+    for enc in f[1:] + g:
+        other = enc.discover(cfg.layers)
+        if [(s.name, s.units) for s in other] != ref:
+            raise MemlensError(f"encoders {f[0].label} and {enc.label} expose different layers; f and g must be the "
+                               f"same architecture")
+    return specs
+
+
+def _audit(cfg: AuditConfig, f: list[AuditEncoder], g: list[AuditEncoder], splits: Splits, dataset: Dataset,
+           device: torch.device, progress: Progress | None, t_start: float) -> AuditResult:
+    ref = f[0]
+    aug_name = cfg.augment or (ref.record.config.augmentation if ref.record is not None else "mae")
+    augmenter = Augmenter(aug_name, size=ref.input_size)
+    specs = _discover(cfg, f, g)
     names = [s.name for s in specs]
-    n_layers = len(specs)
+    spec_by_name = {s.name: s for s in specs}
+    unit_layers = [s.name for s in specs if s.is_unit_layer or cfg.unitmem.signed != "exclude"]
 
     rows, subset_of, ids = _choose_points(splits, dataset, cfg)
     n = len(rows)
-    images = torch.from_numpy(dataset.images)
-    labels = dataset.labels
     dprime = np.isin(subset_of, cfg.unitmem.subsets)
-    is_candidate = subset_of == "S_C"
+    dprime_pos = np.where(dprime, np.cumsum(dprime) - 1, -1)
+    dprime_ids = [ids[p] for p in np.flatnonzero(dprime)]
+    labels = dataset.labels
     has_labels = labels is not None
-    num_classes = len(dataset.class_names) if has_labels else 0
+    ctx = _Ctx(cfg=cfg, dataset=dataset, rows=rows, ids=ids, subset_of=subset_of, f=f, g=g, specs=specs,
+               unit_layers=unit_layers, device=device, dprime_pos=dprime_pos, progress=progress,
+               modules={id(e): dict(e.module.named_modules()) for e in f + g})
     t_loaded = time.perf_counter()
 
-    align_f = np.zeros((len(f_runs), n))
-    align_g = np.zeros((len(g_runs), n))
-    layer_f = np.zeros((n_layers, n))
-    layer_g = np.zeros((n_layers, n))
-    unit_acc = {s.name: UnitMemAccumulator(s.units, rest=cfg.unitmem.rest, negative=cfg.unitmem.negative)
-                for s in specs}
-    class_acc = ({s.name: ClassMemAccumulator(s.units, num_classes, negative=cfg.unitmem.negative) for s in specs}
-                 if has_labels else {})
-    dprime_order: list[int] = []  # positions of D' points in the order the accumulators saw them
-    forwards = 0
-
-    def feed_units(tapped, positions: np.ndarray) -> None:
-        sel = torch.from_numpy(np.flatnonzero(dprime[positions]))
-        if len(sel) == 0:
-            return
-        dprime_order.extend(positions[sel.numpy()].tolist())
-        lab = torch.from_numpy(labels[rows[positions[sel.numpy()]]]) if has_labels else None
-        for s in specs:
-            mu = tapped.units[s.name][sel]
-            unit_acc[s.name].update(mu)
-            if has_labels:
-                class_acc[s.name].update(mu, lab)
-
-    batch = cfg.batch_points
-    n_batches = math.ceil(n / batch)
-    modules = {id(r): dict(r.encoder.named_modules()) for r in f_runs + g_runs}
-    for b in range(n_batches):
-        sl = slice(b * batch, min(n, (b + 1) * batch))
-        positions = np.arange(sl.start, sl.stop)
-        views = augmenter.views(images[torch.from_numpy(rows[sl])], n_views,
-                                torch.Generator().manual_seed(derive_seed(cfg.seed, "views", b)))
-        # LayerMem is measured on the candidates: other batches only need the representation.
-        layers_needed = None if is_candidate[sl].any() else {names[-1]}
-        for side, runs, align, layer in (("f", f_runs, align_f, layer_f), ("g", g_runs, align_g, layer_g)):
-            for i, run in enumerate(runs):
-                want_units = side == "f" and i == 0 and shared_units and bool(dprime[sl].any())
-                with tap(run.encoder, specs, views_per_point=n_views, pairs=k, distance=cfg.distance,
-                         units=want_units, align_layers=layers_needed, modules=modules[id(run)]) as tapped:
-                    run.encoder.representation(views)
-                # The representation is the last exposed layer's output, flattened (tested for
-                # every architecture), so its alignment is the one that layer's hook computed.
-                align[i, sl] = tapped.align[names[-1]].numpy()
-                if layers_needed is None:
-                    for li, name in enumerate(names):
-                        layer[li, sl] += tapped.align[name].numpy()
-                if want_units:
-                    feed_units(tapped, positions)
-                forwards += len(views)
-        if progress:
-            progress("scoring", b + 1, n_batches)
-    layer_f /= len(f_runs)
-    layer_g /= len(g_runs)
+    mine = D.shard(np.arange(n))
+    cand = np.flatnonzero(subset_of == "S_C")
+    k_top = max(1, min(cfg.top_k, len(cand) // 2))
+    rel_cfg = cfg.reliability
+    auto = cfg.views == "auto"
+    n_views = 10 if auto else int(cfg.views)
+    unit_aug_name = cfg.unitmem.augment or aug_name
+    history = []
+    while True:
+        unit_views = cfg.unitmem.views or n_views
+        shared_units = unit_aug_name == aug_name and unit_views == n_views
+        res = _gather(_scoring_pass(ctx, mine, n_views, augmenter, units=shared_units))
+        rel, freq = ranking_reliability(res["dist_f"][:, cand], res["dist_g"][:, cand], pairing=cfg.pairing,
+                                        target=rel_cfg.target, top_k=k_top, bootstrap=rel_cfg.bootstrap,
+                                        seed=derive_seed(cfg.seed, "reliability") % 2**32)
+        history.append({"views": n_views, "reliability": rel.reliability, "split_half_r": rel.split_half_r})
+        if not auto or rel.meets_target or n_views >= rel_cfg.max_views:
+            break
+        wanted = rel.views_for_target if math.isfinite(rel.views_for_target) else rel_cfg.max_views
+        n_views = int(min(rel_cfg.max_views, max(2 * n_views, wanted)))
+        n_views += n_views % 2
+    rel.history = history
     t_pass = time.perf_counter()
 
-    unit_augmenter = augmenter if unit_aug_name == aug_name else Augmenter(unit_aug_name, mean=mean, std=std)
-    auditee = f_runs[0].encoder
-    if not shared_units:
-        d_pos = np.flatnonzero(dprime)
-        for b in range(0, len(d_pos), batch):
-            positions = d_pos[b:b + batch]
-            views = unit_augmenter.views(images[torch.from_numpy(rows[positions])], cfg.unitmem.views,
-                                         torch.Generator().manual_seed(derive_seed(cfg.seed, "unit-views", b)))
-            with tap(auditee, specs, views_per_point=cfg.unitmem.views, pairs=None, units=True) as tapped:
-                auditee.forward_features(views)
-            feed_units(tapped, positions)
-            forwards += len(views)
+    unit_augmenter = augmenter if unit_aug_name == aug_name else Augmenter(unit_aug_name, size=ref.input_size)
+    unit_acc, class_acc = res["unit_acc"], res["class_acc"]
+    if not shared_units and unit_layers:
+        d_mine = D.shard(np.flatnonzero(dprime))
+        ua, ca, _ = _unit_pass(ctx, d_mine, unit_views, unit_augmenter, accumulate=True)
+        merged = _merge_pass(D.all_gather_object({"positions": d_mine, "dist_f": np.zeros((0, 0, 0, 0)),
+                                                  "dist_g": np.zeros((0, 0, 0, 0)), "layer_f": np.zeros((0, 0)),
+                                                  "layer_g": np.zeros((0, 0)), "unit_acc": ua, "class_acc": ca})) \
+            if D.active() else {"unit_acc": ua, "class_acc": ca}
+        unit_acc, class_acc = merged["unit_acc"], merged["class_acc"]
     t_units = time.perf_counter()
 
     # ------------------------------------------------------------------ per-point scores
+    align_f = np.stack([alignment_from_distances(torch.from_numpy(d).double(), cfg.pairing).numpy()
+                        for d in res["dist_f"]])
+    align_g = np.stack([alignment_from_distances(torch.from_numpy(d).double(), cfg.pairing).numpy()
+                        for d in res["dist_g"]])
     af, ag = align_f.mean(axis=0), align_g.mean(axis=0)
     raw = ag - af
     range_norm = range_normalize(torch.from_numpy(raw)).numpy()
     sym = symmetric_normalize(torch.from_numpy(af), torch.from_numpy(ag)).numpy()
+    topk_freq = np.full(n, np.nan)
+    topk_freq[cand] = freq
     points = pd.DataFrame({"id": ids, "subset": subset_of,
                            "label": [dataset.class_names[labels[r]] if has_labels else "" for r in rows],
                            "align_f": af, "align_g": ag, "sslmem": raw, "sslmem_range_norm": range_norm,
                            "sslmem_sym_norm": sym})
     points["rank"] = points.groupby("subset")["sslmem"].rank(ascending=False, method="first").astype(int)
     points["requested"] = points["id"].isin(set(splits.requested))
+    points["topk_freq"] = topk_freq
 
-    cand = np.flatnonzero(subset_of == "S_C")
     order = cand[np.argsort(-raw[cand], kind="stable")]
-    k_top = max(1, min(cfg.top_k, len(cand) // 2))
     top, least = order[:k_top], order[::-1][:k_top]
 
     # ------------------------------------------------------------------ UnitMem of Top / Least (Table 11)
-    mu_groups: dict[str, dict[str, torch.Tensor]] = {"top": {}, "least": {}}
-    if k_top >= 2:
+    mu_groups: dict[str, dict[str, np.ndarray]] = {"top": {}, "least": {}}
+    if k_top >= 2 and unit_layers:
         for group, positions in (("top", top), ("least", least)):
-            chunks: dict[str, list[torch.Tensor]] = {s.name: [] for s in specs}
-            for b in range(0, len(positions), batch):
-                pos = positions[b:b + batch]
-                views = unit_augmenter.views(images[torch.from_numpy(rows[pos])], cfg.unitmem.views,
-                                             torch.Generator().manual_seed(derive_seed(cfg.seed, group, b)))
-                with tap(auditee, specs, views_per_point=cfg.unitmem.views, pairs=None, units=True) as tapped:
-                    auditee.forward_features(views)
-                for s in specs:
-                    chunks[s.name].append(tapped.units[s.name])
-                forwards += len(views)
-            mu_groups[group] = {name: torch.cat(c) for name, c in chunks.items()}
+            part = D.shard(positions)
+            _, _, rows_mu = _unit_pass(ctx, part, unit_views, unit_augmenter, accumulate=False)
+            gathered = D.all_gather_object(rows_mu)
+            mu_groups[group] = {name: np.concatenate([gm[name] for gm in gathered if gm[name].size])
+                                for name in unit_layers}
     t_topleast = time.perf_counter()
 
     # ------------------------------------------------------------------ layers and units
-    cand_f, cand_g = torch.from_numpy(layer_f[:, cand]), torch.from_numpy(layer_g[:, cand])
-    prime = symmetric_normalize(cand_f, cand_g).numpy()  # (L, |S_C|) per-layer SSLMem'
+    lf, lg = res["layer_f"][:, cand], res["layer_g"][:, cand]
+    prime = symmetric_normalize(torch.from_numpy(lf), torch.from_numpy(lg)).numpy()  # (L, |S_C|) per-layer SSLMem'
     pos_in_cand = {p: j for j, p in enumerate(cand)}
     top_idx = [pos_in_cand[p] for p in top]
     least_idx = [pos_in_cand[p] for p in least]
@@ -305,52 +508,62 @@ def _audit(cfg, f_runs, g_runs, splits, dataset, progress, t_start) -> AuditResu
     prev = {s.name: s.prev for s in specs}
     delta, delta_top = delta_layermem(lm, prev), delta_layermem(lm_top, prev)
 
-    dprime_ids = [ids[p] for p in dprime_order]
-    unit_rows, layer_rows, tests_extra, top_units = [], [], [], []
+    d_size = int(dprime.sum())
+    unit_rows, layer_rows, tests_extra = [], [], []
     for s in specs:
-        res = unit_acc[s.name].result() if len(dprime_order) >= 2 else None
-        cm = None
-        if has_labels:
-            try:
-                cm = class_acc[s.name].result().numpy()
-            except ValueError:
-                cm = None
-        um = res.unitmem.numpy() if res is not None else np.full(s.units, np.nan)
-        for u in range(s.units):
-            unit_rows.append((s.name, u, um[u], float(res.mu_max[u]) if res else np.nan,
-                              float(res.mu_rest[u]) if res else np.nan,
-                              dprime_ids[int(res.argmax[u])] if res else "",
-                              float(cm[u]) if cm is not None else np.nan))
-        top_mean = least_mean = None
-        if mu_groups["top"]:
-            ut = unitmem(mu_groups["top"][s.name], rest=cfg.unitmem.rest, negative=cfg.unitmem.negative).unitmem
-            ul = unitmem(mu_groups["least"][s.name], rest=cfg.unitmem.rest, negative=cfg.unitmem.negative).unitmem
-            top_mean, least_mean = float(ut.mean()), float(ul.mean())
-            t = welch(ut.numpy(), ul.numpy(), alternative="greater", name=f"unitmem_top>least[{s.name}]",
-                      hypothesis=f"UnitMem of layer {s.name} is higher on the {k_top} most than on the {k_top} "
-                                 f"least memorized candidates (units as samples)")
-            tests_extra.append(t)
-        layer_rows.append({
-            "layer": s.name, "kind": s.kind, "depth": s.depth, "block": s.block, "units": s.units,
-            "layermem": lm[s.name], "delta_layermem": delta[s.name], "layermem_top": lm_top[s.name],
-            "layermem_least": lm_least[s.name], "delta_layermem_top": delta_top[s.name],
-            "unitmem_mean": float(np.nanmean(um)) if res else float("nan"),
-            "unitmem_median": float(np.nanmedian(um)) if res else float("nan"),
-            "unitmem_max": float(np.nanmax(um)) if res else float("nan"),
-            "frac_units_above_half": float(np.mean(um > 0.5)) if res else float("nan"),
-            "classmem_mean": float(np.mean(cm)) if cm is not None else None,
-            "unitmem_top_mean": top_mean, "unitmem_least_mean": least_mean})
-    units = pd.DataFrame(unit_rows, columns=["layer", "unit", "unitmem", "mu_max", "mu_rest", "argmax_id", "classmem"])
+        row = {"layer": s.name, "kind": s.kind, "depth": s.depth, "block": s.block, "units": s.units,
+               "unit_kind": s.unit_kind, "layermem": lm[s.name], "delta_layermem": delta[s.name],
+               "layermem_top": lm_top[s.name], "layermem_least": lm_least[s.name],
+               "delta_layermem_top": delta_top[s.name], "units_measured": s.name in unit_layers}
+        if s.name in unit_layers and d_size >= 2:
+            r = unit_acc[s.name].result()
+            cm = None
+            if has_labels:
+                try:
+                    cm = class_acc[s.name].result().numpy()
+                except ValueError:
+                    cm = None
+            um = r.unitmem.numpy()
+            ranked = ~np.isnan(um)
+            for u in range(s.units):
+                arg = int(r.argmax[u])
+                unit_rows.append((s.name, u, um[u], float(r.mu_max[u]), float(r.mu_rest[u]),
+                                  dprime_ids[arg] if arg != NONE else "",
+                                  float(r.active[u]) / d_size if unit_acc[s.name].shift == "none" else np.nan,
+                                  float(cm[u]) if cm is not None else np.nan))
+            top_mean = least_mean = None
+            if mu_groups["top"]:
+                kw = dict(rest=cfg.unitmem.rest, shift=unit_acc[s.name].shift,
+                          min_activation=cfg.unitmem.min_activation)
+                ut = unitmem(torch.from_numpy(mu_groups["top"][s.name]), **kw).unitmem.numpy()
+                ul = unitmem(torch.from_numpy(mu_groups["least"][s.name]), **kw).unitmem.numpy()
+                ut, ul = ut[~np.isnan(ut)], ul[~np.isnan(ul)]
+                top_mean = float(ut.mean()) if len(ut) else None
+                least_mean = float(ul.mean()) if len(ul) else None
+                tests_extra.append(welch(ut, ul, alternative="greater", name=f"unitmem_top>least[{s.name}]",
+                                         hypothesis=f"UnitMem of layer {s.name} is higher on the {k_top} most than "
+                                                    f"on the {k_top} least memorized candidates (units as samples)"))
+            row.update(units_ranked=int(ranked.sum()), units_silent=int((~ranked).sum()),
+                       unitmem_mean=float(np.nanmean(um)) if ranked.any() else None,
+                       unitmem_median=float(np.nanmedian(um)) if ranked.any() else None,
+                       unitmem_max=float(np.nanmax(um)) if ranked.any() else None,
+                       frac_units_above_half=float(np.mean(um[ranked] > 0.5)) if ranked.any() else None,
+                       classmem_mean=float(np.nanmean(cm)) if cm is not None and np.isfinite(cm).any() else None,
+                       unitmem_top_mean=top_mean, unitmem_least_mean=least_mean)
+        layer_rows.append(row)
+    units = pd.DataFrame(unit_rows, columns=["layer", "unit", "unitmem", "mu_max", "mu_rest", "argmax_id",
+                                             "active_frac", "classmem"])
     layers = pd.DataFrame(layer_rows)
-    for _, r in units.sort_values("unitmem", ascending=False, kind="stable").head(20).iterrows():
-        if np.isfinite(r["unitmem"]):
-            top_units.append({"layer": r["layer"], "unit": int(r["unit"]), "unitmem": float(r["unitmem"]),
-                              "mu_max": float(r["mu_max"]), "argmax_id": r["argmax_id"]})
+    top_units = [{"layer": r["layer"], "unit": int(r["unit"]), "unitmem": float(r["unitmem"]),
+                  "mu_max": float(r["mu_max"]), "active_frac": float(r["active_frac"]), "argmax_id": r["argmax_id"]}
+                 for _, r in units.dropna(subset=["unitmem"]).sort_values("unitmem", ascending=False,
+                                                                          kind="stable").head(20).iterrows()]
 
     # ------------------------------------------------------------------ statistics
     scores = {name: raw[subset_of == name] for name in SUBSETS if name in cfg.subsets}
     tests = sslmem_tests(scores) + tests_extra
-    ranking_layers = [s for s in specs if s.kind in ("conv", "block")]
+    ranking_layers = [s for s in specs if s.kind in ("conv", "block", "stage")] or [s for s in specs
+                                                                                  if s.is_unit_layer]
     cons_layers = []
     for i in range(len(ranking_layers)):
         for j in range(i + 1, len(ranking_layers)):
@@ -359,12 +572,12 @@ def _audit(cfg, f_runs, g_runs, splits, dataset, progress, t_start) -> AuditResu
                                     name_a=a.name, name_b=b.name)
             cons_layers.append(c.to_dict())
     cons_seeds = []
-    if len(f_runs) > 1:
-        per_run = [ag[cand] - align_f[i, cand] for i in range(len(f_runs))]
-        for i in range(len(f_runs)):
-            for j in range(i + 1, len(f_runs)):
-                c = ranking_consistency(per_run[i], per_run[j], k=cfg.ranking_k, name_a=str(f_runs[i].path),
-                                        name_b=str(f_runs[j].path))
+    if len(f) > 1:
+        per_run = [ag[cand] - align_f[i, cand] for i in range(len(f))]
+        for i in range(len(f)):
+            for j in range(i + 1, len(f)):
+                c = ranking_consistency(per_run[i], per_run[j], k=cfg.ranking_k, name_a=f[i].label,
+                                        name_b=f[j].label)
                 cons_seeds.append(c.to_dict())
 
     subsets = {}
@@ -378,62 +591,96 @@ def _audit(cfg, f_runs, g_runs, splits, dataset, progress, t_start) -> AuditResu
                          "mean_align_f": float(af[mask].mean()), "mean_align_g": float(ag[mask].mean())}
     t_stats = time.perf_counter()
 
-    top_points = points.iloc[order[:k_top]].to_dict(orient="records")
-    requested_points = points[points["requested"]].to_dict(orient="records")
-    all_um = units["unitmem"].to_numpy()
-    vit_rows = None
-    if getattr(auditee, "family", "") == "vit":
-        vit_rows = [r.__dict__ for r in vit_block_table(lm, len(auditee.blocks))]
+    ranked_um = units["unitmem"].dropna().to_numpy()
+    vit_rows = [r.__dict__ for r in vit_block_table(lm, specs)] if any(s.kind == "resblock_attn" for s in specs) \
+        else None
+    runs = [_encoder_input(e, side) for side, encs in (("f", f), ("g", g)) for e in encs]
+    rec = ref.record
+    set_aside = {name: int((units["layer"] == name).sum() - units.loc[units["layer"] == name, "unitmem"].notna().sum())
+                 for name in unit_layers}
     summary = AuditSummary(
-        created=now(), memlens_version=memlens.__version__, settings=cfg,
+        created=_now(), memlens_version=memlens.__version__, settings=cfg,
+        environment={"device": describe_device(device), "precision": cfg.precision, "world_size": D.world_size(),
+                     "backend": D.backend(), "versions": _versions()},
         data={"source": dataset.source, "fingerprint": dataset.fingerprint, "n": len(dataset),
               "image_shape": list(dataset.images.shape[1:]), "classes": list(dataset.class_names or [])},
         splits={"path": str(Path(cfg.splits).resolve()), "hash": splits.hash, "sha256": sha256_file(cfg.splits),
                 "sizes": splits.sizes(), "requested": list(splits.requested)},
-        model={**ref.model, "layers_exposed": n_layers, "units_total": int(sum(s.units for s in specs))},
-        framework=ref.config.framework,
-        recipe={k: v for k, v in ref.config.model_dump(mode="json").items() if k not in ("splits", "subsets", "seed")},
-        runs=[_run_input(r) for r in f_runs + g_runs],
+        model={"arch": rec.model["arch"] if rec is not None else ref.info.get("spec", ref.label),
+               "family": ref.family, "parameters": int(sum(p.numel() for p in ref.module.parameters())),
+               "representation": ref.representation, "input_size": ref.input_size,
+               "layers_exposed": len(specs), "units_total": int(sum(spec_by_name[n].units for n in unit_layers)),
+               "unit_layers": len(unit_layers)},
+        framework=rec.config.framework if rec is not None else None,
+        recipe=({k: v for k, v in rec.config.model_dump(mode="json").items() if k not in RECIPE_IGNORED}
+                if rec is not None else None),
+        encoders=runs,
         augmentation={"sslmem": f"{aug_name}: {describe(aug_name)}",
-                      "unitmem": f"{unit_aug_name}: {describe(unit_aug_name)} ({cfg.unitmem.views} views)"},
-        subsets=subsets, layers=layers.to_dict(orient="records"), vit_blocks=vit_rows,
-        units={"n": int(len(all_um)), "d_prime": list(cfg.unitmem.subsets), "d_prime_size": len(dprime_order),
-               "mean": float(np.nanmean(all_um)) if len(dprime_order) >= 2 else None,
-               "median": float(np.nanmedian(all_um)) if len(dprime_order) >= 2 else None,
-               "frac_above_half": float(np.mean(all_um > 0.5)) if len(dprime_order) >= 2 else None,
-               "max": float(np.nanmax(all_um)) if len(dprime_order) >= 2 else None,
-               "classmem_mean": float(units["classmem"].mean()) if has_labels else None,
+                      "unitmem": f"{unit_aug_name}: {describe(unit_aug_name)} ({unit_views} views)"},
+        views={"count": n_views, "pairing": cfg.pairing, "auto": auto,
+               "pairs_per_point": n_views * (n_views - 1) // 2 if cfg.pairing == "all" else n_views // 2},
+        reliability=rel.to_dict(),
+        subsets=subsets, layers=layer_rows, vit_blocks=vit_rows,
+        units={"n": int(len(units)), "ranked": int(len(ranked_um)), "set_aside": set_aside,
+               "min_activation": cfg.unitmem.min_activation, "signed": cfg.unitmem.signed,
+               "d_prime": list(cfg.unitmem.subsets), "d_prime_size": d_size,
+               "mean": float(ranked_um.mean()) if len(ranked_um) else None,
+               "median": float(np.median(ranked_um)) if len(ranked_um) else None,
+               "frac_above_half": float(np.mean(ranked_um > 0.5)) if len(ranked_um) else None,
+               "max": float(ranked_um.max()) if len(ranked_um) else None,
+               "classmem_mean": float(units["classmem"].mean()) if has_labels and len(units) else None,
                "top_least_k": k_top},
-        top_units=top_units, top_points=top_points, requested_points=requested_points,
+        top_units=top_units, top_points=points.iloc[order[:k_top]].to_dict(orient="records"),
+        requested_points=points[points["requested"]].to_dict(orient="records"),
         tests=[t.to_dict() for t in tests],
         consistency={"layers": cons_layers, "seeds": cons_seeds},
         timings={"load": round(t_loaded - t_start, 3), "pass": round(t_pass - t_loaded, 3),
                  "unit_pass": round(t_units - t_pass, 3), "top_least_pass": round(t_topleast - t_units, 3),
                  "stats": round(t_stats - t_topleast, 3), "total": round(time.perf_counter() - t_start, 3),
-                 "images_forwarded": float(forwards)})
+                 "images_forwarded": float(ctx.forwards)})
     tests_df = pd.DataFrame([t.to_dict() for t in tests],
                             columns=["name", "hypothesis", "statistic", "p_value", "effect_size", "method", "n_a",
                                      "n_b", "p_holm"])
     return AuditResult(summary, points, layers, units, tests_df)
 
 
-def _run_input(run: LoadedRun) -> dict:
-    rec = run.record
-    d = rec.dp or {}
-    return {"path": str(run.path.resolve()), "side": run.side, "seed": rec.config.seed, "status": rec.status,
-            "run_json_sha256": sha256_file(run.path / RUN_FILE), "model_sha256": sha256_file(run.path / MODEL_FILE),
-            "epsilon": d.get("epsilon_spent"), "delta": d.get("delta"), "noise_multiplier": d.get("noise_multiplier"),
-            "sample_rate": d.get("sample_rate"), "steps": d.get("steps_taken"), "max_grad_norm": d.get("max_grad_norm"),
-            "accountant": d.get("accountant"), "poisson": d.get("poisson"),
-            "probe_accuracy": (rec.probe or {}).get("accuracy"), "train_points": rec.train_points,
-            "wall_seconds": rec.wall_seconds}
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _versions() -> dict[str, str]:
+    from memlens.train.run import versions
+
+    return versions()
+
+
+def _encoder_input(enc: AuditEncoder, side: str) -> dict:
+    base = {"label": enc.label, "side": side, "source": enc.source, "spec": enc.info.get("spec"),
+            "path": enc.info.get("path") or enc.info.get("weights"), "weights_sha256": enc.info.get("weights_sha256"),
+            "run_json_sha256": enc.info.get("run_json_sha256"), "representation": enc.representation,
+            "input_size": enc.input_size, "parameters": int(sum(p.numel() for p in enc.module.parameters())),
+            "load": enc.info.get("load")}
+    rec = enc.record
+    if rec is not None:
+        d = rec.dp or {}
+        base.update(seed=rec.config.seed, status=rec.status, epsilon=d.get("epsilon_spent"), delta=d.get("delta"),
+                    noise_multiplier=d.get("noise_multiplier"), sample_rate=d.get("sample_rate"),
+                    steps=d.get("steps_taken"), max_grad_norm=d.get("max_grad_norm"), accountant=d.get("accountant"),
+                    poisson=d.get("poisson"), coupling=d.get("coupling"),
+                    probe_accuracy=(rec.probe or {}).get("accuracy"), train_points=rec.train_points,
+                    wall_seconds=rec.wall_seconds)
+    elif enc.info.get("declared_dp"):
+        dp = enc.info["declared_dp"]
+        base.update(epsilon=dp["epsilon"], delta=dp["delta"], accountant=dp.get("accountant"), dp_declared=True)
+    return base
 
 
 def write_audit(result: AuditResult, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Write audit.json and the four CSV tables into ``out_dir`` as one atomic step.
+    """Write audit.json and the CSV tables into ``out_dir`` as one atomic step.
 
     Everything is written into a temporary sibling directory which then replaces ``out_dir``,
-    so readers never see a half-written audit.
+    so readers never see a half-written audit. audit.json records each table's sha256 and row
+    count, which readers verify.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
@@ -442,8 +689,17 @@ def write_audit(result: AuditResult, out_dir: str | Path, *, force: bool = False
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for name in ("points", "layers", "units", "tests"):
-            atomic_write_text(tmp / f"{name}.csv", getattr(result, name).to_csv(index=False, float_format="%.6g"))
+        from memlens.io import directory_mode
+
+        os.chmod(tmp, directory_mode())
+        infos = {}
+        for name, table in result.tables().items():
+            text = table.to_csv(index=False, float_format="%.6g")
+            atomic_write_text(tmp / f"{name}.csv", text)
+            infos[name] = {"sha256": sha256_bytes(text.encode("utf-8")), "rows": int(len(table))}
+        from memlens.audit.results import TableInfo
+
+        result.summary.tables = {name: TableInfo(**info) for name, info in infos.items()}
         atomic_write_text(tmp / AUDIT_FILE, dumps(result.summary) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -452,3 +708,8 @@ def write_audit(result: AuditResult, out_dir: str | Path, *, force: bool = False
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def spec_of(value: Any) -> EncoderSpec | Any:
+    """A CLI/API value as an encoder spec (strings are run directories or timm:/py: names)."""
+    return EncoderSpec(model=value) if isinstance(value, str) else value

@@ -1,8 +1,8 @@
 """Forward hooks that reduce every exposed layer's output as the batch flows through.
 
 Nothing is stored per layer but what the metrics need: for each point, the alignment loss of
-the layer's outputs over its view pairs (for LayerMem) and, when asked, its mean activation per
-unit (for UnitMem/ClassMem). The handles live in a context manager that always removes them.
+the layer's outputs over its views (for LayerMem) and, when asked, its mean activation per unit
+(for UnitMem/ClassMem). The handles live in a context manager that always removes them.
 """
 
 from __future__ import annotations
@@ -14,55 +14,75 @@ import torch
 import torch.nn as nn
 
 from memlens.audit.sslmem import Distance, alignment_loss
+from memlens.errors import MemlensError
 from memlens.models.layers import LayerSpec
 
 
 class LayerTap:
-    """Results of one forward pass: ``align[name]`` (B,) and ``units[name]`` (B, U)."""
+    """Results of one forward pass: ``align[name]`` (B,) float64 and ``units[name]`` (B, U) float32."""
 
-    def __init__(self, specs: list[LayerSpec], *, views_per_point: int, pairs: int | None, distance: Distance,
-                 units: bool, align_layers: set[str] | None = None):
+    def __init__(self, specs: list[LayerSpec], *, views_per_point: int, pairing: str | None, distance: Distance,
+                 unit_layers: set[str] | None, align_layers: set[str] | None = None, signed: str = "exclude"):
         self.specs = specs
         self.views = views_per_point
-        self.pairs = pairs
+        self.pairing = pairing
         self.distance = distance
-        self.want_units = units
+        self.unit_layers = unit_layers or set()
         self.align_layers = align_layers
+        self.signed = signed
         self.align: dict[str, torch.Tensor] = {}
         self.units: dict[str, torch.Tensor] = {}
 
     def _hook(self, spec: LayerSpec):
-        def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
-            out = output.detach()
-            if self.pairs and (self.align_layers is None or spec.name in self.align_layers):
-                self.align[spec.name] = alignment_loss(out, pairs=self.pairs, metric=self.distance)
-            if self.want_units:
-                act = spec.unit_activations(out)  # (B * V, U)
+        def reduce(out) -> None:
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            out = out.detach()
+            if self.pairing and (self.align_layers is None or spec.name in self.align_layers):
+                self.align[spec.name] = alignment_loss(out, views_per_point=self.views, pairing=self.pairing,
+                                                       metric=self.distance)
+            if spec.name in self.unit_layers:
+                act = spec.unit_activations(out, signed="abs" if self.signed == "abs" else "raw")  # (B * V, U)
                 self.units[spec.name] = act.reshape(-1, self.views, act.shape[1]).mean(dim=1)
 
-        return hook
+        if spec.tap == "input":
+            return lambda module, inputs: reduce(inputs[0])
+        return lambda module, inputs, output: reduce(output)
+
+    def check_finite(self, where: str) -> None:
+        """Raise naming the first layer whose outputs held NaN or inf (they poison every score)."""
+        for spec in self.specs:
+            for table in (self.align, self.units):
+                t = table.get(spec.name)
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise MemlensError(f"{where}: layer '{spec.name}' produced NaN or inf activations; the encoder "
+                                       f"cannot be audited (check its weights and input normalisation)")
 
 
 @contextmanager
-def tap(encoder: nn.Module, specs: list[LayerSpec], *, views_per_point: int, pairs: int | None,
-        distance: Distance = "l2", units: bool = False, align_layers: set[str] | None = None,
-        modules: dict[str, nn.Module] | None = None) -> Iterator[LayerTap]:
+def tap(encoder: nn.Module, specs: list[LayerSpec], *, views_per_point: int, pairing: str | None,
+        distance: Distance = "l2", unit_layers: set[str] | None = None, align_layers: set[str] | None = None,
+        signed: str = "exclude", modules: dict[str, nn.Module] | None = None) -> Iterator[LayerTap]:
     """Hook ``specs`` of ``encoder`` for the duration of the block; handles are always removed.
 
     Args:
         views_per_point: V consecutive rows of the batch belong to one point.
-        pairs: K; rows pair as (v1, v2), (v3, v4)... (None: no alignment, units only).
-        units: also compute per-point mean unit activations (Eq. 5).
+        pairing: ``all`` or ``disjoint`` pairs of views for the alignment (None: no alignment).
+        unit_layers: layers whose per-point mean unit activations (Eq. 5) are needed.
         align_layers: layers whose alignment is needed (None: all).
+        signed: how ``other`` layers' units are measured when asked for (``abs`` or raw).
         modules: ``dict(encoder.named_modules())`` when the caller already has it.
     """
     modules = modules if modules is not None else dict(encoder.named_modules())
-    state = LayerTap(specs, views_per_point=views_per_point, pairs=pairs, distance=distance, units=units,
-                     align_layers=align_layers)
+    state = LayerTap(specs, views_per_point=views_per_point, pairing=pairing, distance=distance,
+                     unit_layers=unit_layers, align_layers=align_layers, signed=signed)
     handles = []
     try:
         for spec in specs:
-            handles.append(modules[spec.name].register_forward_hook(state._hook(spec)))
+            if spec.tap == "input":
+                handles.append(modules[spec.name].register_forward_pre_hook(state._hook(spec)))
+            else:
+                handles.append(modules[spec.name].register_forward_hook(state._hook(spec)))
         yield state
     finally:
         for h in handles:

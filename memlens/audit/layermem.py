@@ -43,19 +43,31 @@ class ViTBlockRow:
     delta_block: float | None
 
 
-def vit_block_table(values: dict[str, float], depth: int) -> list[ViTBlockRow]:
+def vit_block_table(values: dict[str, float], specs: list) -> list[ViTBlockRow]:
     """Attention vs fully-connected memorization per block (Table 10):
 
     ΔLM^ATT_N = LM^ATT_N - ResBlock^FC_{N-1}, ΔLM^FC_N = LM^FC_N - ResBlock^ATT_N,
     ΔBlockMem_N = ResBlock^FC_N - ResBlock^FC_{N-1}.
+
+    ``specs`` are the layers' :class:`~memlens.models.layers.LayerSpec`; a block's four layers are
+    found by kind (attention, resblock_attn, mlp, block), so memlens's own ViTs and timm's (whose
+    residual stream after attention is the input of ``norm2``) give the same table.
     """
+    by_block: dict[int, dict[str, str]] = {}
+    for s in specs:
+        if s.kind in ("attention", "resblock_attn", "mlp", "block"):
+            by_block.setdefault(s.block, {})[s.kind] = s.name
     rows = []
-    for i in range(depth):
-        prev_block = values.get(f"blocks.{i - 1}") if i else None
-        att, res_att = values[f"blocks.{i}.attn"], values[f"blocks.{i}.res_attn"]
-        fc, res_fc = values[f"blocks.{i}.mlp"], values[f"blocks.{i}"]
+    prev_block = None
+    for i in sorted(by_block):
+        names = by_block[i]
+        if len(names) < 4:
+            continue
+        att, res_att = values[names["attention"]], values[names["resblock_attn"]]
+        fc, res_fc = values[names["mlp"]], values[names["block"]]
         rows.append(ViTBlockRow(block=i + 1, attention=att,
                                 delta_attention=None if prev_block is None else att - prev_block,
                                 resblock_attention=res_att, mlp=fc, delta_mlp=fc - res_att, resblock_mlp=res_fc,
                                 delta_block=None if prev_block is None else res_fc - prev_block))
+        prev_block = res_fc
     return rows

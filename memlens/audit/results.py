@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from memlens.audit.stats import Consistency, TestResult
 from memlens.config import AuditConfig, format_validation_error
 from memlens.errors import MemlensError
-from memlens.io import read_json, sha256_file
+from memlens.io import read_json, sha256_bytes, sha256_file
 
 AUDIT_FILE = "audit.json"
 TABLES = ("points", "layers", "units", "tests")
@@ -21,24 +22,35 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class RunInput(Model):
-    path: str
+class EncoderInput(Model):
+    """One audited encoder, where it came from, and its privacy facts."""
+
+    label: str
     side: Literal["f", "g"]
-    seed: int
-    status: str
-    run_json_sha256: str
-    model_sha256: str
+    source: str = Field(..., description="run, timm, py or module")
+    spec: str | None = None
+    path: str | None = None
+    seed: int | None = None
+    status: str | None = None
+    weights_sha256: str | None = None
+    run_json_sha256: str | None = None
+    representation: str
+    input_size: int
+    parameters: int
     epsilon: float | None = None
     delta: float | None = None
+    dp_declared: bool = False
     noise_multiplier: float | None = None
     sample_rate: float | None = None
     steps: int | None = None
     max_grad_norm: float | None = None
     accountant: str | None = None
     poisson: bool | None = None
+    coupling: str | None = None
     probe_accuracy: float | None = None
-    train_points: int
-    wall_seconds: float
+    train_points: int | None = None
+    wall_seconds: float | None = None
+    load: dict[str, Any] | None = None
 
 
 class SubsetStats(Model):
@@ -60,18 +72,22 @@ class LayerRow(Model):
     depth: int
     block: int
     units: int
+    unit_kind: str
     layermem: float
     delta_layermem: float | None
     layermem_top: float
     layermem_least: float
     delta_layermem_top: float | None
-    unitmem_mean: float
-    unitmem_median: float
-    unitmem_max: float
-    frac_units_above_half: float
-    classmem_mean: float | None
-    unitmem_top_mean: float | None
-    unitmem_least_mean: float | None
+    units_measured: bool
+    units_ranked: int | None = None
+    units_silent: int | None = None
+    unitmem_mean: float | None = None
+    unitmem_median: float | None = None
+    unitmem_max: float | None = None
+    frac_units_above_half: float | None = None
+    classmem_mean: float | None = None
+    unitmem_top_mean: float | None = None
+    unitmem_least_mean: float | None = None
 
 
 class TopUnit(Model):
@@ -79,22 +95,31 @@ class TopUnit(Model):
     unit: int
     unitmem: float
     mu_max: float
+    active_frac: float
     argmax_id: str
 
 
+class TableInfo(Model):
+    sha256: str
+    rows: int
+
+
 class AuditSummary(Model):
-    version: Literal[1] = 1
+    version: Literal[2] = 2
     kind: Literal["memlens-audit"] = "memlens-audit"
     created: str
     memlens_version: str
     settings: AuditConfig
+    environment: dict[str, Any]
     data: dict[str, Any]
     splits: dict[str, Any]
     model: dict[str, Any]
-    framework: str
-    recipe: dict[str, Any]
-    runs: list[RunInput]
+    framework: str | None
+    recipe: dict[str, Any] | None
+    encoders: list[EncoderInput]
     augmentation: dict[str, str]
+    views: dict[str, Any]
+    reliability: dict[str, Any] | None
     subsets: dict[str, SubsetStats]
     layers: list[LayerRow]
     vit_blocks: list[dict[str, Any]] | None = None
@@ -104,40 +129,69 @@ class AuditSummary(Model):
     requested_points: list[dict[str, Any]]
     tests: list[TestResult]
     consistency: dict[str, list[Consistency]]
+    privacy: dict[str, Any] | None = None
     timings: dict[str, float]
+    tables: dict[str, TableInfo] = {}
+
+    @property
+    def runs(self) -> list[EncoderInput]:
+        return self.encoders
 
     @property
     def dp_epsilon(self) -> float | None:
-        eps = [r.epsilon for r in self.runs if r.side == "f"]
+        eps = [r.epsilon for r in self.encoders if r.side == "f"]
         return None if any(e is None for e in eps) else max(eps)
 
 
 class Audit:
-    """An audit directory read back: the summary and its four tables."""
+    """An audit directory read back: the summary and its tables (``canaries`` is None without canaries)."""
 
     def __init__(self, path: Path, summary: AuditSummary, tables: dict[str, pd.DataFrame], sha256: str):
         self.path, self.summary, self.sha256 = path, summary, sha256
         self.points, self.layers, self.units, self.tests = (tables[t] for t in TABLES)
+        self.canaries: pd.DataFrame | None = tables.get("canaries")
 
 
 def read_audit(path: str | Path) -> Audit:
+    """Read and verify an audit directory.
+
+    Every table must have the sha256 and row count audit.json recorded for it: a truncated,
+    edited or swapped table is refused, naming the file.
+
+    Raises:
+        MemlensError: missing, unreadable, out-of-date or tampered files.
+    """
     path = Path(path)
     if not path.is_dir():
         raise MemlensError(f"audit directory not found: {path}")
     raw = read_json(path / AUDIT_FILE, what="audit summary")
     if not isinstance(raw, dict) or raw.get("kind") != "memlens-audit":
         raise MemlensError(f"{path / AUDIT_FILE} is not a memlens audit summary")
+    if raw.get("version") != 2:
+        raise MemlensError(f"{path / AUDIT_FILE} has schema version {raw.get('version')}, written by another memlens "
+                           f"version; re-run memlens audit to update it")
     try:
         summary = AuditSummary.model_validate(raw)
     except ValidationError as exc:
         raise MemlensError(format_validation_error(exc, source=str(path / AUDIT_FILE))) from None
     tables = {}
-    for name in TABLES:
+    names = list(TABLES) + [n for n in summary.tables if n not in TABLES]
+    for name in names:
         f = path / f"{name}.csv"
         if not f.is_file():
             raise MemlensError(f"{path} is missing {name}.csv")
+        info = summary.tables.get(name)
+        if info is None:
+            raise MemlensError(f"{f} is not recorded in {AUDIT_FILE}; the audit directory was altered")
+        data = f.read_bytes()
+        if sha256_bytes(data) != info.sha256:
+            raise MemlensError(f"{f} was modified after the audit wrote it (sha256 differs from {AUDIT_FILE}); "
+                               f"re-run the audit instead of editing its tables")
         try:
-            tables[name] = pd.read_csv(f, keep_default_na=True, dtype={"id": str, "argmax_id": str})
+            tables[name] = pd.read_csv(io.BytesIO(data), keep_default_na=True,
+                                       dtype={"id": str, "argmax_id": str, "label": str})
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
             raise MemlensError(f"{f} is not a readable CSV table: {exc}") from None
+        if len(tables[name]) != info.rows:
+            raise MemlensError(f"{f} has {len(tables[name])} rows, {AUDIT_FILE} recorded {info.rows}")
     return Audit(path, summary, tables, sha256_file(path / AUDIT_FILE))

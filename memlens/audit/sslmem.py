@@ -6,8 +6,11 @@ SSLMem paper, Eq. 1-2:
     m(x) = E_g L_align(g, x) - E_f L_align(f, x)
 
 with f trained on data that contains x and g on data that does not. Representations are
-L2-normalised before the distance (SSLMem paper, Appendix A). The expectation over
-augmentations is estimated with K pairs of views per point.
+L2-normalised before the distance (SSLMem paper, Appendix A). The expectation over pairs of
+augmentations is estimated from V views per point: by default over all V (V - 1) / 2 pairs of
+distinct views (a U-statistic: unbiased for the same expectation as one pair, with less
+variance, from the same forward passes); optionally over V / 2 disjoint pairs, the papers'
+estimator.
 """
 
 from __future__ import annotations
@@ -46,41 +49,77 @@ def pair_distance(u: torch.Tensor, v: torch.Tensor, metric: Distance = "l2") -> 
     raise ValueError(f"unknown distance '{metric}'; valid: {', '.join(DISTANCES)}")
 
 
-def alignment_loss(views: torch.Tensor, *, pairs: int, metric: Distance = "l2") -> torch.Tensor:
-    """Alignment loss of each point over K pairs of its views (SSLMem paper, Eq. 1).
+def pairwise_distances(views: torch.Tensor, *, views_per_point: int, metric: Distance = "l2") -> torch.Tensor:
+    """Distances between all pairs of each point's views, on L2-normalised outputs.
 
     Args:
-        views: (B * 2K, ...) outputs for 2K views per point, the views of one point contiguous
-            and paired in order: (v1, v2), (v3, v4), ...
-        pairs: K.
+        views: (B * V, ...) outputs for V views per point, the views of one point contiguous.
+        views_per_point: V.
         metric: see :func:`pair_distance`.
 
     Returns:
-        (B,) mean distance over the K pairs.
+        (B, V, V) float64 distance matrices (zero diagonal).
+
+    The Gram matrix is formed in float64: nearly identical views would lose their distance to the
+    cancellation in 2 - 2 cos in float32. Its cost, V^2 D per point, is small next to the
+    encoder's forward passes of the V views.
     """
-    flat = views.reshape(views.shape[0], -1)
-    if flat.shape[0] % (2 * pairs):
-        raise ValueError(f"{flat.shape[0]} rows are not a whole number of points with {2 * pairs} views")
-    p = flat.reshape(-1, pairs, 2, flat.shape[1])
+    v = views_per_point
+    if views.shape[0] % v:
+        raise ValueError(f"{views.shape[0]} rows are not a whole number of points with {v} views")
+    u = torch.nn.functional.normalize(views.reshape(views.shape[0] // v, v, -1).double(), dim=-1)
     if metric == "l1":
-        return pair_distance(p[:, :, 0], p[:, :, 1], metric).mean(dim=1)
-    # l2, cosine and angular of normalised vectors depend only on cos(u, v): the 2x2 Gram matrix
-    # of each pair, one batched product over the (large) layer output, instead of normalised
-    # copies of it. These hooks run on every layer of every encoder: this is most of the audit's
-    # own cost.
-    gram = torch.bmm(p.reshape(-1, 2, p.shape[-1]), p.reshape(-1, 2, p.shape[-1]).transpose(1, 2)).double()
-    gram = gram.reshape(p.shape[0], pairs, 2, 2)
-    uu, vv, uv = gram[..., 0, 0], gram[..., 1, 1], gram[..., 0, 1]
-    cos = (uv / (uu * vv).sqrt().clamp_min(1e-24)).clamp(-1.0, 1.0)
+        return torch.cdist(u, u, p=1)
+    gram = torch.bmm(u, u.transpose(1, 2))
+    sq = gram.diagonal(dim1=1, dim2=2)
+    d2 = (sq.unsqueeze(2) + sq.unsqueeze(1) - 2.0 * gram).clamp_min(0.0)
     if metric == "l2":
-        d = (2.0 - 2.0 * cos).clamp_min(0.0).sqrt()
+        d = d2.sqrt()
     elif metric == "cosine":
-        d = 1.0 - cos
+        d = d2 / 2.0
     elif metric == "angular":
-        d = torch.arccos(cos) / math.pi
+        d = torch.arccos((1.0 - d2 / 2.0).clamp(-1.0, 1.0)) / math.pi
     else:
         raise ValueError(f"unknown distance '{metric}'; valid: {', '.join(DISTANCES)}")
-    return d.mean(dim=1).to(views.dtype)
+    return d * (1.0 - torch.eye(v, dtype=d.dtype, device=d.device))
+
+
+def alignment_from_distances(dist: torch.Tensor, pairing: str = "all") -> torch.Tensor:
+    """Per-point alignment loss from (B, V, V) view distances.
+
+    ``all``: the mean over the V (V - 1) / 2 pairs of distinct views, a U-statistic with the same
+    expectation as one pair (SSLMem paper, Eq. 1) and lower variance, from the same forward passes.
+    ``disjoint``: the mean over the K = V / 2 pairs (v1, v2), (v3, v4)... (the papers' estimator).
+    """
+    v = dist.shape[-1]
+    if pairing == "disjoint":
+        idx = torch.arange(0, v - 1, 2, device=dist.device)
+        return dist[:, idx, idx + 1].mean(dim=1)
+    iu = torch.triu_indices(v, v, offset=1, device=dist.device)
+    return dist[:, iu[0], iu[1]].mean(dim=1)
+
+
+def alignment_loss(views: torch.Tensor, *, views_per_point: int, pairing: str = "all",
+                   metric: Distance = "l2") -> torch.Tensor:
+    """Alignment loss of each point over its views (SSLMem paper, Eq. 1), float64.
+
+    Args:
+        views: (B * V, ...) outputs for V views per point, the views of one point contiguous.
+        views_per_point: V.
+        pairing: ``all`` pairs of views (default) or ``disjoint`` pairs (v1, v2), (v3, v4)...
+        metric: see :func:`pair_distance`.
+
+    Returns:
+        (B,) mean distance over the pairs.
+    """
+    if pairing == "disjoint":
+        flat = views.reshape(views.shape[0], -1)
+        if flat.shape[0] % views_per_point or views_per_point % 2:
+            raise ValueError(f"{flat.shape[0]} rows are not a whole number of points with {views_per_point} views "
+                             f"in pairs")
+        p = flat.reshape(-1, views_per_point // 2, 2, flat.shape[1])
+        return pair_distance(p[:, :, 0].float(), p[:, :, 1].float(), metric).double().mean(dim=1)
+    return alignment_from_distances(pairwise_distances(views, views_per_point=views_per_point, metric=metric))
 
 
 def sslmem(align_f: torch.Tensor, align_g: torch.Tensor) -> torch.Tensor:

@@ -38,12 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from memlens.errors import MemlensError
+from memlens.rng import Draws, as_draws
 
 AUGMENTATIONS = ("weak", "normal", "strong", "independent", "mae", "none")
-
-
-def _rand(n: int, g: torch.Generator | None, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-    return torch.rand(n, generator=g) * (hi - lo) + lo
 
 
 def _apply_where(x: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor:
@@ -85,7 +82,7 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """HSV -> RGB with the branch-free form of the same piecewise formula:
     channel(n) = v - v * s * clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, n = 5, 3, 1."""
     h, s, v = x.unbind(dim=-3)
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype).view(3, 1, 1)
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(3, 1, 1)
     k = torch.remainder(n + 6.0 * h.unsqueeze(-3), 6.0)
     w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     vv = v.unsqueeze(-3)
@@ -102,20 +99,21 @@ class ResizedCrop:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
-    def params(self, n: int, height: int, width: int, g: torch.Generator | None) -> torch.Tensor:
+    def params(self, n: int, height: int, width: int, draws: Draws | torch.Generator | None) -> torch.Tensor:
         """Per-sample (top, left, h, w) following ``RandomResizedCrop.get_params``: ten tries, then a
-        centre crop of the clamped aspect ratio."""
+        centre crop of the clamped aspect ratio. Returned on the CPU (small, used for indexing)."""
+        d = as_draws(draws, n)
         area = height * width
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         tries = 10
-        target = area * (torch.rand(n, tries, generator=g) * (self.scale[1] - self.scale[0]) + self.scale[0])
-        aspect = torch.exp(torch.rand(n, tries, generator=g) * (log_hi - log_lo) + log_lo)
+        target = area * d.uniform(self.scale[0], self.scale[1], tries).cpu()
+        aspect = torch.exp(d.uniform(log_lo, log_hi, tries).cpu())
         w = torch.round(torch.sqrt(target * aspect))
         h = torch.round(torch.sqrt(target / aspect))
         ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
         first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
-        u_top = torch.rand(n, generator=g)
-        u_left = torch.rand(n, generator=g)
+        u_top = d.rand().cpu()
+        u_left = d.rand().cpu()
         # Fallback centre crop, as torchvision does when no try fits.
         in_ratio = width / height
         if in_ratio < self.ratio[0]:
@@ -137,12 +135,13 @@ class ResizedCrop:
         """Crop (top, left, h, w) and resize to ``size`` bilinearly, as ``resized_crop`` does.
 
         Sample points are those of ``interpolate(mode="bilinear", align_corners=False)`` on the
-        crop, clamped to the crop so its edge pixels repeat (crop-then-resize semantics). A crop
-        never exceeds the image, so resizing only enlarges and antialiasing never applies.
+        crop, clamped to the crop so its edge pixels repeat (crop-then-resize semantics). When the
+        output is at least as large as the image, a crop is only ever enlarged and antialiasing
+        never applies (the output size is the model's input size, e.g. 224 px for 32 px images).
         """
         b, _, height, width = x.shape
-        top, left, hh, ww = (t.view(-1, 1) for t in boxes.to(x.dtype).unbind(1))
-        u = torch.arange(size, dtype=x.dtype).view(1, -1) + 0.5
+        top, left, hh, ww = (t.view(-1, 1) for t in boxes.to(device=x.device, dtype=x.dtype).unbind(1))
+        u = torch.arange(size, dtype=x.dtype, device=x.device).view(1, -1) + 0.5
         xs = torch.minimum(torch.maximum(left - 0.5 + u * ww / size, left), left + ww - 1)
         ys = torch.minimum(torch.maximum(top - 0.5 + u * hh / size, top), top + hh - 1)
         gx = (2 * xs + 1) / width - 1  # pixel coordinates -> grid_sample's [-1, 1]
@@ -150,8 +149,9 @@ class ResizedCrop:
         grid = torch.stack([gx.view(b, 1, size).expand(b, size, size), gy.view(b, size, 1).expand(b, size, size)], -1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    def __call__(self, x, g):
-        return self.apply(x, self.params(len(x), x.shape[-2], x.shape[-1], g), x.shape[-1])
+    def __call__(self, x, d: Draws, size: int | None = None):
+        d = as_draws(d, len(x), x.device)
+        return self.apply(x, self.params(len(x), x.shape[-2], x.shape[-1], d), size or x.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,9 @@ class Flip:
     p: float
     dim: int  # -1 horizontal, -2 vertical
 
-    def __call__(self, x, g):
-        mask = _rand(len(x), g) < self.p
+    def __call__(self, x, d: Draws):
+        d = as_draws(d, len(x), x.device)
+        mask = d.rand() < self.p
         return _apply_where(x, mask, lambda sub, _: sub.flip(self.dim))
 
 
@@ -175,12 +176,12 @@ class ColorJitter:
     hue: float
     p: float = 1.0
 
-    def factors(self, n: int, g) -> dict[str, torch.Tensor]:
+    def factors(self, d: Draws) -> dict[str, torch.Tensor]:
         out = {}
         for name in ("brightness", "contrast", "saturation"):
             v = getattr(self, name)
-            out[name] = _rand(n, g, max(0.0, 1.0 - v), 1.0 + v)
-        out["hue"] = _rand(n, g, -self.hue, self.hue)
+            out[name] = d.uniform(max(0.0, 1.0 - v), 1.0 + v)
+        out["hue"] = d.uniform(-self.hue, self.hue)
         return out
 
     @staticmethod
@@ -199,11 +200,11 @@ class ColorJitter:
         h = (h + f.view(-1, 1, 1)).remainder(1.0)
         return hsv_to_rgb(torch.stack((h, s, v), dim=1))
 
-    def __call__(self, x, g):
-        n = len(x)
-        active = _rand(n, g) < self.p
-        factors = self.factors(n, g)
-        order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)
+    def __call__(self, x, d: Draws):
+        d = as_draws(d, len(x), x.device)
+        active = d.rand() < self.p
+        factors = self.factors(d)
+        order = torch.argsort(d.rand(4), dim=1)
         names = ("brightness", "contrast", "saturation", "hue")
         for step in range(4):
             for k, name in enumerate(names):
@@ -216,8 +217,9 @@ class ColorJitter:
 class Grayscale:
     p: float
 
-    def __call__(self, x, g):
-        mask = _rand(len(x), g) < self.p
+    def __call__(self, x, d: Draws):
+        d = as_draws(d, len(x), x.device)
+        mask = d.rand() < self.p
         if x.shape[1] == 1:
             return x
         return _apply_where(x, mask, lambda sub, _: _gray(sub).expand(-1, 3, -1, -1))
@@ -237,7 +239,7 @@ class GaussianBlur:
         """Separable Gaussian blur with per-sample ``sigma`` and reflect padding (torchvision's)."""
         b, c, h, w = x.shape
         half = (k - 1) * 0.5
-        t = torch.linspace(-half, half, steps=k, dtype=x.dtype)
+        t = torch.linspace(-half, half, steps=k, dtype=x.dtype, device=x.device)
         pdf = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
         k1 = (pdf / pdf.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (b*c, k)
         y = F.pad(x.reshape(1, b * c, h, w), [k // 2] * 4, mode="reflect")
@@ -245,10 +247,10 @@ class GaussianBlur:
         y = F.conv2d(y, k1.view(b * c, 1, k, 1), groups=b * c)
         return y.view(b, c, h, w)
 
-    def __call__(self, x, g):
-        n = len(x)
-        mask = _rand(n, g) < self.p
-        sigma = _rand(n, g, *self.sigma)
+    def __call__(self, x, d: Draws):
+        d = as_draws(d, len(x), x.device)
+        mask = d.rand() < self.p
+        sigma = d.uniform(*self.sigma)
         k = self.kernel_size(x.shape[-1])
         return _apply_where(x, mask, lambda sub, idx: self.apply(sub, sigma[idx], k))
 
@@ -257,8 +259,9 @@ class GaussianBlur:
 class Invert:
     p: float
 
-    def __call__(self, x, g):
-        mask = _rand(len(x), g) < self.p
+    def __call__(self, x, d: Draws):
+        d = as_draws(d, len(x), x.device)
+        mask = d.rand() < self.p
         return _apply_where(x, mask, lambda sub, _: 1.0 - sub)
 
 
@@ -274,47 +277,72 @@ SETS: dict[str, tuple] = {
 
 
 class Augmenter:
-    """A named augmentation set plus the dataset normalisation.
+    """A named augmentation set, the output size and (optionally) the normalisation.
 
     Args:
         name: one of :data:`AUGMENTATIONS`.
-        mean, std: per-channel normalisation in [0, 1] units (applied last).
+        mean, std: per-channel normalisation in [0, 1] units, applied last. Omit both to get
+            views in [0, 1] (the audit normalises per encoder, since f and g may come from
+            different places).
+        size: side of the output views. The crop of every set resizes to it (RandomResizedCrop at
+            224 px for a 224 px model fed 32 px images); the ``none`` set resizes bilinearly.
+            Default: the input size.
     """
 
-    def __init__(self, name: str, *, mean: list[float], std: list[float]):
+    def __init__(self, name: str, *, mean: list[float] | None = None, std: list[float] | None = None,
+                 size: int | None = None):
         if name not in SETS:
             raise MemlensError(f"unknown augmentation set '{name}'; valid: {', '.join(AUGMENTATIONS)}")
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std, or neither")
         self.name = name
         self.ops = SETS[name]
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.size = size
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     @staticmethod
     def to_float(images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [0, 1]."""
+        """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [0, 1], on the images' device."""
         return images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        if self.mean is None:
+            return x
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, draws: Draws | torch.Generator | None) -> torch.Tensor:
         """Augment a batch, each image with its own random parameters.
 
         Args:
-            images: uint8 tensor of shape (B, H, W, C).
-            generator: source of all randomness (same state -> same views).
+            images: uint8 tensor of shape (B, H, W, C), on any device.
+            draws: per-row random streams (:class:`~memlens.rng.RowStreams`: each image's views
+                depend only on its own key) or a generator (batch-level draws).
 
         Returns:
-            Normalised float32 tensor of shape (B, C, H, W).
+            Float32 tensor (B, C, size, size) on the images' device, normalised when the augmenter
+            has a mean and std, else in [0, 1].
         """
         x = self.to_float(images)
+        d = as_draws(draws, len(x), x.device)
+        size = self.size or x.shape[-1]
+        cropped = False
         for op in self.ops:
-            x = op(x, generator)
+            if isinstance(op, ResizedCrop):
+                x = op(x, d, size)
+                cropped = True
+            else:
+                x = op(x, d)
+        if not cropped and x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return self.normalize(x)
 
-    def views(self, images: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
-        """``k`` augmented views per image, the views of one image contiguous: (B * k, C, H, W)."""
-        return self(images.repeat_interleave(k, dim=0), generator)
+    def views(self, images: torch.Tensor, k: int, draws: Draws | torch.Generator | None) -> torch.Tensor:
+        """``k`` augmented views per image, the views of one image contiguous: (B * k, C, size, size).
+
+        With :class:`~memlens.rng.RowStreams`, ``draws`` holds one stream per view (B * k rows).
+        """
+        return self(images.repeat_interleave(k, dim=0), draws)
 
     def describe(self) -> str:
         return describe(self.name)

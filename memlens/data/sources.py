@@ -45,6 +45,8 @@ def load(config: DataConfig | None = None, *, cache_dir: str | Path | None = Non
         config = validate(DataConfig, kwargs, source="data settings")
     elif kwargs:
         raise TypeError("pass either a DataConfig or keyword arguments, not both")
+    if config.source == "manifest":
+        return manifest(config.path, resize=config.resize, cache_dir=cache_dir)
     if config.source == "digits":
         ds = digits()
     elif config.source == "synthetic":
@@ -295,12 +297,25 @@ def _layout(names: list[str], where: Path) -> tuple[list[str], list[str | None]]
 
 
 def _decode(entries: list[tuple[str, Callable[[], bytes]]], *, resize: int | None, where: Path) -> Dataset:
-    from PIL import Image, UnidentifiedImageError
-
     if not entries:
         raise MemlensError(f"{where}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     names = [n for n, _ in entries]
     parts, classes = _layout(names, where)
+    stacked = _decode_images(entries, resize=resize, where=where)
+    labels = class_names = None
+    if classes[0] is not None:
+        class_names = tuple(sorted(set(classes)))
+        lookup = {c: k for k, c in enumerate(class_names)}
+        labels = np.array([lookup[c] for c in classes], dtype=np.int64)
+    return Dataset(images=stacked, ids=tuple(names), labels=labels, class_names=class_names,
+                   parts=np.array(parts), source=f"{'archive' if where.is_file() else 'folder'} {where.name}")
+
+
+def _decode_images(entries: list[tuple[str, Callable[[], bytes]]], *, resize: int | None, where: Path) -> np.ndarray:
+    """Decode images to one uint8 (N, H, W, C) array; every unreadable image is named at once."""
+    from PIL import Image, UnidentifiedImageError
+
+    names = [n for n, _ in entries]
     imgs, bad = [], []
     for name, read in entries:
         try:
@@ -319,20 +334,106 @@ def _decode(entries: list[tuple[str, Callable[[], bytes]]], *, resize: int | Non
     if len(sizes) > 1:
         first_odd = next(n for n, im in zip(names, imgs, strict=True) if im.shape[:2] != sizes.most_common(1)[0][0])
         desc = ", ".join(f"{h}x{w}: {c}" for (h, w), c in sizes.most_common(3))
-        raise MemlensError(f"{where}: images have mixed sizes ({desc}; e.g. {first_odd}); set data.resize")
+        raise MemlensError(f"{where}: images have mixed sizes ({desc}; e.g. {first_odd}); set data.resize "
+                           f"(--resize N on the command line)")
     (h, w), = sizes
     if h != w:
         raise MemlensError(f"{where}: images are {h}x{w}, not square; set data.resize")
     rgb = any(im.ndim == 3 for im in imgs)
-    stacked = np.stack([np.repeat(im[..., None], 3, -1) if (rgb and im.ndim == 2) else
-                        (im[..., None] if im.ndim == 2 else im) for im in imgs])
-    labels = class_names = None
-    if classes[0] is not None:
-        class_names = tuple(sorted(set(classes)))
-        lookup = {c: k for k, c in enumerate(class_names)}
-        labels = np.array([lookup[c] for c in classes], dtype=np.int64)
-    return Dataset(images=stacked, ids=tuple(names), labels=labels, class_names=class_names,
-                   parts=np.array(parts), source=f"{'archive' if where.is_file() else 'folder'} {where.name}")
+    return np.stack([np.repeat(im[..., None], 3, -1) if (rgb and im.ndim == 2) else
+                     (im[..., None] if im.ndim == 2 else im) for im in imgs])
+
+
+# ----------------------------------------------------------------------------- manifests
+
+SUBSET_NAMES = {"s_s": "S_S", "shared": "S_S", "s_c": "S_C", "candidate": "S_C", "candidates": "S_C",
+                "s_i": "S_I", "independent": "S_I", "s_e": "S_E", "extra": "S_E", "": None}
+
+
+def read_manifest(path: str | Path) -> tuple[list[str], list[str | None], list[str | None]]:
+    """A manifest CSV with a header naming ``path`` and optionally ``label`` and ``subset``.
+
+    Returns:
+        (paths as written, labels or None, subsets normalised to S_S/S_C/S_I/S_E or None).
+    """
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise MemlensError(f"manifest not found: {path}")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip().lower() for h in (reader.fieldnames or [])]
+            if "path" not in header:
+                raise MemlensError(f"{path}: the first line must name the columns, with a 'path' column "
+                                   f"(optional: label, subset); found {', '.join(header) or 'nothing'}")
+            rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise MemlensError(f"{path} is not a readable CSV file: {exc}") from None
+    if not rows:
+        raise MemlensError(f"{path} lists no images")
+    paths = [r["path"] for r in rows]
+    empty = [i + 2 for i, p in enumerate(paths) if not p]
+    if empty:
+        raise MemlensError(f"{path}: line {empty[0]} has an empty path")
+    dup = next((p for p, c in Counter(paths).items() if c > 1), None)
+    if dup:
+        raise MemlensError(f"{path}: '{dup}' is listed twice")
+    labels = [r.get("label") or None for r in rows] if "label" in header else [None] * len(rows)
+    subsets: list[str | None] = []
+    for i, r in enumerate(rows):
+        raw = r.get("subset", "")
+        if raw.lower() not in SUBSET_NAMES and raw not in ("S_S", "S_C", "S_I", "S_E"):
+            raise MemlensError(f"{path}: line {i + 2}: unknown subset '{raw}'; valid: S_S, S_C, S_I, S_E (or shared, "
+                               f"candidate, independent, extra)")
+        subsets.append(raw if raw in ("S_S", "S_C", "S_I", "S_E") else SUBSET_NAMES[raw.lower()])
+    return paths, labels, subsets
+
+
+def manifest(path: str | Path, *, resize: int | None = None, cache_dir: str | Path | None = None) -> Dataset:
+    """Images listed in a manifest CSV (paths relative to the manifest's folder, or absolute).
+
+    Ids are the paths as written. Images of S_E ("extra": never trained on) form the test part.
+    """
+    path = Path(path)
+    paths, labels, subsets = read_manifest(path)
+    root = path.parent
+    files = [Path(p) if Path(p).is_absolute() else root / p for p in paths]
+    missing = [p for p, f in zip(paths, files, strict=True) if not f.is_file()]
+    if missing:
+        raise MemlensError(f"{path}: {len(missing)} listed image(s) not found, e.g. {missing[0]} (paths are relative "
+                           f"to {root})")
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    content = sha256_bytes("\n".join(f"{p}:{sha256_file(f)}" for p, f in zip(paths, files, strict=True)).encode())
+    key = sha256_bytes(f"{CACHE_VERSION}|manifest|{content}|{resize}".encode())[:40]
+    cached = cache_dir / f"images-{key}.npz"
+    images = None
+    if cached.is_file():
+        try:
+            with np.load(cached, allow_pickle=False) as z:
+                images = z["x"]
+        except (ValueError, OSError, KeyError):
+            cached.unlink(missing_ok=True)
+    if images is None:
+        images = _decode_images([(p, f.read_bytes) for p, f in zip(paths, files, strict=True)], resize=resize,
+                                where=path)
+        buf = io.BytesIO()
+        np.savez(buf, x=images)
+        try:
+            atomic_write_bytes(cached, buf.getvalue())
+        except OSError:
+            pass
+    y = names = None
+    if any(lab is not None for lab in labels):
+        if any(lab is None for lab in labels):
+            raise MemlensError(f"{path}: some rows have a label and others do not")
+        names = tuple(sorted(set(labels)))
+        lookup = {c: k for k, c in enumerate(names)}
+        y = np.array([lookup[c] for c in labels], dtype=np.int64)
+    parts = np.array(["test" if s == "S_E" else "train" for s in subsets])
+    return Dataset(images=images, ids=tuple(paths), labels=y, class_names=names, parts=parts,
+                   source=f"manifest {path.name}", meta={"subsets": subsets})
 
 
 def _to_cache(path: Path, ds: Dataset) -> None:

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from memlens.config import SUBSETS, SplitConfig, Subset, format_validation_error
+from memlens.config import SUBSETS, DataConfig, SplitConfig, Subset, format_validation_error
 from memlens.data.dataset import Dataset
 from memlens.errors import MemlensError
 from memlens.io import read_json, sha256_file, sha256_json, write_json
@@ -36,6 +36,7 @@ class Splits(BaseModel):
     settings: dict
     requested: list[str] = []
     subsets: dict[Subset, list[str]]
+    data: DataConfig | None = None
 
     @property
     def hash(self) -> str:
@@ -174,3 +175,82 @@ def make_splits(dataset: Dataset, config: SplitConfig | None = None) -> Splits:
 
 def file_hash(path: str | Path) -> str:
     return sha256_file(path)
+
+
+# ----------------------------------------------------------------------------- membership
+
+
+def read_path_list(path: str | Path, *, what: str) -> list[str]:
+    """Image paths, one per line ('#' comments and blank lines skipped), relative to the list's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise MemlensError(f"{what} list not found: {path}")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    items = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not items:
+        raise MemlensError(f"{what} list {path} names no images")
+    out = []
+    for item in items:
+        p = Path(item)
+        out.append(str((p if p.is_absolute() else path.parent / p).resolve()))
+    from collections import Counter
+
+    dup = next((i for i, c in Counter(items).items() if c > 1), None)
+    if dup:
+        raise MemlensError(f"{what} list {path} names '{dup}' twice")
+    return out
+
+
+def membership_subsets(members_f: list[str], members_g: list[str], extra: list[str]) -> dict[str, list[str]]:
+    """S_S = in f and g, S_C = in f only, S_I = in g only, S_E = extra (in neither).
+
+    Raises:
+        MemlensError: an extra image that f or g was trained on, or no candidates at all.
+    """
+    f_set, g_set = set(members_f), set(members_g)
+    bad = [p for p in extra if p in f_set or p in g_set]
+    if bad:
+        which = "f" if bad[0] in f_set else "g"
+        raise MemlensError(f"'{bad[0]}' is listed as extra (never trained on) but {which} was trained on it")
+    subsets = {"S_S": [p for p in members_f if p in g_set], "S_C": [p for p in members_f if p not in g_set],
+               "S_I": [p for p in members_g if p not in f_set], "S_E": list(dict.fromkeys(extra))}
+    if not subsets["S_C"]:
+        raise MemlensError("every image f was trained on is also in g's list: there are no candidates (S_C = f only)")
+    return subsets
+
+
+def write_manifest(path: str | Path, subsets: dict[str, list[str]]) -> Path:
+    """Write a manifest CSV (path,subset), paths relative to its folder where possible."""
+    import csv
+    import io
+    import os
+
+    from memlens.io import atomic_write_text
+
+    path = Path(path).resolve()
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "subset"])
+    for name in SUBSETS:
+        for p in subsets[name]:
+            try:
+                rel = os.path.relpath(p, path.parent)
+            except ValueError:  # another drive (Windows)
+                rel = p
+            w.writerow([Path(rel).as_posix(), name])
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def splits_from_manifest(dataset: Dataset, data: DataConfig) -> Splits:
+    """Splits whose subsets the manifest's ``subset`` column declares (membership the user knows)."""
+    subsets_col = dataset.meta.get("subsets") or []
+    if not subsets_col or any(s is None for s in subsets_col):
+        missing = next((i for i, s in zip(dataset.ids, subsets_col or [None] * len(dataset), strict=True)
+                        if s is None), None)
+        raise MemlensError(f"the manifest must give every image a subset (S_S, S_C, S_I, S_E); '{missing}' has none")
+    subsets = {name: [i for i, s in zip(dataset.ids, subsets_col, strict=True) if s == name] for name in SUBSETS}
+    if not subsets["S_C"]:
+        raise MemlensError("the manifest lists no candidates (S_C: images f was trained on and g was not)")
+    return Splits(fingerprint=dataset.fingerprint, source=dataset.source, seed=0,
+                  settings={"from": "membership"}, subsets=subsets, data=data)

@@ -95,8 +95,11 @@ class ResNet9(ConvEncoder):
         for name, kind, block in order:
             units = modules[name.removesuffix(".act")].conv.out_channels if name.endswith(".act") \
                 else self.conv4_2.conv.out_channels if name == "res6" else self.conv2_2.conv.out_channels
+            # Residual additions are sums of post-ReLU maps: measured by LayerMem (Table 1's Res2 and
+            # Res6), while the units are the eight conv layers' channels (Fig. 3).
             specs.append(LayerSpec(name=name, kind=kind, units=units, layout="channels_first",
-                                   depth=len(specs), block=block, prev=specs[-1].name if specs else None))
+                                   depth=len(specs), block=block, prev=specs[-1].name if specs else None,
+                                   unit_kind="activation" if kind == "conv" else "other"))
         return specs
 
 
@@ -146,10 +149,11 @@ class ResNet18(ConvEncoder):
 
     def layer_specs(self) -> list[LayerSpec]:
         specs = [LayerSpec(name="stem.act", kind="conv", units=self.stem.conv.out_channels,
-                           layout="channels_first", depth=0, block=0)]
+                           layout="channels_first", depth=0, block=0, unit_kind="activation")]
         for k in range(1, 5):
             for j, block in enumerate(getattr(self, f"layer{k}")):
                 for act, kind in (("act1", "conv"), ("act2", "block")):
                     specs.append(LayerSpec(name=f"layer{k}.{j}.{act}", kind=kind, units=block.conv1.out_channels,
-                                           layout="channels_first", depth=len(specs), block=k, prev=specs[-1].name))
+                                           layout="channels_first", depth=len(specs), block=k, prev=specs[-1].name,
+                                           unit_kind="activation"))
         return specs

@@ -191,7 +191,7 @@ class ViTEncoder(VisionTransformer):
                                               ("", "block", d, stream)):
                 name = f"blocks.{i}.{suffix}" if suffix else f"blocks.{i}"
                 specs.append(LayerSpec(name=name, kind=kind, units=units, layout="tokens", depth=len(specs), block=i,
-                                       prev=prev))
+                                       prev=prev, unit_kind="gelu" if kind == "mlp_hidden" else "other"))
         last = len(self.blocks) - 1
         specs.append(LayerSpec(name="norm", kind="output", units=d, layout="tokens", depth=len(specs), block=last,
                                prev=f"blocks.{last}"))

@@ -51,24 +51,46 @@ def _p(p: float | None) -> str:
     return "< 1e-300" if p == 0 else (f"{p:.2g}" if p < 0.001 else f"{p:.3f}")
 
 
-def _thumbnails(audit: Audit, ids: list[str], *, redact: bool) -> dict[str, str | None]:
+def _audit_data(audit: Audit, cache_dir: str | Path | None):
+    """The audit's images, found the way the audit found them (None when they are not reachable)."""
+    from memlens.config import DataConfig, validate
+    from memlens.data import load
+    from memlens.io import read_json
+    from memlens.train.run import read_run
+
+    s = audit.summary
+    try:
+        if s.settings.data is not None:
+            return load(s.settings.data, cache_dir=cache_dir)
+        run = next((r for r in s.encoders if r.source == "run" and r.path), None)
+        if run is not None:
+            return load(read_run(run.path).config.data, cache_dir=cache_dir)
+        raw = read_json(s.splits["path"], what="splits file")
+        if isinstance(raw, dict) and raw.get("data"):
+            return load(validate(DataConfig, raw["data"], source="splits data"), cache_dir=cache_dir)
+    except MemlensError:
+        return None
+    return None
+
+
+def _thumbnails(audit: Audit, ids: list[str], *, redact: bool, cache_dir: str | Path | None = None,
+                dataset=None) -> dict[str, str | None]:
     """PNG data URIs of the given training images (None where unavailable or redacted)."""
     if redact or not ids:
         return {i: None for i in ids}
     from PIL import Image
 
-    from memlens.data import load
-    from memlens.train.run import read_run
-
-    try:
-        record = read_run(audit.summary.runs[0].path)
-        ds = load(record.config.data)
-    except MemlensError:
+    ds = dataset if dataset is not None else _audit_data(audit, cache_dir)
+    if ds is None:
         return {i: None for i in ids}
     if ds.fingerprint != audit.summary.data["fingerprint"]:
         return {i: None for i in ids}
     out = {}
+    index = set(ds.ids)
     for i in ids:
+        if i not in index:
+            out[i] = None
+            continue
         img = ds.images[ds.indices([i])[0]]
         img = img[..., 0] if img.shape[-1] == 1 else img
         pil = Image.fromarray(img).resize((64, 64), Image.Resampling.NEAREST)
@@ -83,7 +105,8 @@ def _probe(audit: Audit) -> float | None:
     return float(np.mean(accs)) if accs else None
 
 
-def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: int) -> dict[str, Any]:
+def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: int,
+                   cache_dir: str | Path | None = None) -> dict[str, Any]:
     s = audit.summary
     pts, layers, units = audit.points, audit.layers, audit.units
     cand = pts[pts["subset"] == "S_C"]
@@ -99,7 +122,8 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
     eps = s.dp_epsilon
     private = eps is not None
     top = cand.sort_values("sslmem", ascending=False).head(top_k)
-    thumbs = _thumbnails(audit, top["id"].tolist() + [p["id"] for p in s.requested_points], redact=redact)
+    thumbs = _thumbnails(audit, top["id"].tolist() + [p["id"] for p in s.requested_points], redact=redact,
+                         cache_dir=cache_dir)
     unit_frac = s.units.get("frac_above_half")
     recipe = s.recipe
     main_tests = [t for t in s.tests if t.name in TEST_NAMES]
@@ -166,11 +190,11 @@ NAMES_LONG = {"S_C": "candidates (trained f only)", "S_S": "shared (trained f an
 
 
 def build_context(audits: list[Audit], *, policy: Policy | None = None, redact: bool = False, top_k: int = 12,
-                  title: str | None = None) -> dict[str, Any]:
+                  title: str | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
     fingerprints = {a.summary.data["fingerprint"] for a in audits}
     if len(fingerprints) > 1:
         raise MemlensError("the audits are of different data (fingerprints differ); report them separately")
-    ctxs = sorted((_audit_context(a, policy, redact=redact, top_k=top_k) for a in audits),
+    ctxs = sorted((_audit_context(a, policy, redact=redact, top_k=top_k, cache_dir=cache_dir) for a in audits),
                   key=lambda c: (-c["epsilon"], c["name"]))
     gate = evaluate(policy, audits) if policy else None
     comparison = None
@@ -197,7 +221,8 @@ def render_html(context: dict[str, Any]) -> str:
 
 
 def render_report(audit_dirs: list[str | Path], *, out_pdf: str | Path | None, out_html: str | Path | None = None,
-                  policy: Policy | None = None, redact: bool = False, title: str | None = None) -> ReportResult:
+                  policy: Policy | None = None, redact: bool = False, title: str | None = None,
+                  cache_dir: str | Path | None = None) -> ReportResult:
     """Render the report of one or more audits (several epsilons of one dataset are compared).
 
     Returns:
@@ -206,7 +231,7 @@ def render_report(audit_dirs: list[str | Path], *, out_pdf: str | Path | None, o
     if not audit_dirs:
         raise MemlensError("no audit directories given")
     audits = [read_audit(p) for p in audit_dirs]
-    ctx = build_context(audits, policy=policy, redact=redact, title=title)
+    ctx = build_context(audits, policy=policy, redact=redact, title=title, cache_dir=cache_dir)
     html = render_html(ctx)
     pages = None
     if out_html:

@@ -8,7 +8,6 @@ comes from generators seeded by ``(seed, e)``, so a run resumed from the checkpo
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from memlens.data.splits import side_subsets
 from memlens.errors import MemlensError
 from memlens.io import prepare_output_dir
 from memlens.models import build_encoder, parameter_count
+from memlens.rng import derive_seed, generator
 from memlens.train.objectives import Objective, build_objective
 from memlens.train.run import (
     CHECKPOINT_FILE,
@@ -39,16 +39,6 @@ from memlens.train.run import (
     versions,
     write_run,
 )
-
-
-def derive_seed(seed: int, *tags: Any) -> int:
-    """A 63-bit seed for one purpose ("epoch", 3, ...) derived from the run seed."""
-    text = "/".join([str(seed), *map(str, tags)])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
-def generator(seed: int, *tags: Any) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(seed, *tags))
 
 
 @dataclass

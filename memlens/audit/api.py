@@ -1,0 +1,90 @@
+"""The Python API: audit encoders held in memory or named by path, in one call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch.nn as nn
+
+from memlens.config import AuditConfig, DataConfig, EncoderSpec, validate
+from memlens.errors import MemlensError
+
+
+def data_config_for_path(path: str | Path) -> DataConfig:
+    """The data source a path names: a folder or .tar/.tar.gz, an .npz, or a manifest .csv."""
+    p = Path(path)
+    suffix = "".join(p.suffixes[-2:]) if p.name.endswith(".tar.gz") else p.suffix.lower()
+    if suffix == ".npz":
+        return DataConfig(source="npz", path=str(p))
+    if suffix == ".csv":
+        return DataConfig(source="manifest", path=str(p))
+    if p.is_dir() or suffix in (".tar", ".tar.gz", ".tgz"):
+        return DataConfig(source="folder", path=str(p))
+    if not p.exists():
+        raise MemlensError(f"data not found: {p}")
+    raise MemlensError(f"{p}: not a folder, .tar/.tar.gz archive, .npz or manifest .csv")
+
+
+def _specs(side: str, value: Any, *, input_size: int | None, mean, std) -> tuple[list[Any], list[Any] | None]:
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise MemlensError(f"{side}: no encoder given")
+    specs, objects, any_module = [], [], False
+    for k, item in enumerate(items):
+        if isinstance(item, nn.Module):
+            from memlens.audit.encoders import from_module
+
+            any_module = True
+            label = f"{side}{k}" if len(items) > 1 else side
+            specs.append(EncoderSpec(model=f"module:{type(item).__name__}", name=label))
+            objects.append(from_module(item, input_size=input_size, mean=mean, std=std, label=label))
+        else:
+            spec = item if isinstance(item, EncoderSpec) else validate(
+                EncoderSpec, {"model": str(item)} if isinstance(item, (str, Path)) else item, source=f"{side}[{k}]")
+            specs.append(spec)
+            objects.append(spec)
+    return specs, objects if any_module else None
+
+
+def audit(f: Any, g: Any, splits: str | Path, *, data: str | Path | DataConfig | None = None,
+          out: str | Path | None = None, force: bool = False, input_size: int | None = None,
+          mean: Sequence[float] | None = None, std: Sequence[float] | None = None, dataset=None, progress=None,
+          **settings: Any):
+    """Audit encoders f (trained with the candidates S_C) against g (trained without them).
+
+    Args:
+        f, g: one encoder or a list (several seeds): memlens run directories, ``"timm:<name>"``,
+            ``"py:<module>:<factory>"``, :class:`~memlens.config.EncoderSpec` mappings such as
+            ``{"model": "timm:resnet18", "weights": "f.safetensors"}``, or ``nn.Module`` objects.
+        splits: the splits.json naming S_S, S_C, S_I, S_E.
+        data: the images (folder, archive, .npz, manifest .csv or a DataConfig); default: the
+            runs' data or the data recorded with the splits.
+        out: also write the audit directory (what ``memlens report`` and ``memlens gate`` read).
+        force: overwrite ``out``.
+        input_size, mean, std: input of ``nn.Module`` encoders that are not timm models.
+        **settings: any :class:`~memlens.config.AuditConfig` field (views, pairing, device,
+            precision, layers, representation, augment, seed, ...).
+
+    Returns:
+        :class:`~memlens.audit.engine.AuditResult` with pandas tables ``points``, ``layers``,
+        ``units``, ``tests`` and ``.save(dir)``.
+
+    Raises:
+        MemlensError: bad settings or inputs (the message names the problem).
+    """
+    from memlens.audit.engine import run_audit, write_audit
+
+    f_specs, f_obj = _specs("f", f, input_size=input_size, mean=mean, std=std)
+    g_specs, g_obj = _specs("g", g, input_size=input_size, mean=mean, std=std)
+    if isinstance(data, (str, Path)):
+        data = data_config_for_path(data)
+    cfg = validate(AuditConfig, {**settings, "f": [s.model_dump() for s in f_specs],
+                                 "g": [s.model_dump() for s in g_specs], "splits": str(splits),
+                                 "data": data.model_dump() if data is not None else None}, source="audit settings")
+    if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not force:
+        raise MemlensError(f"{out} already holds files; pass force=True to overwrite it")
+    result = run_audit(cfg, dataset=dataset, f=f_obj, g=g_obj, progress=progress)
+    if out is not None:
+        write_audit(result, out, force=force)
+    return result
