@@ -152,16 +152,23 @@ def train(
     dp_accountant: Optional[str] = typer.Option(None, help="prv or rdp"),
     dp_noise_multiplier: Optional[float] = typer.Option(None, help="fixed noise multiplier"),
     dp_physical_batch_size: Optional[int] = typer.Option(None, help="largest physical batch under DP"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps"),
+    precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16 (autocast; DP-SGD runs in fp32)"),
 ):
-    """Train an encoder (MAE, SimCLR, SimSiam, DINO, supervised; DP-SGD with --dp-epsilon)."""
+    """Train an encoder (MAE, SimCLR, SimSiam, DINO, supervised; DP-SGD with --dp-epsilon).
+
+    Under torchrun, every process trains its share of each global batch (batch_size is global).
+    """
+    from memlens import distributed as dist
     from memlens.config import TrainConfig, deep_update, load_yaml, validate
-    from memlens.train import train as run_train
+    from memlens.dp import train as run_train
 
     over = _overrides({"framework": framework, "model.arch": arch, "epochs": epochs, "batch_size": batch_size,
                        "optim.lr": lr, "seed": seed, "splits": splits, "subsets": subsets, "data.source": source,
                        "data.path": data_path, "augment": augment, "dp.epsilon": dp_epsilon, "dp.delta": dp_delta,
                        "dp.max_grad_norm": dp_max_grad_norm, "dp.accountant": dp_accountant,
-                       "dp.noise_multiplier": dp_noise_multiplier, "dp.physical_batch_size": dp_physical_batch_size})
+                       "dp.noise_multiplier": dp_noise_multiplier, "dp.physical_batch_size": dp_physical_batch_size,
+                       "device": device, "precision": precision})
     if config:
         cfg = load_yaml(TrainConfig, config, overrides=over)
     elif resume and not over:
@@ -177,6 +184,10 @@ def train(
 
     result = run_train(cfg, out, resume=resume, force=force, cache_dir=_cache_dir(), on_epoch=on_epoch)
     rec = result.record
+    if not dist.is_main():
+        return
+    for warning in rec.warnings:
+        console.print(f"[yellow]warning: {warning}[/]", highlight=False)
     if rec.status == "stopped_budget":
         console.print(f"[yellow]{rec.message}[/]")
     console.print(f"run {rec.status}: {out} ({rec.epochs_done} epochs, {rec.wall_seconds:.1f} s, "
@@ -239,7 +250,7 @@ def sweep(
 ):
     """Train f and g at every epsilon of a sweep (finished runs are skipped, interrupted ones resumed)."""
     from memlens.config import SweepConfig, load_yaml
-    from memlens.train.sweep import run_sweep
+    from memlens.dp.sweep import run_sweep
 
     cfg = load_yaml(SweepConfig, config)
     console = _console()
@@ -522,13 +533,37 @@ def run(
         raise typer.Exit(result.gate_exit)
 
 
+def _init_distributed() -> bool:
+    """Join the process group torchrun describes in the environment (NCCL on GPUs, Gloo on CPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as td
+
+    if td.is_initialized():
+        return False
+    cuda = torch.cuda.is_available() and os.environ.get("MEMLENS_BACKEND", "") != "gloo"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    td.init_process_group(backend="nccl" if cuda else "gloo")
+    return True
+
+
 def main() -> None:
     import logging
 
     # WeasyPrint and fontTools log font-subsetting notices at WARNING; they are not the user's concern.
     for name in ("weasyprint", "fontTools"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    app()
+    started = _init_distributed()
+    try:
+        app()
+    finally:
+        if started:
+            import torch.distributed as td
+
+            if td.is_initialized():
+                td.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -116,8 +116,18 @@ class ModelConfig(Strict):
     def _arch(cls, v: str) -> str:
         from memlens.models import ARCHS
 
+        if v.startswith("timm:"):
+            import difflib
+
+            import timm
+
+            if not timm.is_model(v[5:]):
+                close = difflib.get_close_matches(v[5:], timm.list_models("vit*") + timm.list_models("deit*"), n=3)
+                raise ValueError(f"unknown timm model '{v[5:]}'" + (f"; close: {', '.join(close)}" if close else ""))
+            return v
         if v not in ARCHS:
-            raise ValueError(f"unknown architecture '{v}'; valid: {', '.join(ARCHS)}")
+            raise ValueError(f"unknown architecture '{v}'; valid: {', '.join(ARCHS)}, or timm:<ViT name> such as "
+                             f"timm:vit_tiny_patch16_224")
         return v
 
 
@@ -173,6 +183,10 @@ class DPConfig(Strict):
     grad_mode: Literal["ghost-bk", "opacus-hooks"] = Field(
         "ghost-bk", description="ghost-bk: memlens's one-pass ghost clipping (fast); opacus-hooks: Opacus's "
                                 "per-sample gradients (reference)")
+    coupling: Literal["shared", "independent"] = Field(
+        "shared", description="shared: f and g of one seed draw the same DP noise (and the same initialisation, "
+                              "order and augmentations), which keeps each expectation unbiased and lowers the "
+                              "variance of f - g; independent: each side draws its own noise")
     noise_seed: int | Literal["random"] | None = Field(
         None, description="seed of the noise generator. Default: derived from the run seed, so a rerun gives the "
                           "same model. 'random': drawn from the OS and never written to run.json (the noise stays "
@@ -206,8 +220,17 @@ class TrainConfig(Strict):
     simsiam: SimSiamConfig = SimSiamConfig()
     dino: DINOConfig = DINOConfig()
     dp: DPConfig | None = None
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast of the forward passes "
+                                                                          "(DP-SGD runs in fp32)")
 
     _augment = field_validator("augment")(lambda v: check_augmentation(v))
+
+    @model_validator(mode="after")
+    def _dp_precision(self) -> "TrainConfig":
+        if self.dp is not None and self.precision != "fp32":
+            raise ValueError("DP-SGD runs in fp32: per-example clipping needs exact gradient norms")
+        return self
 
     @property
     def augmentation(self) -> str:
@@ -330,6 +353,7 @@ class SweepDP(Strict):
     poisson: bool = True
     grad_mode: Literal["ghost-bk", "opacus-hooks"] = "ghost-bk"
     noise_seed: int | Literal["random"] | None = None
+    coupling: Literal["shared", "independent"] = "shared"
 
 
 def parse_epsilon(v: Any) -> float:

@@ -12,11 +12,13 @@ needed. Layout of the output directory::
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from memlens import distributed as D
 from memlens.config import PipelineConfig, claim_resumable_dir, format_epsilon
 from memlens.data import Splits, load, make_splits
 from memlens.errors import MemlensError
@@ -49,38 +51,51 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
     """
     from memlens.audit import run_audit, write_audit
     from memlens.audit.results import AUDIT_FILE, read_audit
+    from memlens.dp.sweep import check_sweep, plan_runs, run_sweep
     from memlens.policy import load_policy, to_junit
     from memlens.policy.gate import write_markdown
     from memlens.reports import render_report
     from memlens.train.probe import probe_run
     from memlens.train.run import read_run
-    from memlens.train.sweep import plan_runs, run_sweep
 
     t0 = time.perf_counter()
-    say = log or (lambda _msg: None)
+    main = D.is_main()
+    say = (log or (lambda _msg: None)) if main else (lambda _msg: None)
     out = Path(out_dir)
     policy = load_policy(config.policy) if config.policy else None  # fail early on a bad policy
-    claim_resumable_dir(out, marker=PIPELINE_FILE, config=config, what="pipeline", force=force)
-    result = PipelineResult(out)
-
-    # 1. splits
     dataset = load(config.data, cache_dir=cache_dir)
     splits_path = out / "splits.json"
-    if splits_path.is_file():
-        Splits.load(splits_path, dataset)
-        result.stages["split"] = "skipped (exists)"
-    else:
-        splits = make_splits(dataset, config.split)
-        splits.data = config.data
-        splits.save(splits_path)
-        result.stages["split"] = "done"
-    say(f"split: {result.stages['split']}")
+    fresh_splits = None
+    if not splits_path.is_file() or force:
+        fresh_splits = make_splits(dataset, config.split)
+        fresh_splits.data = config.data
     splits_str = str(splits_path.resolve())
-
-    # 2. training: f and g per epsilon
     sweep_cfg = config.sweep_config(splits_str)
     sweep_dir = out / "sweep"
     runs = plan_runs(sweep_cfg, sweep_dir)
+    # Every privacy level must be able to train before the first one starts (the splits decide N).
+    if fresh_splits is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh_splits.save(Path(tmp) / "splits.json")
+            check_sweep(plan_runs(config.sweep_config(str(Path(tmp) / "splits.json")), sweep_dir), dataset=dataset,
+                        cache_dir=cache_dir)
+    if main:
+        claim_resumable_dir(out, marker=PIPELINE_FILE, config=config, what="pipeline", force=force)
+    D.barrier()
+    result = PipelineResult(out)
+
+    # 1. splits
+    if fresh_splits is None:
+        Splits.load(splits_path, dataset)
+        result.stages["split"] = "skipped (exists)"
+    else:
+        if main:
+            fresh_splits.save(splits_path)
+        D.barrier()
+        result.stages["split"] = "done"
+    say(f"split: {result.stages['split']}")
+
+    # 2. training: f and g per epsilon
     total_epochs = len(runs) * sweep_cfg.train.epochs
     done_epochs = 0
 
@@ -99,10 +114,11 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
     # 3. linear probes
     if config.probe and dataset.labels is not None:
         for k, run in enumerate(runs):
-            if read_run(run.run_dir).probe is None:
+            if main and read_run(run.run_dir).probe is None:
                 probe_run(run.run_dir, dataset=dataset)
             if progress:
                 progress("probing", k + 1, len(runs))
+        D.barrier()
         result.stages["probe"] = "done"
     else:
         result.stages["probe"] = "skipped (no labels)" if config.probe else "off"
@@ -130,8 +146,13 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
         res = run_audit(cfg, cache_dir=cache_dir, dataset=dataset,
                         progress=(lambda stage, d, t, eps=eps: progress(f"auditing eps-{format_epsilon(eps)}", d, t))
                         if progress else None)
-        write_audit(res, adir, force=True)
+        if main:
+            write_audit(res, adir, force=True)
+        D.barrier()
     result.stages["audit"] = "done"
+    if not main:  # process 0 writes the report and the gate
+        result.seconds = time.perf_counter() - t0
+        return result
 
     # 5. report and 6. gate
     rep = render_report(audit_dirs, out_pdf=out / "report.pdf",

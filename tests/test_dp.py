@@ -8,12 +8,13 @@ from safetensors.torch import load_file
 
 from memlens.config import DPConfig, TrainConfig
 from memlens.data import Augmenter
+from memlens.dp import train
 from memlens.dp.accounting import default_delta, plan
 from memlens.dp.engine import GhostClipper
 from memlens.dp.optimizer import FusedDPOptimizer
 from memlens.errors import MemlensError
 from memlens.models import build_encoder
-from memlens.train import read_run, train
+from memlens.train import read_run
 from memlens.train.objectives import build_objective
 
 
@@ -65,7 +66,7 @@ def test_per_sample_gradients_equal_single_example_backward(batch):
 def test_opacus_hook_mode_agrees(batch):
     from opacus.grad_sample import GradSampleModule
 
-    from memlens.dp.trainer import _register_opacus_samplers
+    from memlens.dp.step import register_opacus_samplers as _register_opacus_samplers
 
     x, noise = batch
     obj = _mae()

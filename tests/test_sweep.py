@@ -3,8 +3,8 @@ import json
 from typer.testing import CliRunner
 
 from memlens.cli import app
+from memlens.dp.sweep import sweep_runs
 from memlens.train import read_run
-from memlens.train.sweep import sweep_runs
 
 runner = CliRunner()
 

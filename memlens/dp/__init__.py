@@ -1,0 +1,57 @@
+"""Differential privacy: the DP-SGD gradient step, accounting, guarantees and epsilon sweeps.
+
+:func:`train` is the entry point for every training run: it hands the one training loop of
+:mod:`memlens.train.loop` the DP-SGD step when the config has a ``dp`` section, and the plain
+step otherwise (``dp/`` builds on ``train/``, never the reverse).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from memlens.config import TrainConfig
+from memlens.errors import MemlensError
+
+
+def train(config: TrainConfig | None, out_dir: str | Path, **kwargs: Any):
+    """Train an encoder, with DP-SGD when ``config.dp`` is set (see :func:`memlens.train.loop.train`).
+
+    With ``config=None`` and ``resume=True`` the run's own config decides.
+    """
+    from memlens.train.loop import train as loop_train
+    from memlens.train.run import RUN_FILE, read_run
+
+    cfg = config
+    if cfg is None and kwargs.get("resume") and (Path(out_dir) / RUN_FILE).is_file():
+        cfg = read_run(out_dir).config
+    if cfg is not None and cfg.dp is not None:
+        from memlens.dp.step import DPStep
+
+        return loop_train(config, out_dir, step_factory=DPStep, **kwargs)
+    return loop_train(config, out_dir, **kwargs)
+
+
+# Frameworks whose loss is a sum of per-example terms, and architectures without BatchNorm.
+DP_FRAMEWORKS = ("mae", "supervised")
+
+
+def check_feasible(config: TrainConfig, *, n: int) -> None:
+    """Refuse, before any training, a DP config that cannot run: its objective or model, its delta
+    (must be below 1/N) or a budget no noise level reaches.
+
+    Raises:
+        MemlensError: naming the reason.
+    """
+    from memlens.dp.accounting import plan
+
+    if config.dp is None:
+        return
+    if config.framework not in DP_FRAMEWORKS:
+        raise MemlensError(f"framework '{config.framework}' cannot be trained with DP-SGD: its loss couples the "
+                           f"examples of a batch, so per-example gradients are undefined; DP-SGD supports "
+                           f"{', '.join(DP_FRAMEWORKS)}")
+    if config.model.arch in ("resnet9", "resnet18"):
+        raise MemlensError(f"architecture '{config.model.arch}' uses BatchNorm, which mixes the examples of a batch, "
+                           f"so it cannot be trained with DP-SGD; use a ViT")
+    plan(config.dp, n=n, batch_size=config.batch_size, epochs=config.epochs)

@@ -16,9 +16,15 @@ one forward and one backward pass and never materialises g_b for linear layers:
 3. With c_b = min(1, C / (||g_b|| + 1e-6)) (Opacus's rule), each weight gradient is a single
    matrix product: grad W = sum_b c_b sum_t g_bt a_bt^T = (c * g)^T a.
 
-Supported layers (every trainable parameter must sit in one): Linear, Conv2d (groups=1),
-LayerNorm, and memlens's token modules (PosEmbed, ClsToken, MaskToken). Noise, averaging and
-the optimizer step are left to Opacus's ``DPOptimizerFastGradientClipping``.
+Supported layers (every trainable parameter must sit in one): Linear (timm's fused qkv
+included), Conv2d (groups=1; timm's patch embedding), LayerNorm, timm's LayerScale, memlens's
+token modules (PosEmbed, ClsToken, MaskToken), and *token parameters held directly by a module*
+(timm's ``cls_token``, ``pos_embed``, ``reg_token``: any parameter of shape (1, ...) that the
+module broadcasts over the batch). For those, capture swaps in a per-example copy of shape
+(B, ...) for the duration of the forward and backward pass, whose gradient is the per-example
+gradient. Anything else (BatchNorm, grouped convolutions, in-place LayerScale) is refused with
+the layer's name. Noise, averaging and the optimizer step are left to Opacus's
+``DPOptimizerFastGradientClipping``.
 """
 
 from __future__ import annotations
@@ -34,7 +40,23 @@ from memlens.errors import MemlensError
 from memlens.models.vit import ClsToken, MaskToken, PosEmbed
 
 TOKEN_MODULES = (PosEmbed, ClsToken, MaskToken)
-SUPPORTED = (nn.Linear, nn.Conv2d, nn.LayerNorm) + TOKEN_MODULES
+
+
+def _layer_scale() -> tuple[type, ...]:
+    try:
+        from timm.layers import LayerScale
+
+        return (LayerScale,)
+    except ImportError:  # pragma: no cover
+        return ()
+
+
+LAYER_SCALE = _layer_scale()
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.LayerNorm) + TOKEN_MODULES + LAYER_SCALE
+
+
+def _token_like(p: torch.Tensor) -> bool:
+    return p.dim() >= 2 and p.shape[0] == 1
 
 
 def _linear_view(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,43 +91,82 @@ class GhostClipper:
     def __init__(self, model: nn.Module):
         self.model = model
         self.layers: list[tuple[str, nn.Module]] = []
-        covered: set[int] = set()
+        # (module path, module, parameter name, parameter): token parameters held directly
+        self.expanded: list[tuple[str, nn.Module, str, nn.Parameter]] = []
         for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
-            if not isinstance(module, SUPPORTED):
-                raise MemlensError(f"DP-SGD cannot compute per-sample gradients of layer '{name}' "
-                                   f"({type(module).__name__}); supported: Linear, Conv2d, LayerNorm, token modules")
-            if isinstance(module, nn.Conv2d) and module.groups != 1:
-                raise MemlensError(f"DP-SGD does not support grouped convolution '{name}'")
-            self.layers.append((name, module))
-            covered.update(id(p) for p in own)
+            if isinstance(module, SUPPORTED):
+                if isinstance(module, nn.Conv2d) and module.groups != 1:
+                    raise MemlensError(f"DP-SGD does not support grouped convolution '{name}'")
+                if LAYER_SCALE and isinstance(module, LAYER_SCALE) and getattr(module, "inplace", False):
+                    raise MemlensError(f"DP-SGD does not support in-place LayerScale '{name}'; build the model with "
+                                       f"inplace=False")
+                self.layers.append((name, module))
+            elif all(_token_like(p) for _, p in own):
+                self.expanded += [(name, module, pname, p) for pname, p in own]
+            else:
+                bad = next(pn for pn, p in own if not _token_like(p))
+                kind = type(module).__name__
+                why = (" (BatchNorm mixes the examples of a batch, so per-example gradients do not exist)"
+                       if isinstance(module, nn.modules.batchnorm._BatchNorm) else "")
+                raise MemlensError(f"DP-SGD cannot compute per-sample gradients of layer '{name or 'model'}' "
+                                   f"({kind}, parameter '{bad}'){why}; supported: Linear, Conv2d, LayerNorm, "
+                                   f"LayerScale, token parameters")
         self.params = [p for _, m in self.layers for p in m.parameters(recurse=False) if p.requires_grad]
+        self.params += [p for *_, p in self.expanded]
         self._records: dict[str, dict] = {}
+        self._leaves: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
         self._active = False
 
     # ------------------------------------------------------------------ capture
 
     @contextmanager
-    def capture(self) -> Iterator[None]:
-        """Freeze parameters and record layer inputs and output gradients; always restores."""
+    def capture(self, batch_size: int | None = None) -> Iterator[None]:
+        """Freeze parameters and record layer inputs and output gradients; always restores.
+
+        Args:
+            batch_size: examples in the forward pass; needed when the model holds token
+                parameters directly (they are expanded to one copy per example).
+        """
         self._records = {}
+        self._leaves = {}
         frozen = [p for p in self.params if p.requires_grad]
         handles = []
+        swapped: list[tuple[nn.Module, dict]] = []
         try:
             for p in frozen:
                 p.requires_grad_(False)
             for name, module in self.layers:
                 handles.append(module.register_forward_hook(self._hook(name)))
+            if self.expanded:
+                if batch_size is None:
+                    raise ValueError("capture(batch_size=...) is needed for models holding token parameters")
+                for mod in {id(m): m for _, m, _, _ in self.expanded}.values():
+                    swapped.append((mod, dict(mod._parameters)))
+                for _, module, pname, p in self.expanded:
+                    leaf = p.detach().expand(batch_size, *p.shape[1:]).clone().requires_grad_(True)
+                    del module._parameters[pname]
+                    object.__setattr__(module, pname, leaf)
+                    self._leaves[id(p)] = (p, leaf)
             self._active = True
             yield
         finally:
             self._active = False
             for h in handles:
                 h.remove()
+            for module, params in swapped:
+                for pname in params:
+                    module.__dict__.pop(pname, None)
+                module._parameters.clear()
+                module._parameters.update(params)  # the original order: state_dict keys stay as they were
             for p in frozen:
                 p.requires_grad_(True)
+
+    def _expanded_grads(self) -> dict[nn.Parameter, torch.Tensor]:
+        """Per-example gradients (B, *shape[1:]) of the token parameters held directly by modules."""
+        return {p: leaf.grad for p, leaf in self._leaves.values() if leaf.grad is not None}
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
@@ -176,6 +237,9 @@ class GhostClipper:
             if module.bias is not None:
                 out[module.bias] = g.sum(dim=dims) if dims else g
             return out
+        if LAYER_SCALE and isinstance(module, LAYER_SCALE):  # y = x * gamma over (B, ..., D)
+            x = rec["inputs"][0]
+            return {module.gamma: (g * x).reshape(x.shape[0], -1, x.shape[-1]).sum(dim=1)}
         return type(module).per_sample_grads(module, rec["inputs"], g)
 
     # ------------------------------------------------------------------ public
@@ -191,6 +255,9 @@ class GhostClipper:
         total = None
         for _, module, rec in self._records_in_order():
             sq = self._squared_norms(module, rec)
+            total = sq if total is None else total + sq
+        for gs in self._expanded_grads().values():
+            sq = gs.reshape(gs.shape[0], -1).square().sum(dim=1)
             total = sq if total is None else total + sq
         if total is None:
             raise MemlensError("the loss did not depend on any trainable layer")
@@ -208,6 +275,7 @@ class GhostClipper:
                     out[module.bias] = g3.sum(dim=1)
             else:
                 out.update(self._materialised(module, rec))
+        out.update({p: gs.unsqueeze(1) for p, gs in self._expanded_grads().items()})  # (B, 1, ...) = (B, *shape)
         return out
 
     def clip_coefficients(self, *, max_grad_norm: float) -> torch.Tensor:
@@ -237,13 +305,23 @@ class GhostClipper:
             else:
                 per_sample = rec.get("per_sample") or self._materialised(module, rec)
                 grads = {p: (coef @ gs.reshape(gs.shape[0], -1)).reshape(p.shape) for p, gs in per_sample.items()}
-            for p, grad in grads.items():
-                if p.grad is None:
-                    p.grad = grad  # a fresh tensor: nothing else refers to it
-                else:
-                    p.grad.add_(grad)
+            self._add_grads(grads)
+        self._add_grads({p: (coef @ gs.reshape(gs.shape[0], -1)).reshape(p.shape)
+                         for p, gs in self._expanded_grads().items()})
+        for p in self.params:  # a parameter this loss did not reach contributes zero
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         self._records = {}
+        self._leaves = {}
         return norms
+
+    @staticmethod
+    def _add_grads(grads: dict[nn.Parameter, torch.Tensor]) -> None:
+        for p, grad in grads.items():
+            if p.grad is None:
+                p.grad = grad  # a fresh tensor: nothing else refers to it
+            else:
+                p.grad.add_(grad)
 
     def zero_fill(self) -> None:
         """Give every parameter a zero gradient (an empty Poisson batch: the step is pure noise)."""
@@ -251,3 +329,4 @@ class GhostClipper:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self._records = {}
+        self._leaves = {}

@@ -31,6 +31,13 @@ def build_encoder(arch: str, *, image_size: int, in_chans: int, patch_size: int 
     ViT overrides (patch_size, embed_dim, depth, num_heads, mlp_ratio) replace the preset's values;
     they are refused for ResNets.
     """
+    if arch.startswith("timm:"):
+        from memlens.models.vit import timm_vit
+
+        model = timm_vit(arch[5:], image_size=image_size, in_chans=in_chans, patch_size=patch_size,
+                         embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        check_patch(image_size, model.patch_size)
+        return model
     if arch in VIT_PRESETS:
         p = dict(VIT_PRESETS[arch])
         for key, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads),
@@ -46,7 +53,7 @@ def build_encoder(arch: str, *, image_size: int, in_chans: int, patch_size: int 
         if any(v is not None for v in (patch_size, embed_dim, depth, num_heads, mlp_ratio)):
             raise MemlensError(f"{arch} takes no patch_size/embed_dim/depth/num_heads/mlp_ratio settings")
         return CONV_ARCHS[arch](in_chans=in_chans, img_size=image_size)
-    raise MemlensError(f"unknown architecture '{arch}'; valid: {', '.join(ARCHS)}")
+    raise MemlensError(f"unknown architecture '{arch}'; valid: {', '.join(ARCHS)}, or timm:<vit name>")
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -198,6 +198,104 @@ class ViTEncoder(VisionTransformer):
         return specs
 
 
+class TimmViTMixin:
+    """What memlens's objectives and audits call on a ViT, for a timm ``VisionTransformer``.
+
+    :func:`timm_vit` builds the timm model and swaps its class for one with this mixin, so the
+    parameter names stay timm's own (a run's weights load with ``timm.create_model`` and no key
+    prefix) while MAE gets its masked forward pass. Parameters held directly on the model
+    (``cls_token``, ``pos_embed``, ``reg_token``) are handled by the DP engine's per-sample
+    expansion (:mod:`memlens.dp.engine`).
+    """
+
+    family = "vit"
+
+    @property
+    def feature_dim(self) -> int:
+        return self.embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        p = self.patch_embed.patch_size
+        return int(p[0] if isinstance(p, (tuple, list)) else p)
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.patch_embed.num_patches)
+
+    def forward_tokens(self, x: torch.Tensor, *, mask_ratio: float = 0.0, generator: torch.Generator | None = None,
+                       mask_noise: torch.Tensor | None = None):
+        """(B, C, H, W) -> tokens (B, prefix + K, D), with MAE's masking of the patch tokens; also
+        mask and ids_restore (None without masking). Positions are added before masking."""
+        if getattr(self, "dynamic_img_size", False):
+            from memlens.errors import MemlensError
+
+            raise MemlensError("timm ViTs with dynamic_img_size are not supported for training")
+        x = self.patch_embed(x)
+        prefix = self.num_prefix_tokens
+        pos = self.pos_embed
+        if pos is not None:
+            x = x + (pos if self.no_embed_class else pos[:, prefix:])
+        mask = ids_restore = None
+        if mask_ratio > 0:
+            x, mask, ids_restore = random_masking(x, mask_ratio, generator, mask_noise)
+        to_cat = []
+        if self.cls_token is not None:
+            to_cat.append(self.cls_token.expand(x.shape[0], -1, -1))
+        if self.reg_token is not None:
+            to_cat.append(self.reg_token.expand(x.shape[0], -1, -1))
+        if to_cat:
+            tokens = torch.cat(to_cat, dim=1)
+            if pos is not None and not self.no_embed_class:
+                tokens = tokens + pos[:, :prefix]
+            x = torch.cat([tokens, x], dim=1)
+        x = self.blocks(self.norm_pre(x))
+        return self.norm(x), mask, ids_restore
+
+    def head_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, self.num_prefix_tokens:].mean(dim=1)
+
+    def probe_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tokens[:, 0], tokens[:, self.num_prefix_tokens:].mean(dim=1)], dim=1)
+
+    def representation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).flatten(1)
+
+    def layer_specs(self) -> list[LayerSpec]:
+        from memlens.models.layers import discover_layers
+
+        p = next(self.parameters())
+        size = self.patch_embed.img_size
+        example = torch.zeros(1, self.patch_embed.proj.in_channels, int(size[0]), int(size[1]), device=p.device)
+        was = self.training
+        self.eval()
+        try:
+            return discover_layers(self, example, forward=self.forward_features)
+        finally:
+            self.train(was)
+
+
+def timm_vit(name: str, *, image_size: int, in_chans: int, **overrides) -> nn.Module:
+    """A timm ViT (``vit_*``, ``deit*``...) built for memlens training, with :class:`TimmViTMixin`.
+
+    ``overrides`` (patch_size, embed_dim, depth, num_heads, mlp_ratio, ...) go to
+    ``timm.create_model``; the classifier is removed (num_classes=0).
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    from memlens.errors import MemlensError
+    from memlens.models.external import timm_model
+
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    model = timm_model(name, {"img_size": image_size, "in_chans": in_chans, "num_classes": 0, **kwargs})
+    if not isinstance(model, VisionTransformer):
+        raise MemlensError(f"timm:{name} is not a VisionTransformer; memlens trains timm ViTs (for conv nets use "
+                           f"resnet9/resnet18)")
+    cls = type(f"Memlens{type(model).__name__}", (TimmViTMixin, type(model)), {})
+    model.__class__ = cls
+    return model
+
+
 class MAEDecoder(nn.Module):
     """MAE's light decoder: predicts the pixels of every patch from the visible tokens."""
 

@@ -1,5 +1,5 @@
-"""One training loop for every objective: cosine schedule with warm-up, AdamW or SGD,
-per-epoch checkpoints and exact resume.
+"""One training loop for every objective and every gradient step: cosine schedule with warm-up,
+AdamW or SGD, per-epoch checkpoints and exact resume.
 
 Every random draw of epoch ``e`` (shuffling, augmentation, masking, DP sampling and noise)
 comes from generators seeded by ``(seed, e)``, so a run resumed from the checkpoint of epoch
@@ -8,7 +8,6 @@ comes from generators seeded by ``(seed, e)``, so a run resumed from the checkpo
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +17,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from memlens import distributed as D
 from memlens.config import TrainConfig
 from memlens.data import Augmenter, Dataset, Splits, load
 from memlens.data.splits import side_subsets
+from memlens.device import describe_device, resolve_device
 from memlens.errors import MemlensError
-from memlens.io import prepare_output_dir
+from memlens.io import prepare_output_dir, sha256_file
 from memlens.models import build_encoder, parameter_count
-from memlens.rng import derive_seed, generator
+from memlens.rng import derive_seed
 from memlens.train.objectives import Objective, build_objective
 from memlens.train.run import (
     CHECKPOINT_FILE,
@@ -39,6 +40,7 @@ from memlens.train.run import (
     versions,
     write_run,
 )
+from memlens.train.step import Diverged, PlainStep, Step
 
 
 @dataclass
@@ -79,13 +81,6 @@ def prepare(config: TrainConfig, *, cache_dir: str | Path | None = None, dataset
                     images=torch.from_numpy(dataset.images), labels=labels, mean=mean, std=std)
 
 
-def lr_at(step: int, *, total: int, warmup: int, base: float, floor: float) -> float:
-    if warmup and step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def make_optimizer(config: TrainConfig, objective: Objective) -> torch.optim.Optimizer:
     params = (objective.trainable_parameters() if hasattr(objective, "trainable_parameters")
               else [p for p in objective.parameters() if p.requires_grad])
@@ -121,56 +116,6 @@ class TrainResult:
     record: RunRecord
 
 
-class Stepper:
-    """Runs the optimisation steps of one epoch (the non-private loop; DP-SGD has its own)."""
-
-    def __init__(self, config: TrainConfig, objective: Objective, optimizer: torch.optim.Optimizer,
-                 prepared: Prepared):
-        self.config, self.objective, self.optimizer, self.prepared = config, objective, optimizer, prepared
-        n = len(prepared.rows)
-        self.batch = min(config.batch_size, n)
-        self.steps_per_epoch = max(1, n // self.batch)
-
-    @property
-    def total_steps(self) -> int:
-        return self.config.epochs * self.steps_per_epoch
-
-    def set_lr(self, step: int) -> float:
-        o = self.config.optim
-        lr = lr_at(step, total=self.total_steps, warmup=int(round(o.warmup_epochs * self.steps_per_epoch)),
-                   base=o.lr, floor=o.min_lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    def run_epoch(self, epoch: int, step: int) -> tuple[list[float], int, int, dict[str, Any]]:
-        """Returns (losses, images seen, steps taken, extra facts for the record)."""
-        p, obj = self.prepared, self.objective
-        g = generator(self.config.seed, "epoch", epoch)
-        perm = torch.randperm(len(p.rows), generator=g).numpy()
-        losses, seen = [], 0
-        for k in range(self.steps_per_epoch):
-            rows = torch.from_numpy(p.rows[perm[k * self.batch:(k + 1) * self.batch]])
-            self.set_lr(step)
-            loss = obj.losses(p.images[rows], p.labels[rows] if p.labels is not None else None, g).mean()
-            if not torch.isfinite(loss):
-                raise MemlensError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower optim.lr")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            step += 1
-            obj.after_step(step / self.total_steps)
-            losses.append(loss.item())
-            seen += len(rows)
-        return losses, seen, self.steps_per_epoch, {}
-
-    def loop_state(self) -> dict[str, Any]:
-        return {}
-
-    def restore_loop_state(self, state: dict[str, Any]) -> None:
-        pass
-
-
 def _representation_dim(encoder: nn.Module, channels: int, size: int) -> int:
     was_training = encoder.training
     with torch.no_grad():
@@ -179,7 +124,7 @@ def _representation_dim(encoder: nn.Module, channels: int, size: int) -> int:
     return int(dim)
 
 
-def _record(config: TrainConfig, prepared: Prepared, encoder: nn.Module) -> RunRecord:
+def _record(config: TrainConfig, prepared: Prepared, encoder: nn.Module, device: torch.device) -> RunRecord:
     ds = prepared.dataset
     splits = None
     if prepared.splits is not None:
@@ -187,6 +132,12 @@ def _record(config: TrainConfig, prepared: Prepared, encoder: nn.Module) -> RunR
                   "side": config.subsets if isinstance(config.subsets, str) else None,
                   "subsets": list(prepared.subsets)}
     resolved = config.model_copy(update={"augment": config.augmentation})
+    warnings = []
+    if prepared.labels is not None and config.framework == "supervised":
+        classes = int(torch.unique(prepared.labels[torch.from_numpy(prepared.rows)]).numel())
+        if classes < 2:
+            warnings.append("the training images all have one class: a supervised encoder learns nothing "
+                            "(its loss is 0 from the start)")
     return RunRecord(
         status="running", config=resolved,
         data={**ds.describe(), "image_size": ds.image_size, "channels": ds.channels,
@@ -195,28 +146,40 @@ def _record(config: TrainConfig, prepared: Prepared, encoder: nn.Module) -> RunR
         model={"arch": config.model.arch, "family": encoder.family, "parameters": parameter_count(encoder),
                "representation_dim": _representation_dim(encoder, ds.channels, ds.image_size),
                "layers": len(encoder.layer_specs())},
-        versions=versions(), created=now(), updated=now())
+        environment={"device": describe_device(device), "precision": config.precision, "world_size": D.world_size(),
+                     "backend": D.backend()},
+        warnings=warnings, versions=versions(), created=now(), updated=now())
+
+
+StepFactory = Callable[..., Step]
 
 
 def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = False, force: bool = False,
           cache_dir: str | Path | None = None, on_epoch: Callable[[EpochInfo], None] | None = None,
-          dataset: Dataset | None = None) -> TrainResult:
+          dataset: Dataset | None = None, step_factory: StepFactory | None = None) -> TrainResult:
     """Train an encoder and write a run directory.
+
+    One loop for every objective and every kind of step: ``step_factory(config, objective,
+    optimizer, prepared, device)`` builds the gradient step (default :class:`PlainStep`; DP-SGD's
+    comes from :func:`memlens.dp.train`). Under ``torch.distributed`` every process runs this
+    function; process 0 alone writes the run directory.
 
     Args:
         config: the training settings (None with ``resume``: use the run's own).
         out_dir: the run directory.
-        resume: continue an interrupted run from its last checkpoint.
+        resume: continue an interrupted run from its last checkpoint (with any world size).
         force: delete an existing run in ``out_dir`` first.
         cache_dir: data cache directory.
         on_epoch: called after every epoch (progress display).
         dataset: the already-loaded data (skips loading; must match ``config.data``).
+        step_factory: builds the gradient step.
 
     Raises:
         MemlensError: bad settings, a run already in ``out_dir``, or a checkpoint that does not
-            match the config.
+            match the config. A run whose loss diverges is marked ``failed`` before the error.
     """
     out = Path(out_dir)
+    main = D.is_main()
     record: RunRecord | None = None
     if resume and (out / RUN_FILE).is_file():
         record = read_run(out)
@@ -225,11 +188,23 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         config = record.config
         if record.status in ("complete", "stopped_budget"):
             return TrainResult(out, record)
+        if record.status == "failed":
+            raise MemlensError(f"{out} failed ({record.message}); resuming would fail again: change the config and "
+                               f"start again with --force")
     if config is None:
         raise MemlensError(f"nothing to resume in {out} (no {RUN_FILE})")
-    prepare_output_dir(out, force=force, resume=resume, marker=RUN_FILE)
+    if config.dp is not None and step_factory is None:
+        raise MemlensError("this config has a dp section: DP-SGD training is memlens.dp.train (the command line "
+                           "and sweeps call it)")
+    if not resume and not force and out.is_dir() and any(out.iterdir()):
+        what = "a previous output" if (out / RUN_FILE).exists() else "other files"
+        raise MemlensError(f"{out} already holds {what}; pass --force to overwrite it or --resume to continue it")
+    device = resolve_device(config.device)
 
+    # Everything that can refuse the config runs before the output directory is touched.
     prepared = prepare(config, cache_dir=cache_dir, dataset=dataset)
+    if D.world_size() > config.batch_size:
+        raise MemlensError(f"batch_size {config.batch_size} is smaller than the {D.world_size()} processes")
     ds = prepared.dataset
     torch.manual_seed(derive_seed(config.seed, "init"))
     m = config.model
@@ -238,41 +213,55 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     augmenter = Augmenter(config.augmentation, mean=prepared.mean, std=prepared.std)
     num_classes = len(ds.class_names) if ds.class_names else None
     objective = build_objective(config, encoder, augmenter, in_chans=ds.channels, num_classes=num_classes)
+    if D.active() and _has_batchnorm(objective):
+        objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+        encoder = objective.encoder
+    objective.to(device)
+    if device.type == "cuda":
+        prepared.images = prepared.images.pin_memory()
     optimizer = make_optimizer(config, objective)
+    step_obj = (step_factory or PlainStep)(config, objective, optimizer, prepared, device)
 
-    if config.dp is not None:
-        from memlens.dp.trainer import DPStepper
-
-        stepper: Stepper = DPStepper(config, objective, optimizer, prepared)
-    else:
-        stepper = Stepper(config, objective, optimizer, prepared)
-
+    if main:
+        prepare_output_dir(out, force=force, resume=resume, marker=RUN_FILE)
+    D.barrier()
     start_epoch, step = 0, 0
     if record is None:
-        record = _record(config, prepared, encoder)
-        if config.dp is not None:
-            record.dp = stepper.plan_record()
+        record = _record(config, prepared, encoder, device)
+        record.dp = step_obj.record()
     elif (out / CHECKPOINT_FILE).is_file():
-        state = load_checkpoint(out / CHECKPOINT_FILE, objective=objective, optimizer=optimizer)
+        state = load_checkpoint(out / CHECKPOINT_FILE, objective=objective, optimizer=optimizer, device=device)
         start_epoch, step = state["epoch"], state["step"]
-        stepper.restore_loop_state(state.get("loop", {}))
+        step_obj.restore_loop_state(state.get("loop", {}))
         record.history = record.history[:start_epoch]
         record.epochs_done = start_epoch
+        record.environment = {**record.environment, "world_size": D.world_size(), "backend": D.backend(),
+                              "device": describe_device(device)}
     else:
         record.history, record.epochs_done = [], 0
     record.status = "running"
-    write_run(out, record)
+    if main:
+        write_run(out, record)
 
     objective.train()
     wall0 = time.perf_counter() - record.wall_seconds
     try:
         for epoch in range(start_epoch, config.epochs):
             t0 = time.perf_counter()
-            losses, seen, steps, extra = stepper.run_epoch(epoch, step)
-            step += steps
+            loss_sum, seen = 0.0, 0
+            for batch in step_obj.batches(epoch):
+                if step_obj.budget_exhausted:
+                    break
+                step_obj.set_lr(step)
+                stats = step_obj.apply(batch, epoch, step)
+                step += 1
+                objective.after_step(step / step_obj.total_steps)
+                loss_sum += stats.loss_sum
+                seen += stats.examples
             seconds = time.perf_counter() - t0
+            extra = step_obj.epoch_extra()
             info = EpochInfo(epoch=epoch + 1, epochs=config.epochs,
-                             loss=float(np.mean(losses)) if losses else float("nan"),
+                             loss=loss_sum / seen if seen else float("nan"),
                              lr=optimizer.param_groups[0]["lr"], seconds=seconds,
                              images_per_s=seen / max(seconds, 1e-9), extra=extra)
             record.history.append({"epoch": info.epoch, "loss": round(info.loss, 6), "lr": info.lr,
@@ -280,27 +269,43 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
                                    "steps": step, **extra})
             record.epochs_done = epoch + 1
             record.wall_seconds = round(time.perf_counter() - wall0, 3)
-            if config.dp is not None:
-                record.dp = stepper.plan_record()
-            save_checkpoint(out / CHECKPOINT_FILE, objective=objective, optimizer=optimizer,
-                            state={"epoch": epoch + 1, "step": step, "loop": stepper.loop_state()})
-            write_run(out, record)
-            if on_epoch:
+            record.dp = step_obj.record()
+            if main:
+                save_checkpoint(out / CHECKPOINT_FILE, objective=objective, optimizer=optimizer,
+                                state={"epoch": epoch + 1, "step": step, "loop": step_obj.loop_state()})
+                write_run(out, record)
+            D.barrier()
+            if on_epoch and main:
                 on_epoch(info)
-            if getattr(stepper, "budget_exhausted", False):
+            if step_obj.budget_exhausted:
                 record.status = "stopped_budget"
-                record.message = stepper.budget_message
+                record.message = step_obj.budget_message
                 break
     except KeyboardInterrupt:
         record.status = "interrupted"
-        write_run(out, record)
+        if main:
+            write_run(out, record)
         raise
+    except Diverged as exc:
+        record.status = "failed"
+        record.message = (f"{exc}; lower optim.lr (now {config.optim.lr:g}) or check the data, then start again "
+                          f"with --force")
+        if main:
+            write_run(out, record)
+        raise MemlensError(f"{out}: {record.message}") from None
     rates = [h["images_per_s"] for h in record.history]
     record.images_per_s = round(float(np.mean(rates)), 1) if rates else None
-    save_weights(out / MODEL_FILE, encoder, metadata={"arch": config.model.arch, "format": "memlens-encoder-1"})
     if record.status != "stopped_budget":
         record.status = "complete"
     record.wall_seconds = round(time.perf_counter() - wall0, 3)
-    write_run(out, record)
-    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    if main:
+        save_weights(out / MODEL_FILE, encoder, metadata={"arch": config.model.arch, "format": "memlens-encoder-1"})
+        record.model_sha256 = sha256_file(out / MODEL_FILE)
+        write_run(out, record)
+        (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    D.barrier()
     return TrainResult(out, record)
+
+
+def _has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())

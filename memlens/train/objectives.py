@@ -6,7 +6,12 @@ method trains, and computes its loss from a batch of uint8 images:
 * :attr:`Objective.per_sample` is True when the loss is a sum of independent per-example
   terms; only those objectives can be trained with DP-SGD.
 * :meth:`Objective.losses` returns the loss, shape [B] for per-sample objectives and a scalar
-  for the others. All randomness (augmentation, masking) comes from the generator passed in.
+  for the others. All randomness (augmentation, masking) comes from the draws passed in: one
+  random stream per example (:class:`memlens.rng.RowStreams`), so an example is augmented and
+  masked the same way whatever batch, or process, it is in.
+* Under ``torch.distributed`` the objectives whose loss couples the examples of a batch gather
+  what they need from every process (SimCLR's negatives, DINO's centre), so the loss of a batch
+  split across processes is the loss of the whole batch.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memlens import distributed as D
 from memlens.config import TrainConfig
 from memlens.data.augment import Augmenter
 from memlens.errors import MemlensError
-from memlens.models.vit import MAEDecoder, ViTEncoder, patchify
+from memlens.models.vit import MAEDecoder, patchify
+from memlens.rng import Draws, as_draws
 
 
 def _has_batchnorm(module: nn.Module) -> bool:
@@ -36,8 +43,12 @@ class Objective(nn.Module):
         self.encoder = encoder
         self.augmenter = augmenter
 
-    def losses(self, images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    def losses(self, images: torch.Tensor, labels: torch.Tensor | None, draws: Draws) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None, draws: Draws) -> torch.Tensor:
+        # DistributedDataParallel synchronises gradients of what runs through forward().
+        return self.losses(images, labels, draws)
 
     def after_step(self, progress: float) -> None:
         """Called after every optimizer step with the fraction of training done (0..1]."""
@@ -63,8 +74,9 @@ class MAE(Objective):
 
     def __init__(self, encoder: nn.Module, augmenter: Augmenter, cfg: TrainConfig, in_chans: int):
         super().__init__(encoder, augmenter)
-        if not isinstance(encoder, ViTEncoder):
-            raise MemlensError("framework 'mae' needs a ViT architecture (vit_tiny, vit_mini, vit_micro)")
+        if not hasattr(encoder, "forward_tokens"):
+            raise MemlensError("framework 'mae' needs a ViT architecture (vit_tiny, vit_mini, vit_micro or a timm ViT "
+                               "such as timm:vit_tiny_patch16_224)")
         m = cfg.mae
         if m.decoder_dim % m.decoder_heads:
             raise MemlensError(f"mae.decoder_dim {m.decoder_dim} is not divisible by "
@@ -75,14 +87,18 @@ class MAE(Objective):
         self.mask_ratio = m.mask_ratio
         self.norm_pix = m.norm_pix_loss
 
-    def losses(self, images, labels, generator):
-        x = self.augmenter(images, generator)
-        return self.losses_on_views(x, generator)
+    def losses(self, images, labels, draws):
+        d = as_draws(draws, len(images), images.device)
+        x = self.augmenter(images, d)
+        return self.losses_on_views(x, d)
 
-    def losses_on_views(self, x: torch.Tensor, generator: torch.Generator | None,
+    def losses_on_views(self, x: torch.Tensor, draws: Draws | torch.Generator | None,
                         mask_noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-example loss [B] on already augmented, normalised views (B, C, H, W)."""
-        latent, mask, ids_restore = self.encoder.forward_tokens(x, mask_ratio=self.mask_ratio, generator=generator,
+        """Per-example loss [B] on already augmented, normalised views (B, C, H, W); the mask of each
+        example comes from its own draws (or ``mask_noise``, (B, N) scores)."""
+        if mask_noise is None:
+            mask_noise = as_draws(draws, len(x), x.device).rand(self.encoder.num_patches)
+        latent, mask, ids_restore = self.encoder.forward_tokens(x, mask_ratio=self.mask_ratio, generator=None,
                                                                 mask_noise=mask_noise)
         pred = self.decoder(latent, ids_restore)
         target = patchify(x.detach(), self.encoder.patch_size)
@@ -115,13 +131,28 @@ class SimCLR(Objective):
         self.projector = _mlp([encoder.feature_dim, c.proj_hidden, c.proj_dim], bn=True)
         self.temperature = c.temperature
 
-    def losses(self, images, labels, generator):
+    def losses(self, images, labels, draws):
         b = len(images)
-        views = torch.cat([self.augmenter(images, generator), self.augmenter(images, generator)])
+        d = as_draws(draws, b, images.device)
+        views = torch.cat([self.augmenter(images, d), self.augmenter(images, d)])
         z = F.normalize(self.projector(self.encoder.head_features(self.encoder(views))), dim=1)
-        sim = z @ z.t() / self.temperature
-        sim.fill_diagonal_(float("-inf"))
-        targets = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)])
+        z1, z2 = z[:b], z[b:]
+        if D.active():
+            # Negatives from every process (gradients flow back to each process's own examples),
+            # so the batch split across processes has the loss of the whole batch.
+            import torch.distributed.nn.functional as dnn
+
+            z1_all, z2_all = torch.cat(dnn.all_gather(z1)), torch.cat(dnn.all_gather(z2))
+            offset = D.rank() * b
+        else:
+            z1_all, z2_all, offset = z1, z2, 0
+        n = len(z1_all)
+        candidates = torch.cat([z1_all, z2_all])  # (2n, d)
+        anchors = torch.cat([z1, z2])  # (2b, d): this process's views
+        sim = anchors @ candidates.t() / self.temperature
+        own = torch.cat([torch.arange(offset, offset + b), torch.arange(n + offset, n + offset + b)]).to(z.device)
+        sim[torch.arange(2 * b, device=z.device), own] = float("-inf")  # an anchor is not its own negative
+        targets = torch.cat([own[b:], own[:b]])  # view 1 of x matches view 2 of x, and back
         return F.cross_entropy(sim, targets)
 
 
@@ -135,9 +166,10 @@ class SimSiam(Objective):
         self.projector = _mlp([d, c.proj_dim, c.proj_dim, c.proj_dim], bn=True, last_bn=True)
         self.predictor = _mlp([c.proj_dim, c.pred_hidden, c.proj_dim], bn=True)
 
-    def losses(self, images, labels, generator):
+    def losses(self, images, labels, draws):
         b = len(images)
-        views = torch.cat([self.augmenter(images, generator), self.augmenter(images, generator)])
+        d = as_draws(draws, b, images.device)
+        views = torch.cat([self.augmenter(images, d), self.augmenter(images, d)])
         z = self.projector(self.encoder.head_features(self.encoder(views)))
         p = self.predictor(z)
         z1, z2 = z[:b].detach(), z[b:].detach()
@@ -185,15 +217,19 @@ class DINO(Objective):
     def trainable_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith("teacher_")]
 
-    def losses(self, images, labels, generator):
+    def losses(self, images, labels, draws):
         b = len(images)
-        views = torch.cat([self.augmenter(images, generator), self.augmenter(images, generator)])
+        d = as_draws(draws, b, images.device)
+        views = torch.cat([self.augmenter(images, d), self.augmenter(images, d)])
         s = self.head(self.encoder.head_features(self.encoder(views))) / self.cfg.student_temp
         with torch.no_grad():
             self.teacher_encoder.train(self.training)
             t_out = self.teacher_head(self.teacher_encoder.head_features(self.teacher_encoder(views)))
+            batch_mean = t_out.mean(dim=0, keepdim=True)
+            if D.active():  # the centre follows the whole batch, on every process alike
+                batch_mean = D.all_reduce_(batch_mean.clone(), "sum") / D.world_size()
             if self.training and not self.center_ready:
-                self.center.copy_(t_out.mean(dim=0, keepdim=True))
+                self.center.copy_(batch_mean)
                 self.center_ready.fill_(True)
             t = F.softmax((t_out - self.center) / self.cfg.teacher_temp, dim=-1)
         log_s = F.log_softmax(s, dim=-1)
@@ -201,7 +237,7 @@ class DINO(Objective):
         if self.training:
             with torch.no_grad():
                 m = self.cfg.center_momentum
-                self.center.mul_(m).add_(t_out.mean(dim=0, keepdim=True), alpha=1 - m)
+                self.center.mul_(m).add_(batch_mean, alpha=1 - m)
         return loss
 
     @torch.no_grad()
@@ -223,10 +259,10 @@ class Supervised(Objective):
         super().__init__(encoder, augmenter)
         self.classifier = nn.Linear(encoder.feature_dim, num_classes)
 
-    def losses(self, images, labels, generator):
+    def losses(self, images, labels, draws):
         if labels is None:
             raise MemlensError("framework 'supervised' needs labelled data")
-        x = self.augmenter(images, generator)
+        x = self.augmenter(images, as_draws(draws, len(images), images.device))
         logits = self.classifier(self.encoder.head_features(self.encoder(x)))
         return F.cross_entropy(logits, labels, reduction="none")
 

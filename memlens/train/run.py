@@ -35,7 +35,7 @@ class RunRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     version: Literal[1] = 1
-    status: Literal["running", "interrupted", "complete", "stopped_budget"]
+    status: Literal["running", "interrupted", "complete", "stopped_budget", "failed"]
     config: TrainConfig
     data: dict[str, Any]
     splits: dict[str, Any] | None
@@ -46,6 +46,9 @@ class RunRecord(BaseModel):
     images_per_s: float | None = None
     wall_seconds: float = 0.0
     versions: dict[str, str]
+    environment: dict[str, Any] = {}
+    warnings: list[str] = []
+    model_sha256: str | None = None
     dp: dict[str, Any] | None = None
     probe: dict[str, Any] | None = None
     message: str | None = None
@@ -136,11 +139,12 @@ def save_checkpoint(path: str | Path, *, objective: nn.Module, optimizer: torch.
     atomic_write_bytes(path, save(tensors, metadata={"memlens": json.dumps(meta)}))
 
 
-def load_checkpoint(path: str | Path, *, objective: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, objective: nn.Module, optimizer: torch.optim.Optimizer,
+                    device: torch.device | str = "cpu") -> dict[str, Any]:
     path = Path(path)
     try:
         raw = path.read_bytes()
-        tensors = st_load(raw)
+        tensors = {k: v.to(device) for k, v in st_load(raw).items()}
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
@@ -186,8 +190,16 @@ def load_encoder(run_dir: str | Path, *, require_complete: bool = True) -> nn.Mo
     run_dir = Path(run_dir)
     record = read_run(run_dir)
     if require_complete and record.status not in ("complete", "stopped_budget"):
-        raise MemlensError(f"run {run_dir} is not finished (status: {record.status}); resume it with --resume")
+        hint = ("it failed: " + (record.message or "see run.json")) if record.status == "failed" else \
+            "resume it with memlens train --resume"
+        raise MemlensError(f"run {run_dir} is not finished (status: {record.status}); {hint}")
     encoder = build_from_record(record)
+    if record.model_sha256 is not None:
+        from memlens.io import sha256_file
+
+        if (run_dir / MODEL_FILE).is_file() and sha256_file(run_dir / MODEL_FILE) != record.model_sha256:
+            raise MemlensError(f"{run_dir / MODEL_FILE} is not the file this run wrote (its sha256 differs from the "
+                               f"one in {RUN_FILE}); the weights were replaced or edited")
     load_weights(encoder, run_dir / MODEL_FILE, what="model weights")
     encoder.normalization = (record.data["normalize"]["mean"], record.data["normalize"]["std"])
     encoder.record = record

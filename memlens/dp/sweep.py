@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from memlens import distributed as D
 from memlens.config import DPConfig, SweepConfig, TrainConfig, claim_resumable_dir, format_epsilon, validate
 from memlens.data import Dataset, load
+from memlens.dp import check_feasible, train
+from memlens.errors import MemlensError
 from memlens.io import read_json
-from memlens.train.loop import EpochInfo, train
+from memlens.train.loop import EpochInfo, prepare
 from memlens.train.run import RUN_FILE, read_run
 
 SWEEP_FILE = "sweep.json"
@@ -62,11 +65,15 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
         (run, what happened) pairs: "trained", "resumed" or "skipped (finished)".
     """
     out = Path(out_dir)
-    claim_resumable_dir(out, marker=SWEEP_FILE, config=config, what="sweep", force=force)
     if dataset is None:
         dataset = load(config.train.data, cache_dir=cache_dir)
+    runs = plan_runs(config, out)
+    check_sweep(runs, dataset=dataset, cache_dir=cache_dir)
+    if D.is_main():
+        claim_resumable_dir(out, marker=SWEEP_FILE, config=config, what="sweep", force=force)
+    D.barrier()
     done = []
-    for run in plan_runs(config, out):
+    for run in runs:
         status = None
         if (run.run_dir / RUN_FILE).is_file():
             status = read_run(run.run_dir).status
@@ -79,6 +86,26 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
             train(run.config, run.run_dir, resume=status is not None, dataset=dataset, on_epoch=on_epoch)
         done.append((run, what))
     return done
+
+
+def check_sweep(runs: list[SweepRun], *, dataset: Dataset, cache_dir: str | Path | None = None) -> None:
+    """Check that every run of a sweep can train (DP feasibility of every epsilon: objective, model,
+    delta, budget) before the first step of any: a refusal at epsilon 8 after the non-private pair
+    has trained for an hour helps nobody.
+
+    Raises:
+        MemlensError: naming the run and the reason.
+    """
+    sizes: dict[str, int] = {}
+    for run in runs:
+        if run.config.dp is None:
+            continue
+        if run.side not in sizes:
+            sizes[run.side] = len(prepare(run.config, cache_dir=cache_dir, dataset=dataset).rows)
+        try:
+            check_feasible(run.config, n=sizes[run.side])
+        except MemlensError as exc:
+            raise MemlensError(f"{run.name}: {exc}") from None
 
 
 def sweep_runs(sweep_dir: str | Path) -> list[SweepRun]:

@@ -1,0 +1,5 @@
+"""``python -m memlens`` (and ``torchrun ... -m memlens``): the command line."""
+
+from memlens.cli import main
+
+main()

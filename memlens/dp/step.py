@@ -1,0 +1,222 @@
+"""The DP-SGD gradient step: Poisson sampling, per-example clipping, Gaussian noise and accounting.
+
+Built on :class:`memlens.train.step.Step` and handed to the one training loop
+(:func:`memlens.dp.train`). One epoch is ``int(1 / q)`` logical steps. Each step:
+
+1. **Sampling.** Opacus's ``UniformWithReplacementSampler`` draws the logical batch: every
+   training example independently with probability q = batch_size / N, from a generator seeded
+   by (run seed, epoch). Every process draws the same global batch and keeps its share (rows
+   ``rank::world``), so the global batch is a Poisson sample of the whole dataset at rate q
+   whatever the number of processes: the accountant's sample rate is unchanged, and a run can
+   resume with another world size.
+2. **Clipping.** Each process splits its share into physical batches and clips every example's
+   gradient to ``max_grad_norm`` with memlens's ghost engine (:mod:`memlens.dp.engine`), or
+   Opacus's hooks (``grad_mode: opacus-hooks``, single process, a reference).
+3. **Noise and averaging** (:class:`memlens.dp.optimizer.FusedDPOptimizer`): noise of standard
+   deviation sigma C added once, on process 0; one all-reduce of the sums; division by the
+   global expected batch size q N.
+4. **Accounting.** Opacus's PRV (or RDP) accountant records (sigma, q) per step; training stops
+   before a step would exceed the target epsilon.
+
+The recorded training loss is computed on the private data and is not itself private.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from opacus.accountants import create_accountant
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+from memlens import distributed as D
+from memlens.config import TrainConfig
+from memlens.dp.accounting import epsilon_for, epsilon_of_history, plan
+from memlens.dp.engine import GhostClipper
+from memlens.dp.optimizer import FusedDPOptimizer
+from memlens.errors import MemlensError
+from memlens.rng import derive_seed, generator
+from memlens.train.step import Batch, Step, StepStats
+
+ACCOUNTING_NOTE = ("the global batch of every step is a Poisson sample of the whole training set at rate q, whatever "
+                   "the number of processes, and noise of standard deviation sigma C is added once per step: the "
+                   "accounting equals that of a single-process run with the same global settings")
+
+
+def register_opacus_samplers() -> None:
+    """Teach Opacus's hook mode the per-sample gradients of memlens's token modules."""
+    from opacus.grad_sample import GradSampleModule
+
+    from memlens.dp.engine import TOKEN_MODULES
+
+    for cls in TOKEN_MODULES:
+        GradSampleModule.GRAD_SAMPLERS.setdefault(
+            cls,
+            lambda layer, activations, backprops, _c=cls: _c.per_sample_grads(layer, tuple(activations), backprops))
+
+
+def noise_seed_for(config: TrainConfig) -> int:
+    """The seed of the DP noise (see ``dp.coupling``); ``random`` draws it from the OS."""
+    dp = config.dp
+    if dp.noise_seed == "random":
+        return int.from_bytes(os.urandom(8), "little") >> 1
+    if dp.noise_seed is not None:
+        return int(dp.noise_seed)
+    if dp.coupling == "independent":
+        side = config.subsets if isinstance(config.subsets, str) else "+".join(config.subsets)
+        return derive_seed(config.seed, "dp-noise", side)
+    return derive_seed(config.seed, "dp-noise")
+
+
+class DPStep(Step):
+    """One logical DP-SGD step (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, objective, optimizer: torch.optim.Optimizer, prepared, device):
+        super().__init__(config, objective, optimizer, prepared, device)
+        why = objective.why_not_dp()
+        if why:
+            raise MemlensError(f"framework '{config.framework}' cannot be trained with DP-SGD: {why}")
+        dp = config.dp
+        if dp.grad_mode == "opacus-hooks" and D.active():
+            raise MemlensError("grad_mode opacus-hooks runs in one process (it is the reference); use ghost-bk "
+                               "under torchrun")
+        n = len(prepared.rows)
+        self.dp = dp
+        self.plan = plan(dp, n=n, batch_size=config.batch_size, epochs=config.epochs)
+        self.steps_per_epoch = self.plan.steps_per_epoch
+        self.accountant = create_accountant(mechanism=dp.accountant)
+        self.steps_taken = 0
+        self._eps_cache: tuple | None = None
+        self.noise_seed = noise_seed_for(config)
+        self.noise_gen = torch.Generator(device=device)
+        common = dict(noise_multiplier=self.plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                      expected_batch_size=self.plan.expected_batch_size, loss_reduction="mean",
+                      generator=self.noise_gen)
+        if dp.grad_mode == "ghost-bk":
+            self.clipper: GhostClipper | None = GhostClipper(objective)
+            self.dp_optimizer = FusedDPOptimizer(optimizer, **common)
+        else:
+            from opacus.grad_sample import GradSampleModule
+
+            register_opacus_samplers()
+            self.clipper = None
+            self.gsm = GradSampleModule(objective, batch_first=True, loss_reduction="sum", strict=False)
+            self.dp_optimizer = DPOptimizer(optimizer, **common)
+        self.dp_optimizer.attach_step_hook(self._on_logical_step)
+        self.physical = dp.physical_batch_size or max(config.batch_size, 1)
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.planned_steps
+
+    # ------------------------------------------------------------------ batches
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        self.noise_gen.manual_seed(derive_seed(self.noise_seed, "dp-noise", epoch))
+        p = self.prepared
+        if self.dp.poisson:
+            sampler = UniformWithReplacementSampler(num_samples=len(p.rows), sample_rate=self.plan.sample_rate,
+                                                    generator=generator(self.config.seed, "dp-sample", epoch))
+            source = (np.asarray(idx, dtype=np.int64) for idx in sampler)
+        else:
+            g = generator(self.config.seed, "dp-sample", epoch)
+            perm = torch.randperm(len(p.rows), generator=g).numpy()
+            source = (perm[k * self.batch:(k + 1) * self.batch] for k in range(self.steps_per_epoch))
+        for k, idx in enumerate(source):
+            if self.steps_taken >= self.plan.max_steps:
+                # The last logical step ended the budget: any further batch starts a new one.
+                self.budget_exhausted = True
+                self.budget_message = (f"privacy budget reached: epsilon {self.epsilon():.3f} of "
+                                       f"{self.plan.target_epsilon:g} after {self.steps_taken} steps; training "
+                                       f"stopped in epoch {epoch + 1} and the last checkpoint is kept")
+                return
+            yield Batch(p.rows[idx], k)
+
+    # ------------------------------------------------------------------ the step
+
+    def apply(self, batch: Batch, epoch: int, step: int) -> StepStats:
+        obj = self.objective
+        rows = self.local_rows(batch)
+        self.dp_optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        chunks = [rows[k:k + self.physical] for k in range(0, len(rows), self.physical)]
+        for c, chunk in enumerate(chunks):
+            images, labels, draws = self.inputs(chunk, epoch, batch.index)
+            if self.clipper is not None:
+                with self.clipper.capture(batch_size=len(chunk)):
+                    per_example = obj.losses(images, labels, draws)
+                    per_example.sum().backward()
+                self.clipper.accumulate_clipped(max_grad_norm=self.dp.max_grad_norm)
+            else:
+                per_example = obj.losses(images, labels, draws)
+                per_example.sum().backward()
+                if c < len(chunks) - 1:  # Opacus clips and accumulates each physical batch
+                    self.dp_optimizer.signal_skip_step(do_skip=True)
+                    self.dp_optimizer.step()
+            loss_sum += float(per_example.detach().sum())
+        stats = self.global_stats(loss_sum, len(rows))
+        self.check_finite(stats, epoch)
+        if not len(rows):
+            self._empty_batch()
+        self.dp_optimizer.step()
+        return stats
+
+    def _empty_batch(self) -> None:
+        if self.clipper is not None:
+            self.clipper.zero_fill()
+        else:
+            for prm in self.dp_optimizer.params:
+                prm.grad_sample = torch.zeros((0, *prm.shape), device=prm.device)
+
+    def _on_logical_step(self, _opt) -> None:
+        self.accountant.step(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate)
+        self.steps_taken += 1
+
+    def epsilon(self) -> float:
+        history = tuple(tuple(h) for h in self.accountant.history)
+        if self._eps_cache is None or self._eps_cache[0] != history:
+            if len(history) == 1:  # one (sigma, q) throughout: the cached single-mechanism form
+                sigma, q, steps = history[0]
+                eps = epsilon_for(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=self.plan.delta,
+                                  accountant=self.plan.accountant)
+            else:
+                eps = epsilon_of_history(list(history), delta=self.plan.delta, accountant=self.plan.accountant)
+            self._eps_cache = (history, eps)
+        return self._eps_cache[1]
+
+    def epoch_extra(self) -> dict[str, Any]:
+        return {"epsilon": round(self.epsilon(), 4)}
+
+    # ------------------------------------------------------------------ resume and record
+
+    def loop_state(self) -> dict[str, Any]:
+        state = {"accountant_history": [list(h) for h in self.accountant.history], "steps_taken": self.steps_taken}
+        if self.dp.noise_seed == "random":
+            state["noise_seed"] = self.noise_seed  # lives only in the checkpoint, deleted when training ends
+        return state
+
+    def restore_loop_state(self, state: dict[str, Any]) -> None:
+        self.accountant.history = [tuple(h) for h in state.get("accountant_history", [])]
+        self.steps_taken = int(state.get("steps_taken", 0))
+        if "noise_seed" in state:
+            self.noise_seed = int(state["noise_seed"])
+
+    def record(self) -> dict[str, Any]:
+        spent = self.epsilon()
+        return {
+            **self.plan.to_dict(),
+            "epsilon_spent": round(spent, 6),
+            "steps_taken": self.steps_taken,
+            "accountant_history": [list(h) for h in self.accountant.history],
+            "grad_mode": self.dp.grad_mode,
+            "physical_batch_size": self.physical,
+            "coupling": self.dp.coupling,
+            "noise_seed": "random (not recorded)" if self.dp.noise_seed == "random" else self.noise_seed,
+            "world_size": D.world_size(),
+            "distributed_accounting": ACCOUNTING_NOTE,
+            "notes": ("the recorded training loss is computed on the private data and is not itself "
+                      "differentially private"),
+        }
