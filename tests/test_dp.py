@@ -217,3 +217,48 @@ def test_non_per_sample_objectives_are_refused(tmp_path, digits):
         train(cfg, tmp_path / "run2", dataset=digits)
     sup = TrainConfig.model_validate({**DP_MAE, "framework": "supervised", "epochs": 1, "dp": {"epsilon": 8}})
     assert train(sup, tmp_path / "run3", dataset=digits).record.dp["epsilon_spent"] <= 8
+
+
+def test_timm_vit_per_example_gradients_equal_single_example_backward():
+    """A timm ViT (cls_token and pos_embed held by the model, LayerScale, fused qkv, patch-embed conv)
+    under the ghost engine: per-example gradients and norms equal one backward pass per example."""
+    from memlens.models.vit import timm_vit
+
+    torch.manual_seed(0)
+    enc = timm_vit("vit_tiny_patch16_224", image_size=16, in_chans=3, patch_size=4, embed_dim=32, depth=2,
+                   num_heads=2, init_values=0.1)
+    cfg = TrainConfig.model_validate({"framework": "mae", "mae": {"decoder_dim": 32, "mask_ratio": 0.5}})
+    obj = build_objective(cfg, enc, Augmenter("none", mean=[0.5] * 3, std=[0.5] * 3), in_chans=3,
+                          num_classes=None).train()
+    keys = list(obj.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, noise = torch.randn(5, 3, 16, 16, generator=g), torch.rand(5, 16, generator=g)
+    params, loop = _loop_grads(obj, x, noise)
+    clipper = GhostClipper(obj)
+    assert sorted((name, pname) for name, _, pname, _ in clipper.expanded) == [("encoder", "cls_token"),
+                                                                            ("encoder", "pos_embed")]
+    with clipper.capture(batch_size=5):
+        obj.losses_on_views(x, None, noise).sum().backward()
+    ours = clipper.per_sample_grads()
+    assert set(ours) == set(params)
+    assert {id(enc.cls_token), id(enc.pos_embed)} <= {id(p) for p in ours}
+    for p in params:
+        for b in range(5):
+            ref = loop[b][p]
+            assert (ours[p][b] - ref).abs().max() <= 1e-4 * ref.abs().max().clamp_min(1e-6), p.shape
+    loop_norms = torch.stack([torch.sqrt(sum(loop[b][p].pow(2).sum() for p in params)) for b in range(5)])
+    assert torch.allclose(clipper.norms(), loop_norms, rtol=1e-4)
+    # the clipped sum equals sum_b min(1, C / ||g_b||) g_b of the loop
+    obj.zero_grad(set_to_none=True)
+    clipper.accumulate_clipped(max_grad_norm=0.05)
+    coef = (0.05 / (loop_norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        ref = sum(coef[b] * loop[b][p] for b in range(5))
+        assert torch.allclose(p.grad, ref, rtol=1e-4, atol=1e-7)
+    assert list(obj.state_dict()) == keys and isinstance(enc.cls_token, nn.Parameter)  # restored after capture
+
+
+def test_dp_refuses_batchnorm_naming_the_layer():
+    enc = build_encoder("resnet9", image_size=8, in_chans=1)
+    with pytest.raises(MemlensError, match=r"layer 'conv1.bn' \(BatchNorm2d, parameter 'weight'\) \(BatchNorm mixes"):
+        GhostClipper(enc)
