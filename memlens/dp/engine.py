@@ -183,6 +183,8 @@ class GhostClipper:
 
             def grad_hook(grad: torch.Tensor) -> None:
                 rec["grad"] = grad
+                with torch.no_grad():
+                    self._reduce(module, rec)
 
             output.register_hook(grad_hook)
             return output if rec.get("leaf") else None
@@ -194,7 +196,7 @@ class GhostClipper:
     def _records_in_order(self):
         for name, module in self.layers:
             rec = self._records.get(name)
-            if rec is None or "grad" not in rec:
+            if rec is None or "sq" not in rec:
                 continue  # the layer did not take part in this loss
             yield name, module, rec
 
@@ -202,33 +204,49 @@ class GhostClipper:
     def _ghost_is_cheaper(t: int, d_in: int, d_out: int) -> bool:
         return t * t * (d_in + d_out) < t * d_in * d_out
 
-    def _squared_norms(self, module: nn.Module, rec: dict) -> torch.Tensor:
-        g = rec["grad"]
-        a = rec["inputs"][0]
+    def _reduce(self, module: nn.Module, rec: dict) -> None:
+        """Called as soon as a layer's output gradient arrives (during the backward pass): the
+        layer's per-example squared norms, and the smallest form that later gives its clipped
+        gradient. Linear maps with fewer inputs than tokens (d_in <= T, e.g. MAE's decoder) keep
+        their per-example gradients (B, out, in), no larger than the output gradient, and free
+        the input and output gradient at once; the others keep (input, output gradient) for one
+        matrix product at the end. Small parameters (LayerNorm, LayerScale, tokens) are
+        materialised at once."""
+        g = rec.pop("grad")
+        inputs = rec.pop("inputs")
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            a3, g3 = rec["views"] = _linear_view(module, a, g)
+            a3, g3 = _linear_view(module, inputs[0], g)
             t, d_in, d_out = a3.shape[1], a3.shape[2], g3.shape[2]
-            if self._ghost_is_cheaper(t, d_in, d_out):
-                sq = (torch.bmm(a3, a3.mT) * torch.bmm(g3, g3.mT)).flatten(1).sum(dim=1)
+            if d_in <= t:
+                gw = torch.bmm(g3.mT, a3)  # (B, out, in)
+                per_sample = {module.weight: gw.reshape(gw.shape[0], *module.weight.shape)}
+                sq = gw.square().flatten(1).sum(dim=1)
+                if module.bias is not None:
+                    per_sample[module.bias] = gb = g3.sum(dim=1)
+                    sq = sq + gb.square().sum(dim=1)
+                rec["per_sample"] = per_sample
             else:
-                sq = torch.bmm(g3.mT, a3).square().flatten(1).sum(dim=1)
-            if module.bias is not None:
-                sq = sq + g3.sum(dim=1).square().sum(dim=1)
-            return sq
-        # Small parameters: materialise once and keep them for accumulate_clipped.
-        rec["per_sample"] = per_sample = self._materialised(module, rec)
+                if self._ghost_is_cheaper(t, d_in, d_out):
+                    sq = (torch.bmm(a3, a3.mT) * torch.bmm(g3, g3.mT)).flatten(1).sum(dim=1)
+                else:
+                    sq = torch.bmm(g3.mT, a3).square().flatten(1).sum(dim=1)
+                if module.bias is not None:
+                    sq = sq + g3.sum(dim=1).square().sum(dim=1)
+                rec["ag"] = (a3, g3)
+            rec["sq"] = sq
+            return
+        rec["per_sample"] = per_sample = self._materialised(module, inputs, g)
         total = None
         for gs in per_sample.values():
             sq = gs.reshape(gs.shape[0], -1).square().sum(dim=1)
             total = sq if total is None else total + sq
-        return total
+        rec["sq"] = total
 
     @staticmethod
-    def _materialised(module: nn.Module, rec: dict) -> dict[nn.Parameter, torch.Tensor]:
+    def _materialised(module: nn.Module, inputs: tuple, g: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         """Per-example gradients of small parameters (LayerNorm, token modules): (B, *shape)."""
-        g = rec["grad"]
         if isinstance(module, nn.LayerNorm):
-            x = rec["inputs"][0]
+            x = inputs[0]
             xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
             dims = tuple(range(1, x.dim() - len(module.normalized_shape)))
             out = {}
@@ -238,24 +256,23 @@ class GhostClipper:
                 out[module.bias] = g.sum(dim=dims) if dims else g
             return out
         if LAYER_SCALE and isinstance(module, LAYER_SCALE):  # y = x * gamma over (B, ..., D)
-            x = rec["inputs"][0]
+            x = inputs[0]
             return {module.gamma: (g * x).reshape(x.shape[0], -1, x.shape[-1]).sum(dim=1)}
-        return type(module).per_sample_grads(module, rec["inputs"], g)
+        return type(module).per_sample_grads(module, inputs, g)
 
     # ------------------------------------------------------------------ public
 
     def batch_size(self) -> int:
         for _, _, rec in self._records_in_order():
-            return rec["grad"].shape[0]
+            return rec["sq"].shape[0]
         return 0
 
     @torch.no_grad()
     def norms(self) -> torch.Tensor:
         """Per-example gradient norms over all parameters, shape [B]."""
         total = None
-        for _, module, rec in self._records_in_order():
-            sq = self._squared_norms(module, rec)
-            total = sq if total is None else total + sq
+        for _, _, rec in self._records_in_order():
+            total = rec["sq"] if total is None else total + rec["sq"]
         for gs in self._expanded_grads().values():
             sq = gs.reshape(gs.shape[0], -1).square().sum(dim=1)
             total = sq if total is None else total + sq
@@ -268,13 +285,13 @@ class GhostClipper:
         of the engine, not used in training."""
         out: dict[nn.Parameter, torch.Tensor] = {}
         for _, module, rec in self._records_in_order():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                a3, g3 = _linear_view(module, rec["inputs"][0], rec["grad"])
+            if "ag" in rec:
+                a3, g3 = rec["ag"]
                 out[module.weight] = torch.einsum("bto,bti->boi", g3, a3).reshape(g3.shape[0], *module.weight.shape)
                 if module.bias is not None:
                     out[module.bias] = g3.sum(dim=1)
             else:
-                out.update(self._materialised(module, rec))
+                out.update(rec["per_sample"])
         out.update({p: gs.unsqueeze(1) for p, gs in self._expanded_grads().items()})  # (B, 1, ...) = (B, *shape)
         return out
 
@@ -289,9 +306,9 @@ class GhostClipper:
         if coef is None:
             norms = self.norms()
             coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        for _, module, rec in self._records_in_order():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                a3, g3 = rec.get("views") or _linear_view(module, rec["inputs"][0], rec["grad"])
+        for name, module, rec in list(self._records_in_order()):
+            if "ag" in rec:
+                a3, g3 = rec.pop("ag")
                 # Scale whichever operand is smaller by the clipping coefficients.
                 scale_g = g3.shape[-1] <= a3.shape[-1]
                 if scale_g:
@@ -303,8 +320,9 @@ class GhostClipper:
                 if module.bias is not None:
                     grads[module.bias] = g3.sum(dim=(0, 1)) if scale_g else coef @ g3.sum(dim=1)
             else:
-                per_sample = rec.get("per_sample") or self._materialised(module, rec)
-                grads = {p: (coef @ gs.reshape(gs.shape[0], -1)).reshape(p.shape) for p, gs in per_sample.items()}
+                grads = {p: (coef @ gs.reshape(gs.shape[0], -1)).reshape(p.shape)
+                         for p, gs in rec.pop("per_sample").items()}
+            del self._records[name]  # free each layer's tensors as soon as its gradient is formed
             self._add_grads(grads)
         self._add_grads({p: (coef @ gs.reshape(gs.shape[0], -1)).reshape(p.shape)
                          for p, gs in self._expanded_grads().items()})
