@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 
@@ -59,46 +60,52 @@ class BatchDraws(Draws):
         return torch.rand(shape, generator=self.generator).to(self.device)
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """The SplitMix64 output function (Steele, Lea and Flood 2014), vectorised over uint64 arrays."""
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
 class RowStreams(Draws):
     """One independent stream per row, seeded by the row's key (see the module docstring).
 
-    Each row's generator draws a block of ``block`` numbers at a time; calls take columns from
-    the block, so a batch costs one small draw per row rather than one per random number.
+    The stream of a row is the counter-based SplitMix64 sequence of its key: number c of row r is
+    mix(key_r + (c + 1) * golden), computed for all rows at once, so a batch costs a few
+    vectorised operations however many rows it has (a torch.Generator per row would cost
+    thousands of object creations per batch). 24 bits per number give uniforms on a 2^-24 grid,
+    float32's resolution in [0, 1).
 
     Args:
         keys: one 63-bit seed per row (:func:`derive_seed` of what the row is).
         device: where the returned tensors live (the numbers are drawn on the CPU, so they are the
             same whatever the device).
-        block: numbers drawn per row at a time.
     """
 
-    def __init__(self, keys: Sequence[int], device: torch.device | str = "cpu", *, block: int = 64):
+    def __init__(self, keys: Sequence[int], device: torch.device | str = "cpu"):
         self.device = torch.device(device)
-        self.block = block
-        self.gens = [torch.Generator().manual_seed(int(k)) for k in keys]
-        self.buffer = torch.empty(len(self.gens), 0)
+        # spread the keys first, so nearby keys do not start nearby streams
+        self.keys = _splitmix64(np.asarray([int(k) for k in keys], dtype=np.uint64).reshape(-1))
         self.pos = 0
-        self.n = len(self.gens)
+        self.n = len(self.keys)
 
     @classmethod
-    def for_keys(cls, seed: int, keys: Sequence[Any], *tags: Any, device: torch.device | str = "cpu",
-                 block: int = 64) -> "RowStreams":
+    def for_keys(cls, seed: int, keys: Sequence[Any], *tags: Any, device: torch.device | str = "cpu") -> "RowStreams":
         """Streams for rows identified by ``keys`` (ids, (id, view) tuples...) under ``seed`` and ``tags``."""
-        return cls([derive_seed(seed, *tags, *(k if isinstance(k, tuple) else (k,))) for k in keys], device,
-                   block=block)
-
-    def _fill(self, need: int) -> None:
-        while self.buffer.shape[1] - self.pos < need:
-            more = torch.stack([torch.rand(self.block, generator=g) for g in self.gens]) if self.gens \
-                else torch.empty(0, self.block)
-            self.buffer = torch.cat([self.buffer[:, self.pos:], more], dim=1)
-            self.pos = 0
+        return cls([derive_seed(seed, *tags, *(k if isinstance(k, tuple) else (k,))) for k in keys], device)
 
     def rand(self, k: int | None = None) -> torch.Tensor:
         width = 1 if k is None else k
-        self._fill(width)
-        out = self.buffer[:, self.pos:self.pos + width]
+        counters = np.arange(self.pos + 1, self.pos + width + 1, dtype=np.uint64)
         self.pos += width
+        with np.errstate(over="ignore"):
+            bits = _splitmix64(self.keys[:, None] + counters[None, :] * _GOLDEN)
+        out = torch.from_numpy((bits >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24))
         out = out.to(self.device)
         return out[:, 0] if k is None else out
 

@@ -58,6 +58,16 @@ def _weights(run):
     return load_file(str(Path(run) / "model.safetensors"))
 
 
+def _init_weights(base):
+    from memlens.models import build_encoder
+    from memlens.rng import derive_seed
+
+    torch.manual_seed(derive_seed(base.get("seed", 0), "init"))
+    m = base["model"]
+    enc = build_encoder(m["arch"], image_size=8, in_chans=1, depth=m.get("depth"), embed_dim=m.get("embed_dim"))
+    return enc.state_dict()
+
+
 def test_ddp_training_equals_single_process(recipe, tmp_path):
     root, base = recipe
     cfg = _write(tmp_path, "mae", {**base, "subsets": "f"})
@@ -66,12 +76,12 @@ def test_ddp_training_equals_single_process(recipe, tmp_path):
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert set(a) == set(b)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 2e-5, worst
     rec = json.loads((tmp_path / "two" / "run.json").read_text())
     assert rec["environment"]["world_size"] == 2 and rec["environment"]["backend"] == "gloo"
-    # the training changed the weights (a no-op would pass the comparison above)
-    init = load_file(str(tmp_path / "one" / "model.safetensors"))
-    assert rec["history"][-1]["loss"] < rec["history"][0]["loss"] * 1.5 and len(init) > 0
+    # float rounding (gradients summed in another order, amplified by Adam's normalisation) is
+    # orders of magnitude below what training changed
+    moved = max((a[k] - v).abs().max().item() for k, v in _init_weights(base).items())
+    assert worst < 1e-4 and moved > 100 * worst, (worst, moved)
 
 
 def test_distributed_dp_training_equals_single_process(recipe, tmp_path):

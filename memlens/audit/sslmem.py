@@ -60,19 +60,28 @@ def pairwise_distances(views: torch.Tensor, *, views_per_point: int, metric: Dis
     Returns:
         (B, V, V) float64 distance matrices (zero diagonal).
 
-    The Gram matrix is formed in float64: nearly identical views would lose their distance to the
-    cancellation in 2 - 2 cos in float32. Its cost, V^2 D per point, is small next to the
-    encoder's forward passes of the V views.
+    The Gram matrix of the views, centred on their mean (distances are unchanged; identical views
+    become exact zeros), is formed in float32, the layer's own precision: it costs V^2 D per point
+    and one float32 copy of the output, small next to the encoder's forward passes. Pairs whose
+    squared distance comes out below 1e-3 (where 2 - 2 cos would lose digits to cancellation) are
+    recomputed from their explicit difference in float64.
     """
     v = views_per_point
     if views.shape[0] % v:
         raise ValueError(f"{views.shape[0]} rows are not a whole number of points with {v} views")
-    u = torch.nn.functional.normalize(views.reshape(views.shape[0] // v, v, -1).double(), dim=-1)
+    u = torch.nn.functional.normalize(views.reshape(views.shape[0] // v, v, -1).float(), dim=-1)
     if metric == "l1":
-        return torch.cdist(u, u, p=1)
-    gram = torch.bmm(u, u.transpose(1, 2))
+        return torch.cdist(u, u, p=1).double()
+    c = u - u.mean(dim=1, keepdim=True)
+    gram = torch.bmm(c, c.transpose(1, 2)).double()
     sq = gram.diagonal(dim1=1, dim2=2)
     d2 = (sq.unsqueeze(2) + sq.unsqueeze(1) - 2.0 * gram).clamp_min(0.0)
+    close = (d2 < 1e-3).triu(diagonal=1).nonzero()
+    if len(close):
+        b, i, j = close.unbind(1)
+        exact = (u[b, i].double() - u[b, j].double()).square().sum(dim=-1)
+        d2[b, i, j] = exact
+        d2[b, j, i] = exact
     if metric == "l2":
         d = d2.sqrt()
     elif metric == "cosine":
