@@ -1,0 +1,203 @@
+"""Canaries: atypical images planted on purpose, each in f's training data with probability 1/2.
+
+A canary set is made once from a seed and saved as a directory:
+
+* ``canaries.json``: version, seed, kinds, image shape, the ids and kind of every canary, and
+  the sha256 of the images (with ids) that makes the set verifiable;
+* ``canaries.npz``: the images (uint8, no pickle) and ids;
+* ``membership.json``: which canaries were drawn into f's training data (each independently with
+  probability ``p_include``, from its own seed). The audit scores every canary without reading
+  it; only the evaluation (:mod:`memlens.audit.privacy`) does.
+
+Kinds (the canary literature's two image kinds, sized to the data):
+
+* ``synthetic``: a high-frequency colour field with a bright blob, like nothing in the data
+  (its crops differ from one another, so only an encoder that saw it maps them together);
+* ``marked``: a real image of the data that no encoder trains on (the test part, else images left
+  out of the splits) with a unique square of colour noise pasted over a quarter of its area.
+
+Canaries never enter g's training data: g is the reference a member is compared with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from memlens.errors import MemlensError
+from memlens.io import read_json, sha256_bytes, write_json
+
+CanaryKind = Literal["synthetic", "marked"]
+KINDS = ("synthetic", "marked")
+SET_FILE, IMAGES_FILE, MEMBERSHIP_FILE = "canaries.json", "canaries.npz", "membership.json"
+
+
+class CanaryManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    kind: Literal["memlens-canaries"] = "memlens-canaries"
+    seed: int
+    m: int
+    kinds: list[CanaryKind]
+    image_shape: list[int]
+    data_fingerprint: str
+    ids: list[str]
+    canary_kind: list[CanaryKind]
+    sha256: str
+    p_include: float
+    membership_seed: int
+
+
+class Membership(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    set_sha256: str
+    p_include: float
+    included: list[str]
+
+
+class CanarySet:
+    """Canary images and ids (and, once read, which are members)."""
+
+    def __init__(self, manifest: CanaryManifest, images: np.ndarray, path: Path | None = None):
+        self.manifest, self.images, self.path = manifest, images, path
+
+    @property
+    def ids(self) -> list[str]:
+        return self.manifest.ids
+
+    def __len__(self) -> int:
+        return self.manifest.m
+
+    def membership(self) -> Membership:
+        """Which canaries f trained on (read from ``membership.json``: for training and evaluation)."""
+        if self.path is None:
+            raise MemlensError("this canary set has not been saved; its membership is not recorded")
+        raw = read_json(self.path / MEMBERSHIP_FILE, what="canary membership")
+        mem = Membership.model_validate(raw)
+        if mem.set_sha256 != self.manifest.sha256:
+            raise MemlensError(f"{self.path / MEMBERSHIP_FILE} belongs to another canary set")
+        return mem
+
+    def member_rows(self) -> np.ndarray:
+        included = set(self.membership().included)
+        return np.array([k for k, i in enumerate(self.ids) if i in included], dtype=np.int64)
+
+
+def _images_hash(images: np.ndarray, ids: list[str]) -> str:
+    return sha256_bytes(np.ascontiguousarray(images).tobytes() + "\0".join(ids).encode())
+
+
+def _synthetic(rng: np.random.Generator, s: int, c: int) -> np.ndarray:
+    yy, xx = np.meshgrid(np.linspace(0, 1, s, endpoint=False), np.linspace(0, 1, s, endpoint=False), indexing="ij")
+    field = np.zeros((s, s, c))
+    for _ in range(4):
+        fy, fx = rng.integers(2, max(3, s // 2), size=2)
+        phase = rng.uniform(0, 2 * np.pi)
+        field += np.sin(2 * np.pi * (fy * yy + fx * xx) + phase)[..., None] * rng.uniform(-1, 1, size=c)
+    cy, cx = rng.uniform(0.15, 0.85, size=2)
+    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.12 ** 2))[..., None] * rng.uniform(-1, 1, size=c)
+    img = 0.5 + 0.3 * field + 0.5 * blob + rng.normal(0, 0.05, size=(s, s, c))
+    return np.rint(img.clip(0, 1) * 255).astype(np.uint8)
+
+
+def _marked(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
+    s, _, c = base.shape
+    side = max(2, s // 2)  # a quarter of the area
+    top, left = rng.integers(0, s - side + 1, size=2)
+    out = base.copy()
+    out[top:top + side, left:left + side] = rng.integers(0, 256, size=(side, side, c), dtype=np.uint8)
+    return out
+
+
+def make_canaries(dataset, *, m: int, kinds: list[str], seed: int = 0, p_include: float = 0.5,
+                  exclude_ids: set[str] | None = None) -> CanarySet:
+    """Draw ``m`` canaries of the given kinds (cycled) at the data's size and channels.
+
+    Args:
+        dataset: the :class:`~memlens.data.Dataset` the canaries join.
+        m: number of canaries.
+        kinds: ``synthetic`` and/or ``marked``.
+        seed: everything (images, kinds, membership) follows from it.
+        p_include: probability that a canary is in f's training data.
+        exclude_ids: images that train an encoder (S_S, S_C, S_I): never bases of marked canaries.
+
+    Raises:
+        MemlensError: unknown kinds, or no image to mark.
+    """
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise MemlensError(f"unknown canary kind(s) {bad or kinds}; valid: {', '.join(KINDS)}")
+    if m < 2:
+        raise MemlensError("a canary set needs at least 2 canaries (members and non-members)")
+    rng = np.random.default_rng([seed, 0xCA7A])
+    s, c = dataset.image_size, dataset.channels
+    exclude = exclude_ids or set()
+    pool = [k for k, i in enumerate(dataset.ids) if i not in exclude]
+    test = [k for k in pool if dataset.parts[k] == "test"]
+    bases = test or pool
+    if "marked" in kinds and not bases:
+        raise MemlensError("no image is left outside the training subsets to make 'marked' canaries from")
+    images, ids, kind_of = [], [], []
+    for j in range(m):
+        kind = kinds[j % len(kinds)]
+        images.append(_synthetic(rng, s, c) if kind == "synthetic" else
+                      _marked(rng, dataset.images[bases[int(rng.integers(len(bases)))]]))
+        ids.append(f"canary/{j:05d}")
+        kind_of.append(kind)
+    arr = np.stack(images)
+    manifest = CanaryManifest(seed=seed, m=m, kinds=list(kinds), image_shape=list(arr.shape[1:]),
+                              data_fingerprint=dataset.fingerprint, ids=ids, canary_kind=kind_of,
+                              sha256=_images_hash(arr, ids), p_include=p_include, membership_seed=seed)
+    return CanarySet(manifest, arr)
+
+
+def save_canaries(canaries: CanarySet, out_dir: str | Path) -> Path:
+    """Write the set and its membership draw (see the module docstring)."""
+    import io
+
+    from memlens.io import atomic_write_bytes
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    man = canaries.manifest
+    buf = io.BytesIO()
+    np.savez(buf, x=canaries.images, ids=np.array(man.ids))
+    atomic_write_bytes(out / IMAGES_FILE, buf.getvalue())
+    rng = np.random.default_rng([man.membership_seed, 0x1D])
+    draws = rng.random(man.m) < man.p_include
+    included = [i for i, d in zip(man.ids, draws, strict=True) if d]
+    write_json(out / MEMBERSHIP_FILE, Membership(set_sha256=man.sha256, p_include=man.p_include,
+                                                 included=included).model_dump())
+    write_json(out / SET_FILE, man.model_dump())
+    canaries.path = out
+    return out
+
+
+def load_canaries(path: str | Path, *, dataset=None) -> CanarySet:
+    """Read and verify a canary set directory (images against the recorded sha256).
+
+    Raises:
+        MemlensError: missing or altered files, or a set made for other data.
+    """
+    path = Path(path)
+    raw = read_json(path / SET_FILE, what="canary set")
+    if not isinstance(raw, dict) or raw.get("kind") != "memlens-canaries":
+        raise MemlensError(f"{path / SET_FILE} is not a memlens canary set")
+    man = CanaryManifest.model_validate(raw)
+    try:
+        with np.load(path / IMAGES_FILE, allow_pickle=False) as z:
+            images, ids = z["x"], [str(i) for i in z["ids"].tolist()]
+    except (OSError, ValueError, KeyError) as exc:
+        raise MemlensError(f"{path / IMAGES_FILE} is not a readable canary image file: {exc}") from None
+    if ids != man.ids or _images_hash(images, ids) != man.sha256:
+        raise MemlensError(f"{path / IMAGES_FILE} does not match {SET_FILE} (sha256 differs): the canaries were altered")
+    if dataset is not None and man.data_fingerprint != dataset.fingerprint:
+        raise MemlensError(f"canary set {path} was made for other data (fingerprint {man.data_fingerprint[:12]}, "
+                           f"this data is {dataset.fingerprint[:12]})")
+    return CanarySet(man, images, path)
