@@ -17,6 +17,9 @@ from memlens.errors import MemlensError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audit self-supervised vision encoders for memorization of their training data.")
+dp_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                     help="Differential-privacy tools.")
+app.add_typer(dp_app, name="dp")
 
 
 def _cache_dir() -> Optional[str]:
@@ -29,7 +32,7 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def command(fn):
+def command(fn, *, on=None):
     """Register a command whose MemlensError becomes a one-line error and exit code 2."""
 
     @functools.wraps(fn)
@@ -42,7 +45,7 @@ def command(fn):
             sys.stderr.write("memlens: interrupted; completed work is kept (re-run with --resume to continue)\n")
             raise typer.Exit(130) from None
 
-    return app.command()(wrapper)
+    return (on or app).command()(wrapper)
 
 
 def _console():
@@ -239,6 +242,38 @@ def privacy(
     typer.echo(p.sentence())
 
 
+def selfcheck(
+    config: Path = typer.Option(..., "--config", "-c", help="a DP training YAML (the run to instrument)"),
+    m: int = typer.Option(20000, "--m", help="number of gradient canaries"),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write selfcheck.json here"),
+    dp_epsilon: Optional[float] = typer.Option(None, help="override the config's target epsilon"),
+):
+    """White-box self-check of DP-SGD: Dirac gradient canaries in one real training run.
+
+    Exit 0 when the empirical epsilon lower bound is below the accountant's epsilon, 1 when it is
+    above (the implementation leaks more than it claims).
+    """
+    from memlens.config import TrainConfig, load_yaml
+    from memlens.dp.selfcheck import selfcheck as run_selfcheck
+    from memlens.io import write_json
+
+    cfg = load_yaml(TrainConfig, config, overrides=_overrides({"dp.epsilon": dp_epsilon}))
+    r = run_selfcheck(cfg, m=m, seed=seed, cache_dir=_cache_dir())
+    if out is not None:
+        write_json(out / "selfcheck.json", r.to_dict())
+    lb = r.lower_bound
+    typer.echo(f"{r.m} gradient canaries ({r.n_in} included), {r.steps} steps at sample rate {r.sample_rate:.4f}, "
+               f"noise multiplier {r.noise_multiplier:.4f}")
+    typer.echo(f"canary AUC {r.auc:.3f}; epsilon lower bound {lb['epsilon']:.3f} (Gaussian f-DP), "
+               f"{r.lower_bound_other['epsilon']:.3f} (one-run), accountant epsilon {r.claimed_epsilon:.3f}")
+    typer.echo(("PASSED: " if r.passed else "FAILED: ") + r.message)
+    raise typer.Exit(0 if r.passed else 1)
+
+
+command(selfcheck, on=dp_app)
+
+
 # ----------------------------------------------------------------------------- sweep
 
 
@@ -429,6 +464,53 @@ def export(
     spec = export_run(run_dir, to)
     typer.echo(f"wrote {to}; audit it as:")
     typer.echo("  " + json.dumps(spec))
+
+
+@command
+def canaries(
+    out: Path = typer.Option(..., "--out", "-o", help="canary set directory to write"),
+    splits: Optional[Path] = typer.Option(None, help="splits.json: its data, and the images marked canaries must "
+                                                     "not be made from"),
+    source: Optional[str] = typer.Option(None, help="data source, without --splits"),
+    data_path: Optional[str] = typer.Option(None, "--data", help="data path, without --splits"),
+    m: int = typer.Option(200, "--m", help="number of canaries"),
+    kinds: str = typer.Option("synthetic,marked", help="synthetic and/or marked"),
+    seed: int = typer.Option(0),
+    p_include: float = typer.Option(0.5, help="probability that a canary joins f's training data"),
+    force: bool = typer.Option(False, "--force"),
+):
+    """Make a canary set: atypical images, each drawn into f's training data with probability 1/2.
+
+    Train f with it (canaries: DIR in the training YAML); the audit then reports canary
+    membership inference and an empirical epsilon lower bound.
+    """
+    from memlens.audit.api import data_config_for_path
+    from memlens.config import CanaryConfig, DataConfig, validate
+    from memlens.data import Splits, load
+    from memlens.data.canaries import make_canaries, save_canaries
+    from memlens.io import read_json
+
+    if out.exists() and any(out.iterdir()) and not force:
+        raise MemlensError(f"{out} already holds files; pass --force to overwrite it")
+    c = validate(CanaryConfig, {"m": m, "kinds": [k.strip() for k in kinds.split(",") if k.strip()], "seed": seed,
+                                "p_include": p_include}, source="options")
+    exclude: set[str] = set()
+    if splits is not None:
+        raw = read_json(splits, what="splits file")
+        if not raw.get("data"):
+            raise MemlensError(f"{splits} records no data source; give --source/--data instead")
+        data = validate(DataConfig, raw["data"], source=f"{splits}: data")
+        dataset = load(data, cache_dir=_cache_dir())
+        sp = Splits.load(splits, dataset)
+        exclude = set(sp.ids("S_S", "S_C", "S_I"))
+    else:
+        data = data_config_for_path(data_path) if data_path else DataConfig(source=source or "digits")
+        dataset = load(data, cache_dir=_cache_dir())
+    cset = make_canaries(dataset, m=c.m, kinds=list(c.kinds), seed=c.seed, p_include=c.p_include,
+                         exclude_ids=exclude)
+    save_canaries(cset, out)
+    typer.echo(f"wrote {out}: {c.m} canaries ({', '.join(c.kinds)}), {len(cset.membership().included)} drawn into f's "
+               f"training data; sha256 {cset.manifest.sha256[:16]}")
 
 
 # ----------------------------------------------------------------------------- report

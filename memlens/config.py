@@ -220,6 +220,8 @@ class TrainConfig(Strict):
     simsiam: SimSiamConfig = SimSiamConfig()
     dino: DINOConfig = DINOConfig()
     dp: DPConfig | None = None
+    canaries: str | None = Field(None, description="canary set directory (memlens canaries): the canaries drawn "
+                                                   "in join f's training data; g never sees any")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast of the forward passes "
                                                                           "(DP-SGD runs in fp32)")
@@ -474,6 +476,36 @@ def encoder_spec(v: Any) -> Any:
     return {"model": v} if isinstance(v, str) else v
 
 
+class PrivacySettings(Strict):
+    """How canary and membership scores become empirical privacy figures (memlens.audit.privacy)."""
+
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="1 - beta of the epsilon lower bound and intervals")
+    method: Literal["fdp", "one-run"] = Field("fdp", description="fdp: Gaussian f-DP one-run bound (Mahloujifar et "
+                                                                 "al.); one-run: Steinke et al.'s bound")
+    strategy: str = Field("grid", description="how many to guess: grid (fixed fractions, Bonferroni), bonferroni "
+                                              "(every threshold), split, or top:<k>")
+    delta: float | None = Field(None, gt=0, lt=1, description="delta of the bound; default: the f encoders' DP "
+                                                              "delta, else 1/(10 N)")
+    bootstrap: int = Field(1000, ge=0)
+    mae_masks: int = Field(4, ge=1, description="fixed masks per image for MAE reconstruction scores")
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        if v in ("grid", "bonferroni", "split") or (v.startswith("top:") and v[4:].isdigit() and int(v[4:]) > 0):
+            return v
+        raise ValueError(f"unknown strategy '{v}'; valid: grid, bonferroni, split, top:<k>")
+
+
+class CanaryConfig(Strict):
+    """A canary set to make (``memlens canaries``, or a pipeline's ``canaries:`` section)."""
+
+    m: int = Field(200, ge=2, description="number of canaries")
+    kinds: list[Literal["synthetic", "marked"]] = Field(["synthetic", "marked"], min_length=1)
+    seed: int = 0
+    p_include: float = Field(0.5, gt=0, lt=1, description="probability that a canary joins f's training data")
+
+
 class ReliabilitySettings(Strict):
     target: float = Field(0.9, gt=0, lt=1, description="split-half (Spearman-Brown) reliability the report asks for")
     max_views: int = Field(64, ge=4, description="budget of views per point for views: auto")
@@ -500,6 +532,9 @@ class AuditConfig(Strict):
                                                          "pooled for timm, output for py:")
     layers: list[str] | None = Field(None, description="shell globs on module paths; default: discovered layers")
     reliability: ReliabilitySettings = ReliabilitySettings()
+    canaries: str | None = Field(None, description="canary set directory; default: the one the f runs trained "
+                                                   "with")
+    privacy: PrivacySettings = PrivacySettings()
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     workers: int = Field(0, ge=0, description="DataLoader workers gathering image batches")
@@ -571,6 +606,7 @@ class PipelineConfig(Strict):
     dp: SweepDP = SweepDP()
     extra_seeds: list[int] = []
     audit: dict[str, Any] = Field({}, description="audit settings (AuditConfig fields, without f, g and splits)")
+    canaries: CanaryConfig | None = Field(None, description="plant canaries in f's training data")
     probe: bool = True
     policy: str | None = Field(None, description="policy file for the gate (and the report's verdict)")
     report: ReportSettings = ReportSettings()
@@ -582,10 +618,10 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _parts(self) -> "PipelineConfig":
-        for key in ("data", "splits", "subsets", "dp"):
+        for key in ("data", "splits", "subsets", "dp", "canaries"):
             if key in self.train:
-                raise ValueError(f"train.{key} is set by the pipeline; put it at the top level" if key in ("data", "dp")
-                                 else f"train.{key} is set by the pipeline")
+                raise ValueError(f"train.{key} is set by the pipeline; put it at the top level"
+                                 if key in ("data", "dp", "canaries") else f"train.{key} is set by the pipeline")
         for key in ("f", "g", "splits"):
             if key in self.audit:
                 raise ValueError(f"audit.{key} is set by the pipeline")
@@ -596,12 +632,12 @@ class PipelineConfig(Strict):
         _check_section(AuditConfig, {**self.audit, "f": ["-"], "g": ["-"], "splits": "-"}, "audit")
         return self
 
-    def train_config(self, splits_path: str) -> TrainConfig:
+    def train_config(self, splits_path: str, canaries_path: str | None = None) -> TrainConfig:
         return validate(TrainConfig, {**self.train, "data": self.data.model_dump(mode="json"), "splits": splits_path,
-                                      "subsets": "f"}, source="pipeline train")
+                                      "subsets": "f", "canaries": canaries_path}, source="pipeline train")
 
-    def sweep_config(self, splits_path: str) -> SweepConfig:
-        return SweepConfig(train=self.train_config(splits_path), epsilons=self.epsilons, dp=self.dp,
+    def sweep_config(self, splits_path: str, canaries_path: str | None = None) -> SweepConfig:
+        return SweepConfig(train=self.train_config(splits_path, canaries_path), epsilons=self.epsilons, dp=self.dp,
                            extra_seeds=self.extra_seeds)
 
     def audit_config(self, *, f: list[str], g: list[str], splits_path: str) -> AuditConfig:

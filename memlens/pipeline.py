@@ -70,7 +70,9 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
         fresh_splits = make_splits(dataset, config.split)
         fresh_splits.data = config.data
     splits_str = str(splits_path.resolve())
-    sweep_cfg = config.sweep_config(splits_str)
+    canaries_dir = out / "canaries" if config.canaries else None
+    canaries_str = str(canaries_dir.resolve()) if canaries_dir else None
+    sweep_cfg = config.sweep_config(splits_str, canaries_str)
     sweep_dir = out / "sweep"
     runs = plan_runs(sweep_cfg, sweep_dir)
     # Every privacy level must be able to train before the first one starts (the splits decide N).
@@ -78,7 +80,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
         with tempfile.TemporaryDirectory() as tmp:
             fresh_splits.save(Path(tmp) / "splits.json")
             check_sweep(plan_runs(config.sweep_config(str(Path(tmp) / "splits.json")), sweep_dir), dataset=dataset,
-                        cache_dir=cache_dir)
+                        cache_dir=cache_dir)  # without canaries: they are made after this check
     if main:
         claim_resumable_dir(out, marker=PIPELINE_FILE, config=config, what="pipeline", force=force)
     D.barrier()
@@ -94,6 +96,24 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
         D.barrier()
         result.stages["split"] = "done"
     say(f"split: {result.stages['split']}")
+
+    # 1b. canaries (made from the splits: marked canaries use images no encoder trains on)
+    if config.canaries:
+        from memlens.data.canaries import SET_FILE, load_canaries, make_canaries, save_canaries
+
+        if (canaries_dir / SET_FILE).is_file():
+            load_canaries(canaries_dir, dataset=dataset)
+            result.stages["canaries"] = "skipped (exists)"
+        else:
+            splits = Splits.load(splits_path, dataset)
+            c = config.canaries
+            cset = make_canaries(dataset, m=c.m, kinds=list(c.kinds), seed=c.seed, p_include=c.p_include,
+                                 exclude_ids=set(splits.ids("S_S", "S_C", "S_I")))
+            if main:
+                save_canaries(cset, canaries_dir)
+            D.barrier()
+            result.stages["canaries"] = f"{c.m} made"
+        say(f"canaries: {result.stages['canaries']}")
 
     # 2. training: f and g per epsilon
     total_epochs = len(runs) * sweep_cfg.train.epochs
@@ -169,7 +189,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
         result.files += [out / "gate.json", out / "gate.md", out / "junit.xml"]
         result.gate_passed, result.gate_exit = gate.passed, gate.exit_code
         result.stages["gate"] = "passed" if gate.passed else "FAILED"
-    result.files = [splits_path, sweep_dir, *audit_dirs, *result.files]
+    result.files = [splits_path, *([canaries_dir] if canaries_dir else []), sweep_dir, *audit_dirs, *result.files]
     result.seconds = time.perf_counter() - t0
     write_json(out / PIPELINE_FILE, {"version": 1, "config": config.model_dump(mode="json"), "stages": result.stages,
                         "seconds": round(result.seconds, 1), "gate_passed": result.gate_passed})

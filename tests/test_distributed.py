@@ -128,8 +128,8 @@ def test_distributed_dp_step_clipped_sum_and_noise(tmp_path):
 
 
 def test_sharded_audit_equals_single_process(recipe, tmp_path, digits):
-    from memlens.dp import train
     from memlens.config import TrainConfig
+    from memlens.dp import train
 
     root, base = recipe
     for side in ("f", "g"):

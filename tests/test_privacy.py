@@ -109,3 +109,38 @@ def test_threshold_strategies():
     assert top.guesses == 100 and top.thresholds_tried == 1
     with pytest.raises(ValueError, match="unknown threshold strategy"):
         epsilon_lower_bound(s[inc], s[~inc], delta=1e-5, strategy="best")
+def test_bootstrap_auc_fast_path_equals_sklearn():
+    from memlens.audit.privacy import _auc_ranks
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0.2, 1, 40).round(1), rng.normal(0, 1, 60).round(1)  # rounded: many ties
+    assert _auc_ranks(a, b) == pytest.approx(auc(a, b))
+
+
+# ----------------------------------------------------------------------------- DP-SGD self-check
+
+SELFCHECK = {"framework": "mae", "subsets": "all", "epochs": 4, "batch_size": 512,
+             "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "mae": {"decoder_dim": 16}}
+
+
+def test_selfcheck_finds_a_leak_within_the_claim(digits):
+    from memlens.config import TrainConfig
+    from memlens.dp.selfcheck import selfcheck
+
+    r = selfcheck(TrainConfig.model_validate({**SELFCHECK, "dp": {"epsilon": 50.0}}), m=20000, dataset=digits)
+    best = max(r.lower_bound["epsilon"], r.lower_bound_other["epsilon"])
+    assert r.passed and 2.0 < best <= r.claimed_epsilon <= 50.0
+    assert r.auc > 0.8 and r.n_in == pytest.approx(10000, abs=300)
+
+
+def test_selfcheck_catches_a_trainer_that_adds_too_little_noise(digits, monkeypatch):
+    from memlens.config import TrainConfig
+    from memlens.dp.optimizer import FusedDPOptimizer
+    from memlens.dp.selfcheck import selfcheck
+
+    honest = FusedDPOptimizer.noise_std
+    # a bug behind the accountant's back: a tenth of the noise the accountant assumes
+    monkeypatch.setattr(FusedDPOptimizer, "noise_std", lambda self: honest(self) / 10)
+    r = selfcheck(TrainConfig.model_validate({**SELFCHECK, "dp": {"epsilon": 2.0}}), m=20000, dataset=digits)
+    assert not r.passed and "ABOVE the accountant's epsilon" in r.message
+    assert max(r.lower_bound["epsilon"], r.lower_bound_other["epsilon"]) > r.claimed_epsilon

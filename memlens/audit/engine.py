@@ -208,6 +208,7 @@ class _Batches(torch.utils.data.Dataset):
 class _Ctx:
     cfg: AuditConfig
     dataset: Dataset
+    images: np.ndarray  # the dataset's images, then the canaries' (rows index this array)
     rows: np.ndarray
     ids: list[str]
     subset_of: np.ndarray
@@ -223,7 +224,7 @@ class _Ctx:
 
     def loader(self, positions: np.ndarray):
         batches = [positions[k:k + self.cfg.batch_points] for k in range(0, len(positions), self.cfg.batch_points)]
-        ds = _Batches(self.dataset.images, [self.rows[b] for b in batches])
+        ds = _Batches(self.images, [self.rows[b] for b in batches])
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.workers,
                                              pin_memory=self.device.type == "cuda")
         for pos, images in zip(batches, loader, strict=True):
@@ -416,13 +417,21 @@ def _audit(cfg: AuditConfig, f: list[AuditEncoder], g: list[AuditEncoder], split
     unit_layers = [s.name for s in specs if s.is_unit_layer or cfg.unitmem.signed != "exclude"]
 
     rows, subset_of, ids = _choose_points(splits, dataset, cfg)
+    n_nat = len(rows)
+    cset = _canary_set(cfg, f, dataset)
+    images = dataset.images
+    if cset is not None:  # canaries are scored like any point, after the natural ones
+        rows = np.concatenate([rows, len(images) + np.arange(len(cset))])
+        subset_of = np.concatenate([subset_of, np.full(len(cset), "canary")])
+        ids = ids + list(cset.ids)
+        images = np.concatenate([images, cset.images])
     n = len(rows)
     dprime = np.isin(subset_of, cfg.unitmem.subsets)
     dprime_pos = np.where(dprime, np.cumsum(dprime) - 1, -1)
     dprime_ids = [ids[p] for p in np.flatnonzero(dprime)]
     labels = dataset.labels
     has_labels = labels is not None
-    ctx = _Ctx(cfg=cfg, dataset=dataset, rows=rows, ids=ids, subset_of=subset_of, f=f, g=g, specs=specs,
+    ctx = _Ctx(cfg=cfg, dataset=dataset, images=images, rows=rows, ids=ids, subset_of=subset_of, f=f, g=g, specs=specs,
                unit_layers=unit_layers, device=device, dprime_pos=dprime_pos, progress=progress,
                modules={id(e): dict(e.module.named_modules()) for e in f + g})
     t_loaded = time.perf_counter()
@@ -468,16 +477,26 @@ def _audit(cfg: AuditConfig, f: list[AuditEncoder], g: list[AuditEncoder], split
                         for d in res["dist_f"]])
     align_g = np.stack([alignment_from_distances(torch.from_numpy(d).double(), cfg.pairing).numpy()
                         for d in res["dist_g"]])
-    af, ag = align_f.mean(axis=0), align_g.mean(axis=0)
+    af_all, ag_all = align_f.mean(axis=0), align_g.mean(axis=0)
+    recon = _mae_scores(ctx, f, g)
+    t_mae = time.perf_counter()
+    canary_table, privacy = _privacy(ctx, cset, f, af_all, ag_all, recon, n_nat, dataset)
+    t_privacy = time.perf_counter()
+    # the natural points: everything below is about them
+    align_f, align_g = align_f[:, :n_nat], align_g[:, :n_nat]
+    af, ag = af_all[:n_nat], ag_all[:n_nat]
+    rows, subset_of, ids = rows[:n_nat], subset_of[:n_nat], ids[:n_nat]
     raw = ag - af
     range_norm = range_normalize(torch.from_numpy(raw)).numpy()
     sym = symmetric_normalize(torch.from_numpy(af), torch.from_numpy(ag)).numpy()
-    topk_freq = np.full(n, np.nan)
+    topk_freq = np.full(n_nat, np.nan)
     topk_freq[cand] = freq
     points = pd.DataFrame({"id": ids, "subset": subset_of,
                            "label": [dataset.class_names[labels[r]] if has_labels else "" for r in rows],
                            "align_f": af, "align_g": ag, "sslmem": raw, "sslmem_range_norm": range_norm,
                            "sslmem_sym_norm": sym})
+    if recon is not None:
+        points["mae_f"], points["mae_g"] = recon[0][:n_nat], recon[1][:n_nat]
     points["rank"] = points.groupby("subset")["sslmem"].rank(ascending=False, method="first").astype(int)
     points["requested"] = points["id"].isin(set(splits.requested))
     points["topk_freq"] = topk_freq
@@ -634,14 +653,138 @@ def _audit(cfg: AuditConfig, f: list[AuditEncoder], g: list[AuditEncoder], split
         requested_points=points[points["requested"]].to_dict(orient="records"),
         tests=[t.to_dict() for t in tests],
         consistency={"layers": cons_layers, "seeds": cons_seeds},
+        privacy=privacy,
         timings={"load": round(t_loaded - t_start, 3), "pass": round(t_pass - t_loaded, 3),
-                 "unit_pass": round(t_units - t_pass, 3), "top_least_pass": round(t_topleast - t_units, 3),
+                 "mae_scores": round(t_mae - t_units, 3), "privacy": round(t_privacy - t_mae, 3),
+                 "unit_pass": round(t_units - t_pass, 3), "top_least_pass": round(t_topleast - t_privacy, 3),
                  "stats": round(t_stats - t_topleast, 3), "total": round(time.perf_counter() - t_start, 3),
                  "images_forwarded": float(ctx.forwards)})
     tests_df = pd.DataFrame([t.to_dict() for t in tests],
                             columns=["name", "hypothesis", "statistic", "p_value", "effect_size", "method", "n_a",
                                      "n_b", "p_holm"])
-    return AuditResult(summary, points, layers, units, tests_df)
+    return AuditResult(summary, points, layers, units, tests_df, canaries=canary_table)
+
+
+def _canary_set(cfg: AuditConfig, f: list[AuditEncoder], dataset: Dataset):
+    """The canary set of the audit: the config's, else the one the f runs trained with (None without)."""
+    from memlens.data.canaries import load_canaries
+
+    path = cfg.canaries
+    if path is None:
+        recorded = {(r.record.canaries or {}).get("path") for r in f if r.record is not None}
+        recorded.discard(None)
+        if len(recorded) > 1:
+            raise MemlensError("the f runs trained with different canary sets; give the one to score with canaries:")
+        path = recorded.pop() if recorded else None
+    if path is None:
+        return None
+    cset = load_canaries(path, dataset=dataset)
+    for r in f:
+        rc = (r.record.canaries or {}) if r.record is not None else {}
+        if rc and rc.get("sha256") != cset.manifest.sha256:
+            raise MemlensError(f"run {r.label} trained with another canary set than {path}")
+    return cset
+
+
+def _mae_scores(ctx: _Ctx, f: list[AuditEncoder], g: list[AuditEncoder]) -> tuple[np.ndarray, np.ndarray] | None:
+    """MAE reconstruction loss of every point, averaged over fixed masks and over encoders:
+    (f, g), each (n,). Only for memlens MAE runs, whose decoder the run kept; None otherwise.
+
+    Each point is reconstructed unaugmented with ``privacy.mae_masks`` masks drawn from its own key,
+    the same masks for f and g (so f - g compares like with like)."""
+    from memlens.train.run import load_objective
+
+    encs = f + g
+    if not all(e.record is not None and e.record.config.framework == "mae" for e in encs):
+        return None
+    try:
+        objectives = [load_objective(e.info["path"]).to(ctx.device) for e in encs]
+    except MemlensError:
+        return None
+    masks = ctx.cfg.privacy.mae_masks
+    mine = D.shard(np.arange(len(ctx.rows)))
+    out = np.zeros((len(encs), len(mine)))
+    done = 0
+    for pos, images in ctx.loader(mine):
+        local = np.arange(done, done + len(pos))
+        done += len(pos)
+        x = Augmenter.to_float(images)
+        for r in range(masks):
+            keys = [derive_seed(ctx.cfg.seed, "mae-mask", ctx.ids[p], r) for p in pos]
+            for k, (enc, obj) in enumerate(zip(encs, objectives, strict=True)):
+                noise = RowStreams(keys, ctx.device).rand(obj.encoder.num_patches)
+                with autocast(ctx.device, ctx.cfg.precision):
+                    loss = obj.losses_on_views(enc.prepare(x), None, noise)
+                out[k, local] += loss.float().cpu().numpy() / masks
+    parts = D.all_gather_object(out)
+    out = np.concatenate(parts, axis=1)
+    return out[:len(f)].mean(axis=0), out[len(f):].mean(axis=0)
+
+
+def _privacy(ctx: _Ctx, cset, f: list[AuditEncoder], af: np.ndarray, ag: np.ndarray,
+             recon: tuple[np.ndarray, np.ndarray] | None, n_nat: int, dataset: Dataset):
+    """The canary table and the empirical privacy summary (membership read only here)."""
+    from memlens.audit.privacy import epsilon_lower_bound, membership_metrics
+
+    cfg = ctx.cfg.privacy
+    dp = [e.record.dp if e.record is not None else None for e in f]
+    claimed_eps = [d.get("epsilon_spent") for d in dp if d] if all(dp) else []
+    claimed_delta = [d.get("delta") for d in dp if d] if all(dp) else []
+    declared = [e.info.get("declared_dp") for e in f]
+    if not claimed_eps and all(declared):
+        claimed_eps = [d["epsilon"] for d in declared]
+        claimed_delta = [d["delta"] for d in declared]
+    n_train = max((e.record.train_points for e in f if e.record is not None), default=len(dataset))
+    delta = cfg.delta or (max(claimed_delta) if claimed_delta else 1.0 / (10 * n_train))
+    seed = derive_seed(ctx.cfg.seed, "privacy") % 2**32
+
+    scores_all = {"sslmem": ag - af, "neg_align_f": -af}
+    if recon is not None:
+        scores_all["mae_ref"] = recon[1] - recon[0]
+        scores_all["neg_mae_f"] = -recon[0]
+    primary = "mae_ref" if recon is not None else "sslmem"
+    out: dict = {"primary_score": primary, "delta": delta, "confidence": cfg.confidence,
+                 "claimed_epsilon": max(claimed_eps) if claimed_eps else None,
+                 "claimed_delta": max(claimed_delta) if claimed_delta else None,
+                 "scores": {"sslmem": "align_g - align_f (reference g)", "neg_align_f": "-align_f (f alone)",
+                            "mae_ref": "reconstruction loss on g - on f (reference g)",
+                            "neg_mae_f": "-reconstruction loss on f (f alone)"}}
+    # natural membership: S_C (f trained on them) against S_E (neither trained on them)
+    sub = ctx.subset_of[:n_nat]
+    members, others = sub == "S_C", sub == "S_E"
+    if members.any() and others.any():
+        out["natural"] = {"members": "S_C", "non_members": "S_E",
+                          "metrics": {k: membership_metrics(v[:n_nat][members], v[:n_nat][others], score=k,
+                                                            bootstrap=cfg.bootstrap, confidence=cfg.confidence,
+                                                            seed=seed).to_dict() for k, v in scores_all.items()}}
+    if cset is None:
+        return None, out
+    mem = cset.membership()
+    included = np.isin(np.array(cset.ids), mem.included)
+    table = pd.DataFrame({"id": cset.ids, "kind": cset.manifest.canary_kind, "included": included,
+                          "score_ref": scores_all["sslmem"][n_nat:], "score_f": scores_all["neg_align_f"][n_nat:],
+                          "align_f": af[n_nat:], "align_g": ag[n_nat:]})
+    if recon is not None:
+        table["score_mae_ref"] = scores_all["mae_ref"][n_nat:]
+        table["score_mae_f"] = scores_all["neg_mae_f"][n_nat:]
+    canary_scores = {k: v[n_nat:] for k, v in scores_all.items()}
+    metrics = {}
+    if included.any() and (~included).any():
+        metrics = {k: membership_metrics(v[included], v[~included], score=k, bootstrap=cfg.bootstrap,
+                                         confidence=cfg.confidence, seed=seed).to_dict()
+                   for k, v in canary_scores.items()}
+        prim = canary_scores[primary]
+        bound = epsilon_lower_bound(prim[included], prim[~included], delta=delta, confidence=cfg.confidence,
+                                    method=cfg.method, strategy=cfg.strategy, seed=seed)
+        other = epsilon_lower_bound(prim[included], prim[~included], delta=delta, confidence=cfg.confidence,
+                                    method="one-run" if cfg.method == "fdp" else "fdp", strategy=cfg.strategy,
+                                    seed=seed)
+        out["epsilon_lower_bound"] = bound.to_dict()
+        out["epsilon_lower_bound_other"] = other.to_dict()
+    out["canaries"] = {"path": str(cset.path), "sha256": cset.manifest.sha256, "m": len(cset),
+                       "kinds": cset.manifest.kinds, "n_in": int(included.sum()), "n_out": int((~included).sum()),
+                       "metrics": metrics}
+    return table, out
 
 
 def _now() -> str:

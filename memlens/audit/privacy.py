@@ -38,7 +38,6 @@ from functools import lru_cache
 import numpy as np
 from scipy import optimize, special, stats
 
-
 # ----------------------------------------------------------------------------- membership inference
 
 
@@ -85,6 +84,15 @@ def auc(in_scores, out_scores) -> float:
     return float(roc_auc_score(np.r_[np.ones(len(a)), np.zeros(len(b))], np.r_[a, b]))
 
 
+def _auc_ranks(a: np.ndarray, b: np.ndarray) -> float:
+    """AUC as Mann-Whitney U / (n_a n_b), counting each b below an a and half of each tie, by binary
+    search in the sorted b: the bootstrap's fast path, equal to ``auc``."""
+    bs = np.sort(b)
+    below = np.searchsorted(bs, a, side="left")
+    ties = np.searchsorted(bs, a, side="right") - below
+    return float((below.sum() + 0.5 * ties.sum()) / (len(a) * len(b)))
+
+
 def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     if n == 0:
         return (float("nan"), float("nan"))
@@ -120,7 +128,7 @@ def membership_metrics(in_scores, out_scores, *, score: str, fprs: tuple[float, 
         raise ValueError("membership metrics need scores of members and of non-members")
     value = auc(a, b)
     rng = np.random.default_rng(seed)
-    boots = [auc(rng.choice(a, len(a)), rng.choice(b, len(b))) for _ in range(bootstrap)]
+    boots = [_auc_ranks(rng.choice(a, len(a)), rng.choice(b, len(b))) for _ in range(bootstrap)]
     alpha = (1 - confidence) / 2
     ci = (float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))) if boots else (value, value)
     f, t, _ = _roc(a, b)

@@ -29,6 +29,7 @@ from memlens.rng import derive_seed
 from memlens.train.objectives import Objective, build_objective
 from memlens.train.run import (
     CHECKPOINT_FILE,
+    HEADS_FILE,
     MODEL_FILE,
     RUN_FILE,
     RunRecord,
@@ -36,6 +37,7 @@ from memlens.train.run import (
     now,
     read_run,
     save_checkpoint,
+    save_heads,
     save_weights,
     versions,
     write_run,
@@ -56,6 +58,7 @@ class Prepared:
     labels: torch.Tensor | None
     mean: list[float]
     std: list[float]
+    canaries: dict | None = None
 
 
 def prepare(config: TrainConfig, *, cache_dir: str | Path | None = None, dataset: Dataset | None = None) -> Prepared:
@@ -76,9 +79,25 @@ def prepare(config: TrainConfig, *, cache_dir: str | Path | None = None, dataset
     if len(rows) < 2:
         raise MemlensError("fewer than two training images selected")
     mean, std = dataset.normalization()
-    labels = torch.from_numpy(dataset.labels) if dataset.labels is not None else None
+    images, labels = dataset.images, dataset.labels
+    canaries = None
+    if config.canaries:
+        from memlens.data.canaries import load_canaries
+
+        cset = load_canaries(config.canaries, dataset=dataset)
+        # Canaries join the side that trains on the candidates (f); g, the reference, never sees one.
+        members = cset.member_rows() if "S_C" in subsets else np.zeros(0, dtype=np.int64)
+        n = len(images)
+        images = np.concatenate([images, cset.images])
+        if labels is not None:  # a supervised canary gets a random class: a mislabelled, atypical point
+            rng = np.random.default_rng([cset.manifest.seed, 0x1AB])
+            labels = np.concatenate([labels, rng.integers(0, len(dataset.class_names), len(cset))])
+        rows = np.concatenate([rows, n + members])
+        canaries = {"path": str(Path(config.canaries).resolve()), "sha256": cset.manifest.sha256,
+                    "m": len(cset), "members_trained": int(len(members))}
     return Prepared(dataset=dataset, splits=splits, splits_path=config.splits, subsets=subsets, rows=rows,
-                    images=torch.from_numpy(dataset.images), labels=labels, mean=mean, std=std)
+                    images=torch.from_numpy(images), labels=torch.from_numpy(labels) if labels is not None else None,
+                    mean=mean, std=std, canaries=canaries)
 
 
 def make_optimizer(config: TrainConfig, objective: Objective) -> torch.optim.Optimizer:
@@ -148,6 +167,7 @@ def _record(config: TrainConfig, prepared: Prepared, encoder: nn.Module, device:
                "layers": len(encoder.layer_specs())},
         environment={"device": describe_device(device), "precision": config.precision, "world_size": D.world_size(),
                      "backend": D.backend()},
+        canaries=prepared.canaries,
         warnings=warnings, versions=versions(), created=now(), updated=now())
 
 
@@ -301,6 +321,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     if main:
         save_weights(out / MODEL_FILE, encoder, metadata={"arch": config.model.arch, "format": "memlens-encoder-1"})
         record.model_sha256 = sha256_file(out / MODEL_FILE)
+        save_heads(out / HEADS_FILE, objective)
         write_run(out, record)
         (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     D.barrier()

@@ -27,6 +27,7 @@ from memlens.io import atomic_write_bytes, read_json, write_json
 RUN_FILE = "run.json"
 MODEL_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
+HEADS_FILE = "heads.safetensors"
 
 
 class RunRecord(BaseModel):
@@ -49,6 +50,7 @@ class RunRecord(BaseModel):
     environment: dict[str, Any] = {}
     warnings: list[str] = []
     model_sha256: str | None = None
+    canaries: dict[str, Any] | None = None
     dp: dict[str, Any] | None = None
     probe: dict[str, Any] | None = None
     message: str | None = None
@@ -97,6 +99,38 @@ def write_run(run_dir: str | Path, record: RunRecord) -> None:
 def save_weights(path: str | Path, module: nn.Module, *, metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
     atomic_write_bytes(path, save(tensors, metadata=metadata or {}))
+
+
+def save_heads(path: str | Path, objective: nn.Module) -> None:
+    """What the objective trained besides the encoder (MAE's decoder, projection heads): the
+    audit's MAE reconstruction scores need the decoder."""
+    tensors = {k: v.detach().contiguous().clone() for k, v in objective.state_dict().items()
+               if not k.startswith("encoder.")}
+    if tensors:
+        atomic_write_bytes(path, save(tensors, metadata={"format": "memlens-heads-1"}))
+
+
+def load_objective(run_dir: str | Path) -> nn.Module:
+    """A finished run's whole objective (encoder and heads), in eval mode, for scores that need the
+    heads (MAE's reconstruction loss)."""
+    from memlens.data import Augmenter
+    from memlens.train.objectives import build_objective
+
+    run_dir = Path(run_dir)
+    encoder = load_encoder(run_dir)
+    rec = encoder.record
+    if not (run_dir / HEADS_FILE).is_file():
+        raise MemlensError(f"run {run_dir} has no {HEADS_FILE} (trained by an older memlens)")
+    mean, std = rec.data["normalize"]["mean"], rec.data["normalize"]["std"]
+    classes = rec.data.get("classes")
+    obj = build_objective(rec.config, encoder, Augmenter(rec.config.augmentation, mean=mean, std=std),
+                          in_chans=rec.data["channels"], num_classes=len(classes) if classes else None)
+    heads = load_file(str(run_dir / HEADS_FILE))
+    missing = [k for k in obj.state_dict() if not k.startswith("encoder.") and k not in heads]
+    if missing:
+        raise MemlensError(f"{run_dir / HEADS_FILE} does not match the run's objective (missing {missing[0]})")
+    obj.load_state_dict({**{f"encoder.{k}": v for k, v in encoder.state_dict().items()}, **heads}, strict=False)
+    return obj.eval()
 
 
 def load_weights(module: nn.Module, path: str | Path, *, what: str) -> None:
