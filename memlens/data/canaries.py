@@ -196,7 +196,8 @@ def load_canaries(path: str | Path, *, dataset=None) -> CanarySet:
     except (OSError, ValueError, KeyError) as exc:
         raise MemlensError(f"{path / IMAGES_FILE} is not a readable canary image file: {exc}") from None
     if ids != man.ids or _images_hash(images, ids) != man.sha256:
-        raise MemlensError(f"{path / IMAGES_FILE} does not match {SET_FILE} (sha256 differs): the canaries were altered")
+        raise MemlensError(f"{path / IMAGES_FILE} does not match {SET_FILE} (sha256 differs): the canaries were "
+                           f"altered")
     if dataset is not None and man.data_fingerprint != dataset.fingerprint:
         raise MemlensError(f"canary set {path} was made for other data (fingerprint {man.data_fingerprint[:12]}, "
                            f"this data is {dataset.fingerprint[:12]})")

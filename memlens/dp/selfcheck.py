@@ -140,5 +140,5 @@ def selfcheck(config: TrainConfig, *, m: int = 20000, seed: int = 0, out_dir: st
               f"claims (clipping, sampling, noise or accounting is wrong)"))
     return SelfCheckResult(claimed_epsilon=claimed, delta=delta, noise_multiplier=float(rec.dp["noise_multiplier"]),
                            sample_rate=float(rec.dp["sample_rate"]), steps=int(rec.dp["steps_taken"]), m=m,
-                           n_in=int(step.included.sum()), lower_bound=bound.to_dict(), lower_bound_other=other.to_dict(),
-                           auc=auc(s_in, s_out), passed=passed, message=msg)
+                           n_in=int(step.included.sum()), lower_bound=bound.to_dict(),
+                           lower_bound_other=other.to_dict(), auc=auc(s_in, s_out), passed=passed, message=msg)
