@@ -105,7 +105,7 @@ def _policy(tmp_path, name, body):
 
 
 def test_gate_exit_codes_junit_and_markdown(audit_dir, tmp_path):
-    loose = _policy(tmp_path, "loose", "version: 1\nname: loose\nrules:\n  require_signal: false\n"
+    loose = _policy(tmp_path, "loose", "version: 1\nname: loose\nrules:\n"
                                       "  max_mean_candidate_score: 1.0\n  max_point_score: 1.0\n"
                                       "  max_fraction_units_above: {level: 0.5, fraction: 1.0}\n")
     code, out, _ = run("gate", "--policy", loose, audit_dir, "--junit", tmp_path / "j.xml", "--markdown",
@@ -123,8 +123,12 @@ def test_gate_exit_codes_junit_and_markdown(audit_dir, tmp_path):
     suite = ET.parse(tmp_path / "s.xml").getroot()
     failed = {c.get("name") for c in suite.findall("testcase") if c.find("failure") is not None}
     assert "require_dp" in failed  # a non-private encoder never passes the strict policy
-    # one case per rule: require_dp and four thresholds (strict.yaml turns require_signal off)
-    assert len(suite.findall("testcase")) == 5
+    # without canaries there is no positive control and no empirical epsilon: both fail, named
+    assert {"require_power", "max_empirical_epsilon"} <= failed
+    # one case per rule (empirical_within_claimed needs a claim and a bound; this audit has neither)
+    assert {c.get("name") for c in suite.findall("testcase")} == {
+        "require_dp", "require_power", "max_membership_auc", "max_tpr_at_fpr", "max_empirical_epsilon",
+        "max_mean_candidate_score", "max_fraction_candidates_above", "max_point_score", "max_fraction_units_above"}
 
 
 def test_gate_bad_input_is_exit_2(audit_dir, tmp_path):
@@ -157,6 +161,10 @@ def test_policy_validation_names_the_key(tmp_path):
             load_policy(_policy(tmp_path, "p", body))
     for shipped in ("default", "strict"):
         assert load_policy(ROOT / "policies" / f"{shipped}.yaml").name == shipped
+    with pytest.raises(MemlensError, match="require_signal was replaced: require_power"):
+        load_policy(_policy(tmp_path, "old", "version: 1\nrules:\n  require_signal: true\n"))
+    with pytest.raises(MemlensError, match="max_membership_auc"):
+        load_policy(_policy(tmp_path, "nan", "version: 1\nrules:\n  max_membership_auc: .nan\n"))
 
 
 def test_dockerfile_lints_clean():

@@ -40,6 +40,13 @@ class GateResult:
     def exit_code(self) -> int:
         return 0 if self.passed else 1
 
+    def verdicts(self) -> dict[str, bool]:
+        """Pass/fail per audit, in the order the audits were given."""
+        out: dict[str, bool] = {}
+        for r in self.results:
+            out[r.audit] = out.get(r.audit, True) and r.passed
+        return out
+
 
 def _fmt(x: float | None, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -52,24 +59,118 @@ def audit_label(audit: Audit) -> str:
     return f"{audit.path.name} (epsilon {'inf' if eps is None else f'{eps:.3g}'})"
 
 
-def evaluate(policy: Policy, audits: list[Audit]) -> GateResult:
+def _control(audit: Audit, pool: list[Audit]) -> Audit | None:
+    """The positive control of an audit: the audit itself when it is non-private with canaries, else a
+    non-private audit with canaries of the same data, splits and canary set (the sweep's eps-inf)."""
+    def canaries(a: Audit) -> dict | None:
+        return ((a.summary.privacy or {}).get("canaries") or {}) or None
+
+    if audit.summary.dp_epsilon is None and canaries(audit) and canaries(audit).get("metrics"):
+        return audit
+    mine = canaries(audit)
+    for other in pool:
+        theirs = canaries(other)
+        if (other is not audit and other.summary.dp_epsilon is None and theirs and theirs.get("metrics")
+                and other.summary.data["fingerprint"] == audit.summary.data["fingerprint"]
+                and other.summary.splits["hash"] == audit.summary.splits["hash"]
+                and (mine is None or mine.get("sha256") == theirs.get("sha256"))):
+            return other
+    return None
+
+
+def _membership(audit: Audit) -> tuple[str, dict] | None:
+    """(where, metrics) of the audit's primary membership score: canaries when there are, else natural."""
+    p = audit.summary.privacy or {}
+    primary = p.get("primary_score", "sslmem")
+    canary = (p.get("canaries") or {}).get("metrics") or {}
+    if primary in canary:
+        return f"canaries, {primary}", canary[primary]
+    natural = (p.get("natural") or {}).get("metrics") or {}
+    if primary in natural:
+        return f"S_C vs S_E, {primary}", natural[primary]
+    return None
+
+
+def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | None = None) -> GateResult:
+    """Check every audit against every rule of the policy.
+
+    Args:
+        controls: more audits that may serve as positive controls for ``require_power`` (the
+            audits themselves are searched first).
+    """
     rows: list[RuleResult] = []
     r = policy.rules
+    pool = list(audits) + list(controls or [])
     for audit in audits:
         name = audit_label(audit)
         s = audit.summary
         cand = audit.points[audit.points["subset"] == "S_C"][policy.score].to_numpy(dtype=float)
         units = audit.units
+        priv = s.privacy or {}
 
         def add(rule: str, threshold: str, observed: str, ok: bool, detail: str = "", name: str = name) -> None:
             rows.append(RuleResult(name, rule, threshold, observed, bool(ok), detail))
 
-        if r.require_signal:
+        if r.require_power:
+            ctrl = _control(audit, pool)
+            if ctrl is None:
+                add("require_power", f"positive control significant at {policy.alpha:g}", "no positive control",
+                    False, "the audit cannot show it could see memorization: plant canaries (canaries:) and audit "
+                           "the non-private reference of the same recipe (epsilon inf) alongside it")
+            else:
+                cp = ctrl.summary.privacy
+                prim = cp["primary_score"]
+                m = cp["canaries"]["metrics"][prim]
+                p = m["mann_whitney_p"]
+                ok = p < policy.alpha
+                where = "this audit" if ctrl is audit else ctrl.path.name
+                add("require_power", f"canaries detected (one-sided Mann-Whitney p < {policy.alpha:g})",
+                    f"AUC {m['auc']:.3f}, p = {_fmt(p, 3)} ({where})", ok,
+                    "" if ok else f"the positive control ({where}: canaries in the non-private encoder) was not "
+                                  f"detected, so this audit had no power to see memorization")
+        if r.require_natural_signal:
             welch = next((t for t in s.tests if t.name == "C>S" and t.method == "welch_t"), None)
             p = welch.p_holm if welch is not None else None
             ok = p is not None and not math.isnan(p) and p < policy.alpha
-            add("require_signal", f"S_C > S_S significant at {policy.alpha:g}", f"p = {_fmt(p, 3)} (Holm)", ok,
-                "" if ok else "no significant memorization signal: the audit cannot vouch for the encoder")
+            add("require_natural_signal", f"S_C > S_S significant at {policy.alpha:g}", f"p = {_fmt(p, 3)} (Holm)",
+                ok, "" if ok else "no significant memorization of the encoder's own natural images")
+        if r.max_membership_auc is not None or r.max_tpr_at_fpr is not None:
+            mm = _membership(audit)
+            if r.max_membership_auc is not None:
+                if mm is None:
+                    add("max_membership_auc", f"<= {r.max_membership_auc:g}", "no membership scores", False,
+                        "the audit has neither canaries nor S_C and S_E points")
+                else:
+                    add("max_membership_auc", f"<= {r.max_membership_auc:g}",
+                        f"{mm[1]['auc']:.3f} ({mm[0]})", mm[1]["auc"] <= r.max_membership_auc)
+            if r.max_tpr_at_fpr is not None and mm is not None:
+                lim = r.max_tpr_at_fpr
+                t = next((x for x in mm[1]["tpr_at"] if abs(x["fpr"] - lim.fpr) < 1e-12), None)
+                if t is None:
+                    add("max_tpr_at_fpr", f"TPR <= {lim.max_tpr:.1%} at FPR {lim.fpr:g}", "not measured", False,
+                        f"the audit reports TPR at FPR {', '.join(str(x['fpr']) for x in mm[1]['tpr_at'])} only")
+                else:
+                    add("max_tpr_at_fpr", f"TPR <= {lim.max_tpr:.1%} at FPR {lim.fpr:g}",
+                        f"{t['tpr']:.1%} ({mm[0]})" + ("" if t["resolvable"] else " [too few non-members]"),
+                        t["tpr"] <= lim.max_tpr, t.get("note", ""))
+        bound = priv.get("epsilon_lower_bound")
+        if r.max_empirical_epsilon is not None:
+            if bound is None:
+                add("max_empirical_epsilon", f"<= {r.max_empirical_epsilon:g}", "no canaries", False,
+                    "an empirical epsilon needs canaries (canaries: in the pipeline or training config)")
+            else:
+                add("max_empirical_epsilon", f"<= {r.max_empirical_epsilon:g}",
+                    f"{bound['epsilon']:.3f} ({bound['method']}, {bound['confidence']:.0%})",
+                    bound["epsilon"] <= r.max_empirical_epsilon,
+                    "" if bound["epsilon"] <= r.max_empirical_epsilon else
+                    "the canaries leak more than the policy allows")
+        if r.empirical_within_claimed and bound is not None and priv.get("claimed_epsilon") is not None:
+            claimed = float(priv["claimed_epsilon"])
+            ok = bound["epsilon"] <= claimed
+            add("empirical_within_claimed", f"empirical <= claimed epsilon ({claimed:.3g})",
+                f"{bound['epsilon']:.3f}", ok,
+                "" if ok else "the empirical lower bound exceeds the accountant's epsilon: the DP training does not "
+                              "deliver its guarantee (a bug in clipping, sampling, noise or accounting)")
         if r.max_mean_candidate_score is not None:
             m = float(np.mean(cand)) if len(cand) else float("nan")
             add("max_mean_candidate_score", f"<= {r.max_mean_candidate_score:g} ({policy.score})", _fmt(m),
@@ -85,25 +186,29 @@ def evaluate(policy: Policy, audits: list[Audit]) -> GateResult:
                 if len(cand) else ""
             add("max_point_score", f"<= {r.max_point_score:g}", _fmt(top), top <= r.max_point_score,
                 f"highest: {worst}")
+        ranked = units["unitmem"].dropna()
         if r.max_unitmem is not None:
             if r.max_unitmem.any is not None:
-                top = float(units["unitmem"].max())
-                add("max_unitmem.any", f"<= {r.max_unitmem.any:g}", _fmt(top), top <= r.max_unitmem.any)
+                top = float(ranked.max()) if len(ranked) else float("nan")
+                add("max_unitmem.any", f"<= {r.max_unitmem.any:g}", _fmt(top), not top > r.max_unitmem.any)
             for layer, limit in r.max_unitmem.per_layer.items():
-                sel = units[units["layer"] == layer]["unitmem"]
-                if sel.empty:
+                sel = units[units["layer"] == layer]["unitmem"].dropna()
+                if layer not in set(audit.layers["layer"]):
                     add(f"max_unitmem[{layer}]", f"<= {limit:g}", "layer not found", False,
                         f"the audited encoder has no layer '{layer}'")
+                elif sel.empty:
+                    add(f"max_unitmem[{layer}]", f"<= {limit:g}", "no ranked units", True,
+                        "the layer's units are not measured or all below the activation floor")
                 else:
                     add(f"max_unitmem[{layer}]", f"<= {limit:g}", _fmt(float(sel.max())), float(sel.max()) <= limit)
         if r.max_fraction_units_above is not None:
             rule = r.max_fraction_units_above
-            frac = float((units["unitmem"] > rule.level).mean())
+            frac = float((ranked > rule.level).mean()) if len(ranked) else 0.0
             add("max_fraction_units_above", f"<= {rule.fraction:.1%} above {rule.level:g}", f"{frac:.1%}",
                 frac <= rule.fraction)
         if r.require_dp is not None:
-            eps = [run.epsilon for run in s.runs if run.side == "f"]
-            deltas = [run.delta for run in s.runs if run.side == "f"]
+            eps = [run.epsilon for run in s.encoders if run.side == "f"]
+            deltas = [run.delta for run in s.encoders if run.side == "f"]
             private = all(e is not None for e in eps)
             worst = max(eps) if private else math.inf
             ok = private and worst <= r.require_dp.max_epsilon
@@ -111,8 +216,9 @@ def evaluate(policy: Policy, audits: list[Audit]) -> GateResult:
             if r.require_dp.max_delta is not None:
                 thr += f", delta <= {r.require_dp.max_delta:g}"
                 ok = ok and max(d for d in deltas) <= r.require_dp.max_delta
-            add("require_dp", thr, "not private" if not private else f"epsilon {worst:.3g}, delta {max(deltas):.3g}",
-                ok)
+            declared = any(run.dp_declared for run in s.encoders if run.side == "f")
+            add("require_dp", thr, "not private" if not private else
+                f"epsilon {worst:.3g}, delta {max(deltas):.3g}" + (" (declared)" if declared else ""), ok)
     return GateResult(policy.name, rows)
 
 
@@ -131,19 +237,26 @@ def to_junit(result: GateResult, path: str | Path) -> None:
 
 
 def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    """A table cell that reads right both rendered and as plain text (a job summary, a terminal):
+    pipes escaped, and markup-like angle brackets escaped with a backslash instead of HTML entities."""
+    text = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    text = text.replace("<=", "≤").replace(">=", "≥")
+    return text.replace("<", "\\<").replace(">", "\\>")
 
 
 def to_markdown(result: GateResult) -> str:
     verdict = "PASSED" if result.passed else "FAILED"
-    lines = [f"### memlens gate: {verdict} (policy `{_md(result.policy)}`)", "",
-             "| audit | rule | threshold | observed | result |", "| --- | --- | --- | --- | --- |"]
+    lines = [f"### memlens gate: {verdict} (policy `{_md(result.policy)}`)", ""]
+    verdicts = result.verdicts()
+    if len(verdicts) > 1:
+        lines += [f"- {_md(a)}: {'passed' if ok else '**FAILED**'}" for a, ok in verdicts.items()] + [""]
+    lines += ["| audit | rule | threshold | observed | result |", "| --- | --- | --- | --- | --- |"]
     for r in result.results:
         lines.append(f"| {_md(r.audit)} | {_md(r.rule)} | {_md(r.threshold)} | {_md(r.observed)} | "
                      f"{'pass' if r.passed else '**FAIL**'} |")
     fails = [r for r in result.results if not r.passed and r.detail]
     if fails:
-        lines += [""] + [f"- {_md(r.audit)}: {_md(r.detail)}" for r in fails]
+        lines += [""] + [f"- {_md(r.audit)}, {_md(r.rule)}: {_md(r.detail)}" for r in fails]
     return "\n".join(lines) + "\n"
 
 

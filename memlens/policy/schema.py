@@ -9,9 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from memlens.config import Strict, load_yaml
+from memlens.config import Strict as _Strict
+from memlens.config import load_yaml
+
+
+class Strict(_Strict):
+    # A NaN threshold would pass every comparison vacuously; inf is no threshold at all.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 Score = Literal["sslmem", "sslmem_sym_norm", "sslmem_range_norm"]
 
@@ -36,6 +42,11 @@ class RequireDP(Strict):
     max_delta: float | None = Field(None, gt=0, lt=1)
 
 
+class TprLimit(Strict):
+    fpr: float = Field(0.01, gt=0, lt=1, description="false-positive rate of the attack")
+    max_tpr: float = Field(..., ge=0, le=1, description="largest allowed true-positive rate at that FPR")
+
+
 class Rules(Strict):
     max_mean_candidate_score: float | None = Field(None, description="largest allowed mean score of S_C")
     max_fraction_candidates_above: FractionAbove | None = None
@@ -43,9 +54,20 @@ class Rules(Strict):
     max_unitmem: UnitLimit | None = None
     max_fraction_units_above: UnitsAbove | None = None
     require_dp: RequireDP | None = None
-    require_signal: bool = Field(
-        True, description="the S_C > S_S test must be significant (Holm-corrected, Welch) for the audit to count: "
-                          "an audit that detects nothing is not evidence of safety")
+    require_power: bool = Field(
+        False, description="the audit must have had the power to see memorization: its positive control (canaries "
+                           "detected in the non-private reference of the same recipe, or in the audit itself) must be "
+                           "significant at alpha; when it is, an encoder that shows no memorization passes")
+    require_natural_signal: bool = Field(
+        False, description="the S_C > S_S test must be significant (Holm-corrected, Welch): the encoder must "
+                           "measurably memorize its own natural images (formerly require_signal)")
+    max_membership_auc: float | None = Field(None, ge=0, le=1, description="largest allowed membership-inference AUC "
+                                                                       "(canaries, else natural S_C vs S_E)")
+    max_tpr_at_fpr: TprLimit | None = None
+    max_empirical_epsilon: float | None = Field(None, ge=0, description="largest allowed empirical epsilon lower "
+                                                                        "bound from the canaries")
+    empirical_within_claimed: bool = Field(
+        False, description="an empirical epsilon lower bound above the accountant's epsilon is a DP bug: always fail")
 
 
 class Policy(Strict):
@@ -53,12 +75,23 @@ class Policy(Strict):
     name: str = "policy"
     description: str = ""
     score: Score = Field("sslmem_sym_norm", description="which SSLMem the candidate thresholds apply to")
-    alpha: float = Field(0.01, gt=0, lt=1, description="significance level of require_signal")
+    alpha: float = Field(0.01, gt=0, lt=1, description="significance level of require_power and "
+                                                       "require_natural_signal")
     rules: Rules
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        rules = data.get("rules") if isinstance(data, dict) else None
+        if isinstance(rules, dict) and "require_signal" in rules:
+            raise ValueError("rules.require_signal was replaced: require_power (the audit could see memorization: its "
+                             "canary positive control is significant) is what a release gate needs; the old rule is "
+                             "require_natural_signal")
+        return data
 
     @model_validator(mode="after")
     def _something(self) -> "Policy":
-        if not self.rules.model_dump(exclude_none=True, exclude_defaults=True) and not self.rules.require_signal:
+        if not self.rules.model_dump(exclude_none=True, exclude_defaults=True):
             raise ValueError("the policy has no rules")
         return self
 

@@ -130,3 +130,58 @@ def epsilon_chart(rows: list[dict]) -> str:
     ax2.set_title("utility: linear-probe accuracy (%)", fontsize=8)
     fig.tight_layout()
     return _svg(fig)
+
+
+SCORE_NAMES = {"sslmem": "SSLMem (f vs reference g)", "neg_align_f": "f's alignment alone",
+               "mae_ref": "MAE reconstruction (f vs reference g)", "neg_mae_f": "f's MAE reconstruction alone"}
+
+
+def roc_chart(metrics: dict[str, dict], *, title: str) -> str:
+    """ROC curves of membership scores (log-scaled FPR shows the low-FPR regime that matters)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(6.4, 2.7))
+    palette = ["#c0392b", "#2471a3", "#27ae60", "#7f8c8d"]
+    for k, (name, m) in enumerate(metrics.items()):
+        f, t = np.asarray(m["roc_fpr"]), np.asarray(m["roc_tpr"])
+        label = f"{SCORE_NAMES.get(name, name)}: AUC {m['auc']:.2f}"
+        for ax in (ax1, ax2):
+            ax.plot(f, t, color=palette[k % 4], linewidth=1.2, label=label)
+    for ax in (ax1, ax2):
+        ax.plot([1e-4, 1], [1e-4, 1], color="black", linewidth=0.5, linestyle=":")
+        ax.set_xlabel("false-positive rate")
+    ax1.set_ylabel("true-positive rate")
+    ax1.set_xlim(0, 1)
+    ax1.set_ylim(0, 1)
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlim(1e-3, 1)
+    ax2.set_ylim(1e-3, 1)
+    ax2.set_title("log scale", fontsize=7)
+    ax1.legend(frameon=False, fontsize=6, loc="lower right")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return _svg(fig)
+
+
+def epsilon_claims_chart(rows: list[dict]) -> str:
+    """Claimed (accountant) against empirical (canary lower bound) epsilon over a sweep."""
+    fig, ax = plt.subplots(figsize=(4.6, 2.5))
+    x = np.arange(len(rows))
+    claimed = [r["claimed"] for r in rows]
+    empirical = [r["empirical"] if r["empirical"] is not None else np.nan for r in rows]
+    cap = max([c for c in claimed if c is not None and np.isfinite(c)] + [e for e in empirical if np.isfinite(e)]
+              + [1.0]) * 1.3
+    shown = [cap if (c is None or not np.isfinite(c)) else c for c in claimed]
+    ax.bar(x - 0.18, shown, width=0.36, color="#d5dbdb", label="claimed (accountant)")
+    for xi, c in zip(x, claimed, strict=True):
+        if c is None or not np.isfinite(c):
+            ax.text(xi - 0.18, cap * 0.5, "∞", ha="center", fontsize=11)
+    ax.bar(x + 0.18, np.nan_to_num(empirical), width=0.36, color="#c0392b", label="empirical lower bound (95%)")
+    for xi, e in zip(x, empirical, strict=True):
+        ax.text(xi + 0.18, (0 if not np.isfinite(e) else e) + cap * 0.02, "n/a" if not np.isfinite(e) else f"{e:.2f}",
+                ha="center", fontsize=7)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"ε = {r['label']}" for r in rows])
+    ax.set_ylim(0, cap * 1.1)
+    ax.set_ylabel("epsilon")
+    ax.legend(frameon=False, fontsize=7)
+    return _svg(fig)

@@ -126,6 +126,8 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
                          cache_dir=cache_dir)
     unit_frac = s.units.get("frac_above_half")
     recipe = s.recipe
+    priv = _privacy_context(audit, redact=redact, cache_dir=cache_dir)
+    rel = s.reliability or {}
     main_tests = [t for t in s.tests if t.name in TEST_NAMES]
     layer_tests = {t.name[len("unitmem_top>least["):-1]: t for t in s.tests if t.name.startswith("unitmem_top>least")}
     layer_rows = []
@@ -158,8 +160,15 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
          if best_layer is not None else ""),
         (f"{unit_frac:.1%} of the encoder's units have UnitMem above 0.5, i.e. respond to one training image at "
          f"least three times more than to the others." if unit_frac is not None else ""),
-        (f"The encoder was trained with differential privacy: ({_f(eps, 2)}, {f_runs[0].delta:.2g})-DP."
+        (f"The encoder was trained with differential privacy: ({_f(eps, 2)}, {f_runs[0].delta:.2g})-DP"
+         + (" (declared, not checked by memlens)." if any(r.dp_declared for r in f_runs) else ".")
          if private else "The encoder was trained without differential privacy (epsilon = infinity)."),
+        priv.get("sentence", ""),
+        (f"The ranking of the candidates is {'reliable' if rel.get('meets_target') else 'not yet reliable'}: "
+         f"split-half reliability {_f(rel.get('reliability'), 2)} with {rel.get('views')} views per image"
+         + ("." if rel.get("meets_target") else
+            f" (target {rel.get('target')}; about {_f(rel.get('views_for_target'), 0)} views would reach it).")
+         if rel.get("reliability") is not None else ""),
     ]
     return {
         "name": audit.path.name, "label": audit_label(audit), "path": str(audit.path), "sha256": audit.sha256,
@@ -175,6 +184,9 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         "layer_rows": layer_rows, "vit_blocks": s.vit_blocks, "top_units": top_units,
         "consistency": consistency, "seed_consistency": s.consistency.get("seeds", []),
         "f_runs": f_runs, "g_runs": [r for r in s.runs if r.side == "g"], "recipe": recipe,
+        "privacy": priv, "reliability": rel,
+        "set_aside": [(r["layer"], r.get("units_silent"), r.get("units")) for r in layer_rows
+                      if r.get("units_measured") and r.get("units_silent")],
         "charts": {
             "sslmem": Markup(charts.sslmem_distributions(pts)),
             "layermem": Markup(charts.layermem_chart(layers)),
@@ -183,6 +195,81 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         },
         "redact": redact,
     }
+
+
+def _privacy_context(audit: Audit, *, redact: bool, cache_dir: str | Path | None) -> dict[str, Any]:
+    """Canary and natural membership figures of an audit, and a sentence for the summary page."""
+    p = audit.summary.privacy or {}
+    out: dict[str, Any] = {"available": bool(p)}
+    if not p:
+        return out
+    primary = p.get("primary_score", "sslmem")
+    out.update(primary=primary, score_names=charts.SCORE_NAMES, delta=p.get("delta"),
+               claimed=p.get("claimed_epsilon"), bound=p.get("epsilon_lower_bound"),
+               other=p.get("epsilon_lower_bound_other"))
+    canaries = p.get("canaries") or {}
+    metrics = canaries.get("metrics") or {}
+    out["canaries"] = canaries if metrics else None
+    natural = (p.get("natural") or {}).get("metrics") or {}
+    out["natural"] = natural or None
+    if metrics:
+        out["roc"] = Markup(charts.roc_chart(metrics,
+                                             title=f"canaries: {canaries['n_in']} in, {canaries['n_out']} out"))
+        table = audit.canaries
+        col = {"sslmem": "score_ref", "neg_align_f": "score_f", "mae_ref": "score_mae_ref",
+               "neg_mae_f": "score_mae_f"}[primary]
+        top = table[table["included"]].sort_values(col, ascending=False).head(8)
+        thumbs = {} if redact else _canary_thumbnails(canaries.get("path"), top["id"].tolist())
+        out["top_canaries"] = [{"id": r["id"], "kind": r["kind"], "score": r[col], "thumb": thumbs.get(r["id"])}
+                               for r in top.to_dict(orient="records")]
+        m = metrics[primary]
+        tpr1 = m["tpr_at"][0]
+        b = out["bound"] or {}
+        claimed = out["claimed"]
+        verdict = ""
+        if b:
+            if claimed is not None and b["epsilon"] > claimed:
+                verdict = (f" This EXCEEDS the accountant's epsilon {claimed:.3g}: the DP training does not deliver "
+                           f"its guarantee.")
+            elif claimed is not None:
+                verdict = f", within the accountant's epsilon {claimed:.3g}."
+            else:
+                verdict = " (the encoder has no formal guarantee)."
+        out["sentence"] = (
+            f"Canaries: an attacker told apart the {canaries['n_in']} canaries the encoder was trained on from the "
+            f"{canaries['n_out']} it was not with AUC {m['auc']:.3f} (95% CI {m['auc_ci'][0]:.3f} to "
+            f"{m['auc_ci'][1]:.3f}) and {tpr1['tpr']:.1%} true positives at {tpr1['fpr']:.0%} false positives"
+            + (f"; the empirical epsilon is at least {b['epsilon']:.2f} (at {b['confidence']:.0%} confidence, delta "
+               f"{b['delta']:.2g}){verdict}" if b else "."))
+    elif natural.get(primary):
+        m = natural[primary]
+        out["sentence"] = (f"Membership inference on natural images (S_C members against S_E): AUC {m['auc']:.3f} "
+                           f"(95% CI {m['auc_ci'][0]:.3f} to {m['auc_ci'][1]:.3f}); no canaries were planted, so "
+                           f"no empirical epsilon.")
+    return out
+
+
+def _canary_thumbnails(path: str | None, ids: list[str]) -> dict[str, str]:
+    if not path or not ids:
+        return {}
+    from PIL import Image
+
+    from memlens.data.canaries import load_canaries
+
+    try:
+        cset = load_canaries(path)
+    except MemlensError:
+        return {}
+    index = {i: k for k, i in enumerate(cset.ids)}
+    out = {}
+    for i in ids:
+        if i in index:
+            img = cset.images[index[i]]
+            img = img[..., 0] if img.shape[-1] == 1 else img
+            buf = io.BytesIO()
+            Image.fromarray(img).resize((64, 64), Image.Resampling.NEAREST).save(buf, format="PNG")
+            out[i] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return out
 
 
 NAMES_LONG = {"S_C": "candidates (trained f only)", "S_S": "shared (trained f and g)",
@@ -197,13 +284,24 @@ def build_context(audits: list[Audit], *, policy: Policy | None = None, redact: 
     ctxs = sorted((_audit_context(a, policy, redact=redact, top_k=top_k, cache_dir=cache_dir) for a in audits),
                   key=lambda c: (-c["epsilon"], c["name"]))
     gate = evaluate(policy, audits) if policy else None
+    verdicts = gate.verdicts() if gate else {}
+    for c in ctxs:
+        c["verdict"] = verdicts.get(c["label"])
     comparison = None
     if len(ctxs) > 1:
         rows = [{"epsilon_label": c["epsilon_label"], "mean": c["sc"].mean, "ci_low": c["sc"].ci_low,
                  "ci_high": c["sc"].ci_high, "mean_sym_norm": c["sc"].mean_sym_norm,
                  "unitmem_mean": c["s"].units.get("mean"), "unit_frac": c["unit_frac"],
-                 "probe_accuracy": c["probe"], "signal": c["signal"], "name": c["name"]} for c in ctxs]
-        comparison = {"rows": rows, "chart": Markup(charts.epsilon_chart(rows))}
+                 "probe_accuracy": c["probe"], "signal": c["signal"], "name": c["name"],
+                 "canary_auc": (c["privacy"].get("canaries") or {}).get("metrics", {}).get(
+                     c["privacy"].get("primary"), {}).get("auc"),
+                 "empirical": (c["privacy"].get("bound") or {}).get("epsilon"),
+                 "claimed": c["epsilon"]} for c in ctxs]
+        comparison = {"rows": rows, "chart": Markup(charts.epsilon_chart(rows)),
+                      "claims_chart": Markup(charts.epsilon_claims_chart(
+                          [{"label": c["epsilon_label"], "claimed": c["epsilon"],
+                            "empirical": (c["privacy"].get("bound") or {}).get("epsilon")} for c in ctxs]))
+                      if any((c["privacy"].get("bound") or {}) for c in ctxs) else None}
     first = ctxs[0]["s"]
     return {
         "title": title or f"Memorization audit: {first.model.get('arch')} {first.framework.upper()} encoder",
