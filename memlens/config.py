@@ -244,16 +244,91 @@ class TrainConfig(Strict):
 M = TypeVar("M", bound=BaseModel)
 
 
-def format_validation_error(exc: ValidationError, *, source: str) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("function-after",)) or "(top level)"
-    msg = err.get("msg", "invalid").removeprefix("Value error, ")
-    if err.get("type") == "extra_forbidden":
-        msg = "unknown key"
-    elif "input" in err and err.get("type", "").startswith(("literal", "enum")):
-        msg = f"{msg} (got {err['input']!r})"
-    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
-    return f"{source}: {loc}: {msg}{more}"
+def _model_at(model: type[BaseModel] | None, path: tuple) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at ``path`` (through nested models, lists and dicts)."""
+    import typing
+
+    def models_in(tp) -> list[type[BaseModel]]:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return [tp]
+        out = []
+        for arg in typing.get_args(tp):
+            out += models_in(arg)
+        return out
+
+    current = model
+    for part in path:
+        if current is None:
+            return None
+        if isinstance(part, int) or part not in current.model_fields:
+            continue  # a list index or a dict key: stay with the element type found below
+        found = models_in(current.model_fields[part].annotation)
+        current = found[0] if found else None
+    return current
+
+
+def yaml_lines(text: str) -> dict[tuple, int]:
+    """Line numbers (1-based) of every key and list item of a YAML document, by key path."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                p = path + (key.value,)
+                lines[p] = key.start_mark.line + 1
+                walk(value, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[path + (i,)] = item.start_mark.line + 1
+                walk(item, path + (i,))
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def format_validation_error(exc: ValidationError, *, source: str, model: type[BaseModel] | None = None,
+                            lines: dict[tuple, int] | None = None) -> str:
+    """Every problem at once, on one line: each with its key path, its YAML line where known, and a
+    close match for a mistyped key."""
+    import difflib
+
+    problems = []
+    for err in exc.errors():
+        loc = tuple(p for p in err.get("loc", ()) if p not in ("function-after", "function-before"))
+        # pydantic names union members in the path ("int", "literal['auto']"): not keys of the file
+        loc = tuple(p for p in loc if not (isinstance(p, str) and (p in ("int", "float", "str", "bool", "list")
+                                                                     or p.startswith(("literal[", "function")))))
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        kind = err.get("type", "")
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        if kind == "extra_forbidden":
+            parent = _model_at(model, loc[:-1]) if model else None
+            word = getattr(parent, "unknown_word", "key") if parent else "key"
+            msg = f"unknown {word}"
+            if parent is not None and isinstance(loc[-1], str):
+                close = difflib.get_close_matches(loc[-1], list(parent.model_fields), n=2, cutoff=0.6)
+                if close:
+                    msg += f"; did you mean {' or '.join(close)}?"
+        elif kind == "missing":
+            msg = "required"
+        elif "input" in err and kind.startswith(("literal", "enum")):
+            msg = f"{msg} (got {err['input']!r})"
+        line = None
+        if lines:
+            for k in range(len(loc), 0, -1):
+                if loc[:k] in lines:
+                    line = lines[loc[:k]]
+                    break
+        problems.append((line or 10**9, f"{where}: {msg}" + (f" (line {line})" if line else "")))
+    problems = list(dict.fromkeys(text for _, text in sorted(problems, key=lambda p: p[0])))
+    if len(problems) == 1:
+        return f"{source}: {problems[0]}"
+    return f"{source}: {len(problems)} problems: " + "; ".join(problems)
 
 
 def claim_resumable_dir(path: str | Path, *, marker: str, config: M, what: str, force: bool) -> Path:
@@ -289,11 +364,11 @@ def claim_resumable_dir(path: str | Path, *, marker: str, config: M, what: str, 
     return out
 
 
-def validate(model: type[M], data: Any, *, source: str) -> M:
+def validate(model: type[M], data: Any, *, source: str, lines: dict[tuple, int] | None = None) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise MemlensError(format_validation_error(exc, source=source)) from None
+        raise MemlensError(format_validation_error(exc, source=source, model=model, lines=lines)) from None
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -317,7 +392,7 @@ def load_yaml(model: type[M], path: str | Path, *, overrides: dict[str, Any] | N
     data = read_yaml(path)
     if overrides:
         data = deep_update(data, overrides)
-    return validate(model, data, source=str(path))
+    return validate(model, data, source=str(path), lines=yaml_lines(Path(path).read_text(encoding="utf-8")))
 
 
 def deep_update(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
@@ -581,12 +656,12 @@ class AuditConfig(Strict):
 
 
 def _check_section(model: type[M], data: dict[str, Any], section: str) -> None:
-    """Validate one free-form section of a pipeline file; a ValueError names the section's key."""
+    """Validate one free-form section of a pipeline file; a ValueError names the section's keys."""
     try:
         model.model_validate(data)
     except ValidationError as exc:
-        raise ValueError(format_validation_error(exc, source=section).replace(f"{section}: ", f"{section}.", 1)) \
-            from None
+        text = format_validation_error(exc, source="", model=model).removeprefix(": ")
+        raise ValueError(f"{section}." + text.replace("; ", f"; {section}.") if ": " in text else text) from None
 
 
 class ReportSettings(Strict):

@@ -146,7 +146,7 @@ def test_gate_bad_input_is_exit_2(audit_dir, tmp_path):
     assert run("gate", "--policy", policy, broken)[0] == 2
     bad = _policy(tmp_path, "bad", "version: 1\nrules:\n  max_mean_score: 0.1\n")
     code, _, err = run("gate", "--policy", bad, audit_dir)
-    assert code == 2 and "rules.max_mean_score: unknown key" in err
+    assert code == 2 and "rules.max_mean_score: unknown rule; did you mean" in err and "max_mean_candidate_score" in err
 
 
 def test_policy_validation_names_the_key(tmp_path):
@@ -165,6 +165,17 @@ def test_policy_validation_names_the_key(tmp_path):
         load_policy(_policy(tmp_path, "old", "version: 1\nrules:\n  require_signal: true\n"))
     with pytest.raises(MemlensError, match="max_membership_auc"):
         load_policy(_policy(tmp_path, "nan", "version: 1\nrules:\n  max_membership_auc: .nan\n"))
+    # every problem at once, each by key path and line, with a close match for typos
+    with pytest.raises(MemlensError) as err:
+        load_policy(_policy(tmp_path, "three", "version: 1\nnot_a_rule_at_all: 3\nrules:\n  max_point_scor: 0.5\n"
+                                               "  max_unitmem: {any: 2}\n"))
+    text = str(err.value)
+    assert "3 problems" in text and "\n" not in text
+    assert "not_a_rule_at_all: unknown key (line 2)" in text
+    assert "rules.max_point_scor: unknown rule; did you mean max_point_score? (line 4)" in text
+    assert "rules.max_unitmem.any: Input should be less than or equal to 1 (line 5)" in text
+    with pytest.raises(MemlensError, match="rules: required"):
+        load_policy(_policy(tmp_path, "norules", "version: 1\nname: x\n"))
 
 
 def test_dockerfile_lints_clean():

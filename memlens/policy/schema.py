@@ -7,7 +7,7 @@ naming the key. Every rule is optional; a rule that is absent is not checked.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -48,6 +48,8 @@ class TprLimit(Strict):
 
 
 class Rules(Strict):
+    unknown_word: ClassVar[str] = "rule"
+
     max_mean_candidate_score: float | None = Field(None, description="largest allowed mean score of S_C")
     max_fraction_candidates_above: FractionAbove | None = None
     max_point_score: float | None = Field(None, description="largest allowed score of any single candidate")
