@@ -42,7 +42,12 @@ def command(fn, *, on=None):
         except MemlensError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
-            sys.stderr.write("memlens: interrupted; completed work is kept (re-run with --resume to continue)\n")
+            name = fn.__name__
+            hint = {"train": "re-run the same command with --resume to continue from the last epoch",
+                    "run": "re-run the same command to continue: finished stages are skipped, interrupted training "
+                           "resumes", "sweep": "re-run the same command to continue: finished runs are skipped, "
+                                               "interrupted ones resume"}.get(name, "nothing was written")
+            sys.stderr.write(f"memlens: interrupted; completed work is kept ({hint})\n")
             raise typer.Exit(130) from None
 
     return (on or app).command()(wrapper)
@@ -474,7 +479,7 @@ def canaries(
     source: Optional[str] = typer.Option(None, help="data source, without --splits"),
     data_path: Optional[str] = typer.Option(None, "--data", help="data path, without --splits"),
     m: int = typer.Option(200, "--m", help="number of canaries"),
-    kinds: str = typer.Option("synthetic,marked", help="synthetic and/or marked"),
+    kinds: str = typer.Option("natural", help="natural, synthetic and/or marked"),
     seed: int = typer.Option(0),
     p_include: float = typer.Option(0.5, help="probability that a canary joins f's training data"),
     force: bool = typer.Option(False, "--force"),
@@ -502,7 +507,7 @@ def canaries(
         data = validate(DataConfig, raw["data"], source=f"{splits}: data")
         dataset = load(data, cache_dir=_cache_dir())
         sp = Splits.load(splits, dataset)
-        exclude = set(sp.ids("S_S", "S_C", "S_I"))
+        exclude = set(sp.ids("S_S", "S_C", "S_I", "S_E"))
     else:
         data = data_config_for_path(data_path) if data_path else DataConfig(source=source or "digits")
         dataset = load(data, cache_dir=_cache_dir())
@@ -524,6 +529,8 @@ def report(
     policy: Optional[Path] = typer.Option(None, "--policy", help="policy file: adds the verdict"),
     redact: bool = typer.Option(False, "--redact", help="replace image thumbnails by placeholders"),
     title: Optional[str] = typer.Option(None, help="report title"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="the previous release's audit: adds a "
+                                                                      "comparison section"),
 ):
     """Render the HTML and PDF compliance report of one or more audits."""
     from memlens.policy import load_policy
@@ -531,7 +538,7 @@ def report(
 
     pol = load_policy(policy) if policy else None
     r = render_report(audits, out_pdf=out, out_html=html, policy=pol, redact=redact, title=title,
-                      cache_dir=_cache_dir())
+                      cache_dir=_cache_dir(), baseline=baseline)
     typer.echo(f"wrote {out} ({r.pages} pages)" + (f" and {html}" if html else "")
                + ("" if r.gate is None else f"; policy {r.gate.policy}: {'PASSED' if r.gate.passed else 'FAILED'}"))
 
@@ -543,18 +550,30 @@ def report(
 def gate(
     audits: list[Path] = typer.Argument(..., help="audit directories"),
     policy: Path = typer.Option(..., "--policy", help="policy YAML"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="the previous release's audit directory "
+                                                                      "(overrides the policy's baseline.path)"),
+    control: list[Path] = typer.Option([], "--control", help="an audit serving as positive control for "
+                                                             "require_power (e.g. the non-private reference)"),
     junit: Optional[Path] = typer.Option(None, "--junit", help="write JUnit XML (one test case per rule)"),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="write a Markdown summary"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the verdict as JSON"),
 ):
     """Check audits against a policy: exit 0 if every rule passes, 1 if any fails, 2 on bad input."""
     from rich.table import Table
 
     from memlens.audit import read_audit
+    from memlens.io import write_json
     from memlens.policy import evaluate, load_policy, to_junit
     from memlens.policy.gate import write_markdown
 
     pol = load_policy(policy)
-    result = evaluate(pol, [read_audit(a) for a in audits])
+    base_path = baseline or (Path(pol.baseline.path) if pol.baseline and pol.baseline.path else None)
+    base = read_audit(base_path) if base_path else None
+    if base is not None and pol.baseline is None:
+        from memlens.policy.schema import Baseline
+
+        pol = pol.model_copy(update={"baseline": Baseline()})
+    result = evaluate(pol, [read_audit(a) for a in audits], controls=[read_audit(c) for c in control], baseline=base)
     table = Table(title=f"memlens gate: policy {pol.name}")
     for col in ("audit", "rule", "threshold", "observed", "result"):
         table.add_column(col)
@@ -565,12 +584,42 @@ def gate(
     for r in result.results:
         if not r.passed and r.detail:
             console.print(f"[red]{r.audit}[/]: {r.detail}", highlight=False)
+    if base is not None and not pol.baseline.max_increase.model_dump(exclude_none=True):
+        console.print("note: the policy has no baseline.max_increase rules; the baseline is compared in the report "
+                      "only", highlight=False)
     if junit:
         to_junit(result, junit)
     if markdown:
         write_markdown(result, markdown)
+    if json_out:
+        write_json(json_out, {"policy": result.policy, "passed": result.passed, "verdicts": result.verdicts(),
+                              "results": [r.to_dict() for r in result.results]})
+    verdicts = result.verdicts()
+    if len(verdicts) > 1:
+        for a, ok in verdicts.items():
+            console.print(f"  {a}: {'[green]passed[/]' if ok else '[red]FAILED[/]'}", highlight=False)
     console.print("[bold green]PASSED[/]" if result.passed else "[bold red]FAILED[/]")
     raise typer.Exit(result.exit_code)
+
+
+@command
+def card(
+    audits: list[Path] = typer.Argument(..., help="audit directories"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="markdown file to write (default: print)"),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="policy: adds the gate's verdict"),
+    report: Optional[Path] = typer.Option(None, "--report", help="the compliance report PDF: its sha256 is cited"),
+):
+    """Write the "Privacy and memorization" section of a model card from verified audits."""
+    from memlens.policy import load_policy
+    from memlens.reports.card import write_card
+
+    if report is not None and not report.is_file():
+        raise MemlensError(f"report not found: {report}")
+    text = write_card(audits, out, policy=load_policy(policy) if policy else None, report=report)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        typer.echo(f"wrote {out}")
 
 
 # ----------------------------------------------------------------------------- run

@@ -311,7 +311,9 @@ def format_validation_error(exc: ValidationError, *, source: str, model: type[Ba
             word = getattr(parent, "unknown_word", "key") if parent else "key"
             msg = f"unknown {word}"
             if parent is not None and isinstance(loc[-1], str):
-                close = difflib.get_close_matches(loc[-1], list(parent.model_fields), n=2, cutoff=0.6)
+                fields = list(parent.model_fields)
+                close = difflib.get_close_matches(loc[-1], fields, n=2, cutoff=0.6) or \
+                    [f for f in fields if loc[-1].lower() in f.lower()][:2]
                 if close:
                     msg += f"; did you mean {' or '.join(close)}?"
         elif kind == "missing":
@@ -576,7 +578,7 @@ class CanaryConfig(Strict):
     """A canary set to make (``memlens canaries``, or a pipeline's ``canaries:`` section)."""
 
     m: int = Field(200, ge=2, description="number of canaries")
-    kinds: list[Literal["synthetic", "marked"]] = Field(["synthetic", "marked"], min_length=1)
+    kinds: list[Literal["natural", "synthetic", "marked"]] = Field(["natural"], min_length=1)
     seed: int = 0
     p_include: float = Field(0.5, gt=0, lt=1, description="probability that a canary joins f's training data")
 

@@ -108,7 +108,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
             splits = Splits.load(splits_path, dataset)
             c = config.canaries
             cset = make_canaries(dataset, m=c.m, kinds=list(c.kinds), seed=c.seed, p_include=c.p_include,
-                                 exclude_ids=set(splits.ids("S_S", "S_C", "S_I")))
+                                 exclude_ids=set(splits.ids("S_S", "S_C", "S_I", "S_E")))
             if main:
                 save_canaries(cset, canaries_dir)
             D.barrier()

@@ -109,6 +109,20 @@ def _diff(a: dict, b: dict, prefix: str = "") -> str | None:
     return None
 
 
+def check_data(encoders: list[AuditEncoder], dataset: Dataset) -> None:
+    """Refuse memlens runs trained on other images than the audit reads, naming the run and both data.
+
+    Raises:
+        MemlensError: the first run whose data fingerprint differs.
+    """
+    for enc in encoders:
+        rec = enc.record
+        if rec is not None and rec.data["fingerprint"] != dataset.fingerprint:
+            raise MemlensError(f"run {enc.info.get('path', enc.label)} was trained on other data than the audit's: the "
+                               f"run's data is {rec.data.get('source')} (fingerprint {rec.data['fingerprint'][:12]}), "
+                               f"the audit reads {dataset.source} (fingerprint {dataset.fingerprint[:12]})")
+
+
 def check_encoders(f: list[AuditEncoder], g: list[AuditEncoder], splits: Splits, dataset: Dataset) -> None:
     """Refuse encoders that were not trained as the SSLMem setup requires (what can be checked).
 
@@ -295,11 +309,11 @@ def _scoring_pass(ctx: _Ctx, positions: np.ndarray, n_views: int, augmenter: Aug
                          signed=cfg.unitmem.signed, modules=ctx.modules[id(enc)]) as tapped, \
                         autocast(ctx.device, cfg.precision):
                     z = enc.represent(enc.prepare(v01))
+                tapped.check_finite(f"encoder {enc.label}")  # first: it names the layer
                 dist = pairwise_distances(z, views_per_point=n_views, metric=cfg.distance)
                 if not bool(torch.isfinite(dist).all()):
                     raise MemlensError(f"encoder {enc.label}: its representation is NaN or inf on point "
                                        f"'{ctx.ids[pos[0]]}' or its batch; the encoder cannot be audited")
-                tapped.check_finite(f"encoder {enc.label}")
                 out[f"dist_{side}"][i, local] = dist.float().cpu().numpy()
                 if want_layers:
                     for li, name in enumerate(names):
@@ -387,6 +401,7 @@ def run_audit(config: AuditConfig, *, cache_dir: str | Path | None = None, datas
     f_enc = [resolve(e, default_rep=rep, device=device) for e in (f if f is not None else cfg.f)]
     g_enc = [resolve(e, default_rep=rep, device=device) for e in (g if g is not None else cfg.g)]
     dataset = dataset if dataset is not None else resolve_data(cfg, f_enc + g_enc, cfg.splits, cache_dir)
+    check_data(f_enc + g_enc, dataset)  # before the splits: a run of other data is the run's problem
     splits = Splits.load(cfg.splits, dataset)
     check_encoders(f_enc, g_enc, splits, dataset)
     # inference_mode, not just no_grad: no version counters or view tracking on the large

@@ -9,8 +9,11 @@ A canary set is made once from a seed and saved as a directory:
   probability ``p_include``, from its own seed). The audit scores every canary without reading
   it; only the evaluation (:mod:`memlens.audit.privacy`) does.
 
-Kinds (the canary literature's two image kinds, sized to the data):
+Kinds (the canary literature's image kinds, sized to the data):
 
+* ``natural``: a real image of the data that no encoder otherwise trains on (outside S_S, S_C,
+  S_I and S_E), unchanged: the canaries of Steinke et al.'s one-run audit, and the closest to the
+  images whose privacy is at stake;
 * ``synthetic``: a high-frequency colour field with a bright blob, like nothing in the data
   (its crops differ from one another, so only an encoder that saw it maps them together);
 * ``marked``: a real image of the data that no encoder trains on (the test part, else images left
@@ -30,8 +33,8 @@ from pydantic import BaseModel, ConfigDict
 from memlens.errors import MemlensError
 from memlens.io import read_json, sha256_bytes, write_json
 
-CanaryKind = Literal["synthetic", "marked"]
-KINDS = ("synthetic", "marked")
+CanaryKind = Literal["natural", "synthetic", "marked"]
+KINDS = ("natural", "synthetic", "marked")
 SET_FILE, IMAGES_FILE, MEMBERSHIP_FILE = "canaries.json", "canaries.npz", "membership.json"
 
 
@@ -122,10 +125,11 @@ def make_canaries(dataset, *, m: int, kinds: list[str], seed: int = 0, p_include
     Args:
         dataset: the :class:`~memlens.data.Dataset` the canaries join.
         m: number of canaries.
-        kinds: ``synthetic`` and/or ``marked``.
+        kinds: ``natural``, ``synthetic`` and/or ``marked`` (cycled).
         seed: everything (images, kinds, membership) follows from it.
         p_include: probability that a canary is in f's training data.
-        exclude_ids: images that train an encoder (S_S, S_C, S_I): never bases of marked canaries.
+        exclude_ids: images of the splits (S_S, S_C, S_I, S_E): never natural canaries nor bases of
+            marked ones.
 
     Raises:
         MemlensError: unknown kinds, or no image to mark.
@@ -143,11 +147,19 @@ def make_canaries(dataset, *, m: int, kinds: list[str], seed: int = 0, p_include
     bases = test or pool
     if "marked" in kinds and not bases:
         raise MemlensError("no image is left outside the training subsets to make 'marked' canaries from")
+    n_natural = sum(1 for j in range(m) if kinds[j % len(kinds)] == "natural")
+    if n_natural > len(pool):
+        raise MemlensError(f"{n_natural} natural canaries need as many images outside the splits' subsets; only "
+                           f"{len(pool)} are left (make smaller splits or fewer canaries)")
+    natural = iter(rng.permutation(np.array(pool, dtype=np.int64))[:n_natural].tolist())
     images, ids, kind_of = [], [], []
     for j in range(m):
         kind = kinds[j % len(kinds)]
-        images.append(_synthetic(rng, s, c) if kind == "synthetic" else
-                      _marked(rng, dataset.images[bases[int(rng.integers(len(bases)))]]))
+        if kind == "natural":
+            images.append(dataset.images[next(natural)].copy())
+        else:
+            images.append(_synthetic(rng, s, c) if kind == "synthetic" else
+                          _marked(rng, dataset.images[bases[int(rng.integers(len(bases)))]]))
         ids.append(f"canary/{j:05d}")
         kind_of.append(kind)
     arr = np.stack(images)

@@ -91,12 +91,81 @@ def _membership(audit: Audit) -> tuple[str, dict] | None:
     return None
 
 
-def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | None = None) -> GateResult:
+@dataclass
+class Comparison:
+    """An audit beside the previous release's (the gate's baseline)."""
+
+    baseline: str
+    metrics: list[dict]
+    newly_at_risk: list[dict]
+    at_risk_score: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_baseline(audit: Audit, baseline: Audit) -> None:
+    """Refuse a baseline that audited other data or other splits (its numbers are not comparable).
+
+    Raises:
+        MemlensError: naming both audits and what differs.
+    """
+    from memlens.errors import MemlensError
+
+    a, b = audit.summary, baseline.summary
+    if a.data["fingerprint"] != b.data["fingerprint"]:
+        raise MemlensError(f"baseline {baseline.path} audited other data (fingerprint {b.data['fingerprint'][:12]}, "
+                           f"{audit.path} has {a.data['fingerprint'][:12]}); a baseline must audit the same images")
+    if a.splits["hash"] != b.splits["hash"]:
+        raise MemlensError(f"baseline {baseline.path} used other splits (hash {b.splits['hash'][:12]}, {audit.path} "
+                           f"has {a.splits['hash'][:12]}); a baseline must score the same subsets")
+
+
+def _release_metrics(audit: Audit, score: str, at_risk: float, top_layer: str | None) -> dict[str, float | None]:
+    cand = audit.points[audit.points["subset"] == "S_C"]
+    mm = _membership(audit)
+    bound = (audit.summary.privacy or {}).get("epsilon_lower_bound")
+    unit = None
+    if top_layer is not None:
+        sel = audit.units[audit.units["layer"] == top_layer]["unitmem"].dropna()
+        unit = float(sel.mean()) if len(sel) else None
+    return {"mean_candidate_score": float(cand[score].mean()) if len(cand) else None,
+            "at_risk_count": float((cand[score] > at_risk).sum()),
+            "membership_auc": mm[1]["auc"] if mm else None,
+            "empirical_epsilon": bound["epsilon"] if bound else None,
+            "top_layer_unitmem": unit}
+
+
+def compare(audit: Audit, baseline: Audit, *, score: str = "sslmem_sym_norm", at_risk: float = 0.2) -> Comparison:
+    """The release metrics of an audit and its baseline side by side, and the newly at-risk points."""
+    check_baseline(audit, baseline)
+    ranked = baseline.units.dropna(subset=["unitmem"])
+    top_layer = ranked.groupby("layer")["unitmem"].mean().idxmax() if len(ranked) else None
+    now = _release_metrics(audit, score, at_risk, top_layer)
+    before = _release_metrics(baseline, score, at_risk, top_layer)
+    names = {"mean_candidate_score": f"mean {score} of S_C", "at_risk_count": f"candidates above {at_risk:g}",
+             "membership_auc": "membership AUC", "empirical_epsilon": "empirical epsilon lower bound",
+             "top_layer_unitmem": f"mean UnitMem of {top_layer}"}
+    metrics = [{"metric": k, "name": names[k], "baseline": before[k], "current": now[k],
+                "change": None if before[k] is None or now[k] is None else now[k] - before[k]} for k in names]
+    c_now = audit.points[(audit.points["subset"] == "S_C") & (audit.points[score] > at_risk)]
+    c_before = set(baseline.points[(baseline.points["subset"] == "S_C") & (baseline.points[score] > at_risk)]["id"])
+    newly = [{"id": r["id"], "label": r["label"], "score": float(r[score])}
+             for _, r in c_now.sort_values(score, ascending=False).iterrows() if r["id"] not in c_before]
+    return Comparison(baseline=str(baseline.path), metrics=metrics, newly_at_risk=newly, at_risk_score=at_risk)
+
+
+def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | None = None,
+             baseline: Audit | None = None) -> GateResult:
     """Check every audit against every rule of the policy.
 
     Args:
         controls: more audits that may serve as positive controls for ``require_power`` (the
             audits themselves are searched first).
+        baseline: the previous release's audit, for the policy's ``baseline.max_increase`` rules.
+
+    Raises:
+        MemlensError: a baseline of other data or splits.
     """
     rows: list[RuleResult] = []
     r = policy.rules
@@ -219,6 +288,23 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
             declared = any(run.dp_declared for run in s.encoders if run.side == "f")
             add("require_dp", thr, "not private" if not private else
                 f"epsilon {worst:.3g}, delta {max(deltas):.3g}" + (" (declared)" if declared else ""), ok)
+        if baseline is not None and policy.baseline is not None:
+            cmp = compare(audit, baseline, score=policy.score, at_risk=policy.baseline.at_risk_score)
+            limits = policy.baseline.max_increase.model_dump(exclude_none=True)
+            for m in cmp.metrics:
+                if m["metric"] not in limits:
+                    continue
+                limit = limits[m["metric"]]
+                if m["change"] is None:
+                    add(f"baseline.{m['metric']}", f"increase <= {limit:g}", "not measured in both audits", False,
+                        f"{m['name']}: the baseline or this audit lacks it")
+                    continue
+                ok = m["change"] <= limit + 1e-12
+                add(f"baseline.{m['metric']}", f"increase <= {limit:g}",
+                    f"{_fmt(m['baseline'])} -> {_fmt(m['current'])} ({m['change']:+.4g})", ok,
+                    "" if ok else f"{m['name']} rose by {m['change']:+.4g} since the previous release"
+                                  + (f"; newly at risk: {', '.join(p['id'] for p in cmp.newly_at_risk[:5])}"
+                                     if m["metric"] == "at_risk_count" and cmp.newly_at_risk else ""))
     return GateResult(policy.name, rows)
 
 

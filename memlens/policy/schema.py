@@ -72,6 +72,23 @@ class Rules(Strict):
         False, description="an empirical epsilon lower bound above the accountant's epsilon is a DP bug: always fail")
 
 
+class Increases(Strict):
+    """Largest allowed increase over the baseline (the previous release's audit)."""
+
+    mean_candidate_score: float | None = Field(None, ge=0, description="mean score of S_C")
+    at_risk_count: int | None = Field(None, ge=0, description="candidates above the at-risk score")
+    membership_auc: float | None = Field(None, ge=0, description="membership-inference AUC (primary score)")
+    empirical_epsilon: float | None = Field(None, ge=0, description="empirical epsilon lower bound")
+    top_layer_unitmem: float | None = Field(None, ge=0, description="mean UnitMem of the layer highest in the "
+                                                                    "baseline")
+
+
+class Baseline(Strict):
+    path: str | None = Field(None, description="the previous release's audit directory (--baseline overrides)")
+    at_risk_score: float = Field(0.2, description="a candidate is at risk when its score exceeds this")
+    max_increase: Increases = Increases()
+
+
 class Policy(Strict):
     version: Literal[1] = 1
     name: str = "policy"
@@ -80,6 +97,7 @@ class Policy(Strict):
     alpha: float = Field(0.01, gt=0, lt=1, description="significance level of require_power and "
                                                        "require_natural_signal")
     rules: Rules
+    baseline: Baseline | None = Field(None, description="rules on change against the previous release")
 
     @model_validator(mode="before")
     @classmethod

@@ -277,16 +277,25 @@ NAMES_LONG = {"S_C": "candidates (trained f only)", "S_S": "shared (trained f an
 
 
 def build_context(audits: list[Audit], *, policy: Policy | None = None, redact: bool = False, top_k: int = 12,
-                  title: str | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
+                  title: str | None = None, cache_dir: str | Path | None = None,
+                  baseline: Audit | None = None) -> dict[str, Any]:
     fingerprints = {a.summary.data["fingerprint"] for a in audits}
     if len(fingerprints) > 1:
         raise MemlensError("the audits are of different data (fingerprints differ); report them separately")
     ctxs = sorted((_audit_context(a, policy, redact=redact, top_k=top_k, cache_dir=cache_dir) for a in audits),
                   key=lambda c: (-c["epsilon"], c["name"]))
-    gate = evaluate(policy, audits) if policy else None
+    gate = evaluate(policy, audits, baseline=baseline) if policy else None
     verdicts = gate.verdicts() if gate else {}
+    by_name = {a.path.name: a for a in audits}
     for c in ctxs:
         c["verdict"] = verdicts.get(c["label"])
+        c["comparison"] = None
+        if baseline is not None:
+            from memlens.policy.gate import compare
+
+            at_risk = policy.baseline.at_risk_score if policy and policy.baseline else 0.2
+            c["comparison"] = compare(by_name[c["name"]], baseline, score=policy.score if policy else
+                                      "sslmem_sym_norm", at_risk=at_risk).to_dict()
     comparison = None
     if len(ctxs) > 1:
         rows = [{"epsilon_label": c["epsilon_label"], "mean": c["sc"].mean, "ci_low": c["sc"].ci_low,
@@ -320,7 +329,7 @@ def render_html(context: dict[str, Any]) -> str:
 
 def render_report(audit_dirs: list[str | Path], *, out_pdf: str | Path | None, out_html: str | Path | None = None,
                   policy: Policy | None = None, redact: bool = False, title: str | None = None,
-                  cache_dir: str | Path | None = None) -> ReportResult:
+                  cache_dir: str | Path | None = None, baseline: str | Path | None = None) -> ReportResult:
     """Render the report of one or more audits (several epsilons of one dataset are compared).
 
     Returns:
@@ -329,7 +338,8 @@ def render_report(audit_dirs: list[str | Path], *, out_pdf: str | Path | None, o
     if not audit_dirs:
         raise MemlensError("no audit directories given")
     audits = [read_audit(p) for p in audit_dirs]
-    ctx = build_context(audits, policy=policy, redact=redact, title=title, cache_dir=cache_dir)
+    base = read_audit(baseline) if baseline is not None else None
+    ctx = build_context(audits, policy=policy, redact=redact, title=title, cache_dir=cache_dir, baseline=base)
     html = render_html(ctx)
     pages = None
     if out_html:

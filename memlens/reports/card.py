@@ -1,0 +1,115 @@
+"""A "Privacy and memorization" section for a model card (Hugging Face style markdown).
+
+Built from verified audit directories (their tables are checked against audit.json), so the card
+cites the exact audit it summarises by sha256. Markdown that reads right as plain text too.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from memlens.audit.results import Audit
+from memlens.policy.gate import GateResult, audit_label
+from memlens.policy.schema import Policy
+
+
+def _num(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def _dp_line(audit: Audit) -> str:
+    s = audit.summary
+    f = [r for r in s.encoders if r.side == "f"]
+    if any(r.epsilon is None for r in f):
+        return "Trained **without** differential privacy (no formal guarantee; epsilon = infinity)."
+    r = max(f, key=lambda r: r.epsilon)
+    how = "declared by the model's owner, not checked by memlens" if r.dp_declared else (
+        f"DP-SGD, {r.accountant.upper() if r.accountant else '?'} accounting of {r.steps} steps, noise multiplier "
+        f"{_num(r.noise_multiplier, 4)}, sample rate {r.sample_rate:.4g}, clipping norm {r.max_grad_norm}")
+    return f"Trained with differential privacy: **({r.epsilon:.3g}, {r.delta:.2g})-DP** ({how})."
+
+
+def model_card_section(audits: list[Audit], *, gate: GateResult | None = None, policy: Policy | None = None,
+                       report_sha256: str | None = None) -> str:
+    """The markdown section (see the module docstring)."""
+    lines = ["## Privacy and memorization", ""]
+    first = audits[0].summary
+    lines.append(f"Audited with [memlens](https://example.invalid/memlens) {first.memlens_version}: per-image "
+                 f"memorization (SSLMem, Wang et al. ICLR 2024), its localization to layers and units (LayerMem, "
+                 f"UnitMem, Wang et al. NeurIPS 2024), membership inference and, where canaries were planted, an "
+                 f"empirical epsilon lower bound (Steinke et al. 2023; Mahloujifar et al. 2024).")
+    lines.append("")
+    for audit in audits:
+        s = audit.summary
+        lines += [f"### {audit_label(audit)}", "", f"- {_dp_line(audit)}"]
+        priv = s.privacy or {}
+        canaries = (priv.get("canaries") or {})
+        metrics = canaries.get("metrics") or {}
+        primary = priv.get("primary_score")
+        if metrics and primary in metrics:
+            m = metrics[primary]
+            t1 = m["tpr_at"][0]
+            lines.append(f"- Canaries: {canaries['m']} planted ({canaries['n_in']} trained on). Membership inference "
+                         f"AUC {_num(m['auc'])} (95% CI {_num(m['auc_ci'][0])} to {_num(m['auc_ci'][1])}); TPR "
+                         f"{t1['tpr']:.1%} at {t1['fpr']:.0%} FPR.")
+            b = priv.get("epsilon_lower_bound")
+            if b:
+                claim = priv.get("claimed_epsilon")
+                rel = "" if claim is None else (" (within the claimed epsilon)" if b["epsilon"] <= claim else
+                                                " (**exceeds the claimed epsilon**)")
+                lines.append(f"- Empirical epsilon lower bound: **{_num(b['epsilon'], 2)}** at "
+                             f"{b['confidence']:.0%} confidence, delta {b['delta']:.2g}{rel}.")
+        natural = ((priv.get("natural") or {}).get("metrics") or {}).get(primary or "sslmem")
+        if natural:
+            lines.append(f"- Membership inference on natural training images (S_C vs never-seen S_E): AUC "
+                         f"{_num(natural['auc'])}.")
+        sc = s.subsets.get("S_C")
+        welch = next((t for t in s.tests if t.name == "C>S" and t.method == "welch_t"), None)
+        if sc is not None:
+            lines.append(f"- Memorization of candidate training images (mean SSLMem): {sc.mean:+.4f} (95% CI "
+                         f"{sc.ci_low:+.4f} to {sc.ci_high:+.4f}); S_C > S_S "
+                         + ("significant" if welch and welch.p_holm is not None and welch.p_holm < 0.01 else
+                            "not significant") + (f" (Holm p = {welch.p_holm:.3g})." if welch and
+                                                   welch.p_holm is not None else "."))
+        rel = s.reliability or {}
+        if rel.get("reliability") is not None:
+            lines.append(f"- Per-image ranking reliability (split-half): {_num(rel['reliability'], 2)} with "
+                         f"{rel['views']} views per image.")
+        u = s.units
+        if u.get("frac_above_half") is not None:
+            lines.append(f"- Units with UnitMem above 0.5: {u['frac_above_half']:.1%} of {u['ranked']} ranked "
+                         f"units.")
+        if gate is not None:
+            verdict = gate.verdicts().get(audit_label(audit))
+            if verdict is not None:
+                lines.append(f"- Release gate (policy `{gate.policy}`): **{'PASSED' if verdict else 'FAILED'}**"
+                             + ("" if verdict else ": " + "; ".join(
+                                 f"{r.rule} ({r.observed}, required {r.threshold})" for r in gate.results
+                                 if r.audit == audit_label(audit) and not r.passed)) + ".")
+        lines.append(f"- Audit: `{audit.path.name}`, audit.json sha256 `{audit.sha256}`, data fingerprint "
+                     f"`{s.data['fingerprint'][:16]}`, splits hash `{s.splits['hash'][:16]}`.")
+        lines.append("")
+    if report_sha256:
+        lines += [f"Compliance report sha256: `{report_sha256}`.", ""]
+    lines.append("Limitations: an audit measures memorization with the augmentations, encoders and canaries it used; "
+                 "an empirical epsilon is a lower bound, the accountant's epsilon the guarantee.")
+    return "\n".join(lines) + "\n"
+
+
+def write_card(audit_dirs: list[str | Path], out: str | Path | None, *, policy: Policy | None = None,
+               report: str | Path | None = None) -> str:
+    """Read and verify the audits, evaluate the policy, write (and return) the card section."""
+    from memlens.audit.results import read_audit
+    from memlens.io import atomic_write_text, sha256_file
+    from memlens.policy.gate import evaluate
+
+    audits = [read_audit(p) for p in audit_dirs]
+    gate = evaluate(policy, audits) if policy else None
+    text = model_card_section(audits, gate=gate, policy=policy,
+                              report_sha256=sha256_file(report) if report else None)
+    if out is not None:
+        atomic_write_text(out, text)
+    return text
