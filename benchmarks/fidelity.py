@@ -2,6 +2,12 @@
 
 Usage:
     python benchmarks/fidelity.py --data ../shared/data/cifar10-jpeg.tar.gz --out DIR [--budget-minutes 90]
+    python benchmarks/fidelity.py --data ../shared/data/cifar10-jpeg.tar.gz --out DIR --regime small
+
+``--regime small`` is the regime where natural memorization shows on a CPU (docs/fidelity.md): few
+images seen very many times, the papers' Fig. 2b read the other way. S_S 100 / S_C 50 / S_I 50 /
+S_E 50 CIFAR-10 images; SimCLR ResNet9 trained for 600 epochs with the whole training set as the
+batch; two f and two g seeds; all-pairs alignment over 16 views. About 30 minutes on 2 cores.
 
 Uses only memlens's public API. Scale (documented in DIR/fidelity.md): a CIFAR-10 subset with the
 papers' proportions (80/10/10 of the training images, |S_E| = |S_C| from the test part) at a
@@ -35,10 +41,16 @@ from scipy import stats
 from memlens.audit import read_audit, run_audit, write_audit
 from memlens.config import AuditConfig, DataConfig, SplitConfig, SplitSizes, TrainConfig
 from memlens.data import load, make_splits
-from memlens.train import read_run, train
+from memlens.dp import train
+from memlens.train import read_run
 from memlens.train.probe import probe_run
 
 SIZES = {"S_S": 2000, "S_C": 250, "S_I": 250, "S_E": 250}
+SMALL_SIZES = {"S_S": 100, "S_C": 50, "S_I": 50, "S_E": 50}
+SMALL_RECIPE = {"framework": "simclr", "model": {"arch": "resnet9"}, "epochs": 600, "batch_size": 150,
+                "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 1e-4, "warmup_epochs": 10},
+                "augment": "normal"}
+SMALL_SEEDS = (0, 1)
 BASE_MINUTES = 90.0
 
 
@@ -78,30 +90,32 @@ class Bench:
         with self.log_path.open("a", encoding="utf-8") as fh:
             fh.write(line + "\n")
 
-    def pair(self, name: str, recipe: dict, dataset) -> tuple[list[str], list[str], float]:
-        """Train (or reuse) f and g for one recipe; returns their run dirs and the seconds spent."""
+    def pair(self, name: str, recipe: dict, dataset, seeds: tuple[int, ...] = (0,)) -> tuple[list[str], list[str],
+                                                                                           float]:
+        """Train (or reuse) f and g for one recipe and seeds; returns their run dirs and the seconds spent."""
         t = time.perf_counter()
-        dirs = {}
-        for side in ("f", "g"):
-            run_dir = self.out / "runs" / name / side
-            cfg = TrainConfig.model_validate({**recipe, "data": self.data.model_dump(mode="json"),
-                                              "splits": str(self.out / "splits.json"), "subsets": side})
-            status = read_run(run_dir).status if (run_dir / "run.json").is_file() else None
-            if status not in ("complete", "stopped_budget"):
-                self.say(f"train {name}/{side} ({cfg.epochs} epochs)")
-                train(cfg, run_dir, resume=status is not None, dataset=dataset)
-            if read_run(run_dir).probe is None and dataset.labels is not None:
-                probe_run(run_dir, dataset=dataset)
-            dirs[side] = str(run_dir)
-        return [dirs["f"]], [dirs["g"]], time.perf_counter() - t
+        dirs: dict[str, list[str]] = {"f": [], "g": []}
+        for seed in seeds:
+            for side in ("f", "g"):
+                run_dir = self.out / "runs" / name / (side if seed == seeds[0] else f"{side}-seed{seed}")
+                cfg = TrainConfig.model_validate({**recipe, "data": self.data.model_dump(mode="json"),
+                                                  "splits": str(self.out / "splits.json"), "subsets": side,
+                                                  "seed": seed})
+                status = read_run(run_dir).status if (run_dir / "run.json").is_file() else None
+                if status not in ("complete", "stopped_budget"):
+                    self.say(f"train {name}/{run_dir.name} ({cfg.epochs} epochs)")
+                    train(cfg, run_dir, resume=status is not None, dataset=dataset)
+                if read_run(run_dir).probe is None and dataset.labels is not None:
+                    probe_run(run_dir, dataset=dataset)
+                dirs[side].append(str(run_dir))
+        return dirs["f"], dirs["g"], time.perf_counter() - t
 
-    def audit(self, name: str, f: list[str], g: list[str], dataset):
+    def audit(self, name: str, f: list[str], g: list[str], dataset, **settings):
         adir = self.out / "audits" / name
         if not (adir / "audit.json").is_file():
             self.say(f"audit {name}")
             # as many scored points per subset as candidates (the papers score equal-sized subsets)
-            res = run_audit(AuditConfig(f=f, g=g, splits=str(self.out / "splits.json"),
-                                        max_per_subset=SIZES["S_C"]),
+            res = run_audit(AuditConfig(f=f, g=g, splits=str(self.out / "splits.json"), **settings),
                             dataset=dataset)
             write_audit(res, adir, force=True)
         return read_audit(adir)
@@ -265,10 +279,15 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--budget-minutes", type=float, default=BASE_MINUTES,
                     help="time budget; epochs scale with it (default fits 90 minutes on 2 CPU cores)")
+    ap.add_argument("--regime", choices=("large", "small"), default="large",
+                    help="large: the papers' proportions at a twentieth; small: few images seen many times")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     data = DataConfig(source="folder", path=str(Path(args.data).resolve()))
+    if args.regime == "small":
+        small_regime(out, data, args)
+        return
     bench = Bench(out, data, args.budget_minutes * 60)
     scale = args.budget_minutes / BASE_MINUTES
     rec = recipes(scale)
@@ -280,13 +299,13 @@ def main() -> None:
     for name in ("simclr", "mae", "mae-dp8", "supervised"):
         f, g, seconds = bench.pair(name, rec[name], dataset)
         spent[name] = seconds
-        audits[name] = bench.audit(name, f, g, dataset)
+        audits[name] = bench.audit(name, f, g, dataset, max_per_subset=SIZES["S_C"])
     # epsilon 20 only if what is left of the budget covers another DP pair (timed just now)
     need = spent.get("mae-dp8", 0) + 120
     if (out / "runs" / "mae-dp20" / "g" / "model.safetensors").is_file() or \
             bench.budget_s - bench.elapsed() > need:
         f, g, _ = bench.pair("mae-dp20", rec["mae-dp20"], dataset)
-        audits["mae-dp20"] = bench.audit("mae-dp20", f, g, dataset)
+        audits["mae-dp20"] = bench.audit("mae-dp20", f, g, dataset, max_per_subset=SIZES["S_C"])
     else:
         bench.say(f"skipping epsilon 20: {(bench.budget_s - bench.elapsed()) / 60:.0f} minutes left, "
                   f"a DP pair takes about {need / 60:.0f}")
@@ -314,6 +333,56 @@ def main() -> None:
     for r in rows:
         verdict = ("holds" + (f" ({r['caveat']})" if r.get("caveat") else "")) if r["holds"] else "does NOT hold"
         print(f"  {r['id']}: {verdict}: {r['ours'][:140]}")
+
+
+def small_regime(out: Path, data: DataConfig, args) -> None:
+    """The small regime: does f memorize its own natural images (S_C > S_S), and which findings follow?"""
+    bench = Bench(out, data, 45 * 60)
+    dataset = load(data)
+    bench.say(f"small regime: data {dataset.source}, {len(dataset)} images, fingerprint {dataset.fingerprint[:12]}")
+    if not (out / "splits.json").is_file():
+        make_splits(dataset, SplitConfig(seed=0, sizes=SplitSizes(**SMALL_SIZES))).save(out / "splits.json")
+    f, g, seconds = bench.pair("simclr-small", SMALL_RECIPE, dataset, seeds=SMALL_SEEDS)
+    a = bench.audit("simclr-small", f, g, dataset, views=16, top_k=25, ranking_k=25)
+    s = a.summary
+    rows = []
+    for name, hyp in (("C>S", "S_C > S_S"), ("C>E", "S_C > S_E"), ("S>I", "S_S > S_I"), ("E>I", "S_E > S_I")):
+        t = _test(a, name)
+        rows.append(f"| {hyp} | {t.statistic:+.2f} | {fmt_p(t.p_value)} | {fmt_p(t.p_holm)} | {t.effect_size:+.2f} |")
+    nat = ((s.privacy or {}).get("natural") or {}).get("metrics", {})
+    lay = a.layers
+    conv = lay[lay["kind"] == "conv"]
+    rho = stats.spearmanr(conv["depth"], conv["layermem"]).statistic
+    tt = [t for t in s.tests if t.name.startswith("unitmem_top>least")]
+    ssl_ok = int((lay.dropna(subset=["unitmem_mean"])["unitmem_mean"] > lay.dropna(subset=["unitmem_mean"])[
+        "classmem_mean"]).sum())
+    compute_s = sum(read_run(p).wall_seconds for p in f + g) + s.timings["total"]
+    rel = s.reliability or {}
+    lines = ["# Fidelity, small regime: few images seen many times", "",
+             f"- Command: `python benchmarks/fidelity.py --data {args.data} --out {args.out} --regime small`",
+             f"- Date: {dt.date.today().isoformat()}; 2 CPU cores, no GPU; training and auditing took "
+             f"{compute_s / 60:.1f} minutes",
+             f"- Scale: S_S {SMALL_SIZES['S_S']} / S_C {SMALL_SIZES['S_C']} / S_I {SMALL_SIZES['S_I']} CIFAR-10 "
+             f"training images, S_E {SMALL_SIZES['S_E']} test images; SimCLR ResNet9, {SMALL_RECIPE['epochs']} "
+             f"epochs at batch "
+             f"{SMALL_RECIPE['batch_size']} (the whole training set per step), augmentation normal; "
+             f"{len(f)} f and {len(g)} g seeds",
+             f"- Audit: all points, {s.views['count']} views, alignment over all {s.views['pairs_per_point']} pairs; "
+             f"ranking reliability (split-half, Spearman-Brown) {rel.get('reliability', float('nan')):.2f}", "",
+             "| hypothesis | Welch t | p | p (Holm) | Cohen's d |", "| --- | --- | --- | --- | --- |", *rows, "",
+             "Subset means (raw SSLMem): " + ", ".join(f"{k} {v.mean:+.4f}" for k, v in s.subsets.items()), "",
+             f"Membership inference S_C vs S_E: AUC {nat.get('sslmem', {}).get('auc', float('nan')):.3f} (SSLMem), "
+             f"{nat.get('neg_align_f', {}).get('auc', float('nan')):.3f} (f's alignment alone)", "",
+             f"- Finding 3 (LayerMem grows with depth): Spearman(depth, LayerMem) = {rho:.2f} over {len(conv)} conv "
+             f"layers",
+             f"- Finding 5 (UnitMem most vs least memorized): p < 0.05 in {sum(t.p_value < 0.05 for t in tt)} of "
+             f"{len(tt)} layers",
+             f"- Finding 6, SSL half (UnitMem > ClassMem): {ssl_ok} of {len(lay.dropna(subset=['unitmem_mean']))} "
+             f"unit layers",
+             "", "Log:", "", "```", *bench.log_path.read_text(encoding="utf-8").splitlines(), "```", ""]
+    (out / "fidelity-small.md").write_text("\n".join(lines), encoding="utf-8")
+    bench.say(f"wrote {out / 'fidelity-small.md'}")
+    print("\n".join(lines[:20]))
 
 
 if __name__ == "__main__":

@@ -252,3 +252,29 @@ def test_ranking_consistency():
     assert flipped.overlap == 0.0 and flipped.tau == pytest.approx(-1.0)
     half = ranking_consistency(a, np.r_[a[:45], -a[45:]], k=10, name_a="a", name_b="b")
     assert half.overlap == 0.5
+
+
+def test_reliability_recovers_a_known_reliability():
+    """Scores = true per-point value + independent per-pair noise of known variance: the split-half
+    (Spearman-Brown) estimate equals var_t / (var_t + noise of the averaged halves), within sampling
+    error."""
+    from memlens.audit.reliability import ranking_reliability, spearman_brown, views_needed
+
+    rng = np.random.default_rng(0)
+    n, v, sd_t, sd_e = 4000, 10, 1.0, 4.0
+    t = rng.normal(0, sd_t, n)
+    e = rng.normal(0, sd_e, (n, v, v))
+    e = np.triu(e, 1) + np.triu(e, 1).transpose(0, 2, 1)
+    dist_g = (t[:, None, None] + e)[None]  # one g encoder; f identically zero: score = mean g distance
+    dist_f = np.zeros_like(dist_g)
+    rel, freq = ranking_reliability(dist_f, dist_g, target=0.99, top_k=50, bootstrap=50, seed=1)
+    pairs_half = (v // 2) * (v // 2 - 1) // 2
+    pearson = sd_t ** 2 / (sd_t ** 2 + sd_e ** 2 / pairs_half)  # correlation of the two half-scores
+    half = 6 / math.pi * math.asin(pearson / 2)  # its rank (Spearman) version for Gaussian scores
+    assert rel.split_half_r == pytest.approx(half, abs=0.03)  # sampling error ~ 1/sqrt(n) = 0.016
+    assert rel.reliability == pytest.approx(spearman_brown(half), abs=0.04)
+    # the prophecy: a perfectly reliable score needs no more views, an unreliable one many more
+    assert views_needed(0.95, 10, 0.9) == 10 and views_needed(0.5, 10, 0.9) == 90
+    assert math.isinf(views_needed(-0.1, 10, 0.9))
+    # stable top-k: the frequencies of the audit's own top-k are high on average
+    assert 0 < rel.topk_overlap_mean <= 1 and np.nanmean(freq) == pytest.approx(50 / n, abs=0.005)

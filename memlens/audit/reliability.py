@@ -38,7 +38,7 @@ def views_needed(r: float, views: int, target: float) -> float:
         return math.inf
     if r >= target:
         return float(views)
-    return float(math.ceil(views * target * (1 - r) / (r * (1 - target))))
+    return float(math.ceil(views * target * (1 - r) / (r * (1 - target)) - 1e-9))
 
 
 def _pair_mean(dist: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
