@@ -193,7 +193,7 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
                 p = m["mann_whitney_p"]
                 ok = p < policy.alpha
                 where = "this audit" if ctrl is audit else ctrl.path.name
-                add("require_power", f"canaries detected (one-sided Mann-Whitney p < {policy.alpha:g})",
+                add("require_power", f"canaries detected (one-sided Mann-Whitney p below {policy.alpha:g})",
                     f"AUC {m['auc']:.3f}, p = {_fmt(p, 3)} ({where})", ok,
                     "" if ok else f"the positive control ({where}: canaries in the non-private encoder) was not "
                                   f"detected, so this audit had no power to see memorization")
