@@ -356,6 +356,10 @@ def audit(
     key_prefix: Optional[str] = typer.Option(None, "--key-prefix", help="checkpoint key prefix to select and strip"),
     no_strict: bool = typer.Option(False, "--no-strict", help="load weights even with missing/unexpected keys"),
     representation: Optional[str] = typer.Option(None, help="pooled, cls, mean, features, output or layer:NAME"),
+    input_size: Optional[int] = typer.Option(None, help="input side of timm:/py: models (default: timm's data "
+                                                        "config)"),
+    mean: Optional[str] = typer.Option(None, help="input normalisation mean of timm:/py: models, e.g. 0.5,0.5,0.5"),
+    std: Optional[str] = typer.Option(None, help="input normalisation std of timm:/py: models"),
     layers: list[str] = typer.Option([], "--layers", help="layers to hook (shell glob on module paths; repeat)"),
     splits: Optional[str] = typer.Option(None, help="splits.json"),
     data: Optional[str] = typer.Option(None, "--data", help="the images: folder, archive, .npz or manifest .csv"),
@@ -380,7 +384,8 @@ def audit(
     from memlens.device import resolve_device
 
     common = {"kwargs": _json_option(model_kwargs, "--model-kwargs"), "key_prefix": key_prefix,
-              "strict": False if no_strict else None}
+              "strict": False if no_strict else None, "input_size": input_size,
+              "mean": _floats(mean, "--mean"), "std": _floats(std, "--std")}
     over = _overrides({"f": _encoder_specs("f", f, f_weights, common) if f else None,
                        "g": _encoder_specs("g", g, g_weights, common) if g else None,
                        "splits": splits, "augment": augment, "pairing": pairing,
@@ -418,6 +423,15 @@ def audit(
                       f"{rel['views_for_target']:.0f} views would reach it: --views auto)"))
     main_tests = [t for t in s.tests if t.method in ("welch_t", "one_sample_t") and not t.name.startswith("unitmem")]
     typer.echo("  tests: " + ", ".join(f"{t.name} p={t.p_holm:.2g}" for t in main_tests if t.p_holm is not None))
+
+
+def _floats(value: Optional[str], name: str) -> Optional[list[float]]:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise MemlensError(f"{name} must be comma-separated numbers, e.g. 0.5,0.5,0.5; got '{value}'") from None
 
 
 def _int_option(value: str, name: str) -> int:

@@ -122,11 +122,11 @@ class ModelConfig(Strict):
             import timm
 
             if not timm.is_model(v[5:]):
-                close = difflib.get_close_matches(v[5:], timm.list_models("vit*") + timm.list_models("deit*"), n=3)
+                close = difflib.get_close_matches(v[5:], timm.list_models(), n=3)
                 raise ValueError(f"unknown timm model '{v[5:]}'" + (f"; close: {', '.join(close)}" if close else ""))
             return v
         if v not in ARCHS:
-            raise ValueError(f"unknown architecture '{v}'; valid: {', '.join(ARCHS)}, or timm:<ViT name> such as "
+            raise ValueError(f"unknown architecture '{v}'; valid: {', '.join(ARCHS)}, or timm:<model name> such as "
                              f"timm:vit_tiny_patch16_224")
         return v
 

@@ -32,11 +32,12 @@ def build_encoder(arch: str, *, image_size: int, in_chans: int, patch_size: int 
     they are refused for ResNets.
     """
     if arch.startswith("timm:"):
-        from memlens.models.vit import timm_vit
+        from memlens.models.vit import timm_encoder
 
-        model = timm_vit(arch[5:], image_size=image_size, in_chans=in_chans, patch_size=patch_size,
-                         embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
-        check_patch(image_size, model.patch_size)
+        model = timm_encoder(arch[5:], image_size=image_size, in_chans=in_chans, patch_size=patch_size,
+                             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        if getattr(model, "family", "") == "vit":
+            check_patch(image_size, model.patch_size)
         return model
     if arch in VIT_PRESETS:
         p = dict(VIT_PRESETS[arch])

@@ -177,9 +177,9 @@ def load_into(model: nn.Module, path: str | Path, *, key_prefix: str | None = No
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         hint = ""
-        prefixes = {k.split(".", 1)[0] + "." for k in unexpected if "." in k}
-        if unexpected and missing and len(prefixes) == 1:
-            hint = f"; the file's keys may need key_prefix: '{prefixes.pop()}'"
+        best = _best_prefix(list(state), set(expected)) if unexpected and missing else None
+        if best:
+            hint = f"; the file's keys match with key_prefix: '{(key_prefix or '') + best}'"
         raise MemlensError(f"{path} does not match the model: {'; '.join(parts)}{hint}; set strict: false to load "
                            f"what matches")
     if report.loaded == 0:
@@ -187,6 +187,20 @@ def load_into(model: nn.Module, path: str | Path, *, key_prefix: str | None = No
     with torch.no_grad():
         model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     return report
+
+
+def _best_prefix(keys: list[str], expected: set[str]) -> str | None:
+    """The dotted prefix whose removal makes the most keys match the model's (None if none helps)."""
+    candidates = set()
+    for k in keys[:50]:
+        parts = k.split(".")
+        candidates.update(".".join(parts[:i]) + "." for i in range(1, len(parts)))
+    best, hits = None, 0
+    for p in sorted(candidates, key=len):
+        n = sum(1 for k in keys if k.startswith(p) and k[len(p):] in expected)
+        if n > hits:
+            best, hits = p, n
+    return best
 
 
 def finite_parameters(model: nn.Module, *, where: str) -> None:

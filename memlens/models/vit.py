@@ -275,6 +275,59 @@ class TimmViTMixin:
             self.train(was)
 
 
+class TimmConvMixin:
+    """What memlens's objectives call on a timm conv net (ResNets, ConvNeXt...): SimCLR, SimSiam, DINO
+    and supervised training; the representation is the whole final feature map, as for memlens's
+    ResNets (SSLMem paper, Appendix A)."""
+
+    family = "conv"
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.num_features)
+
+    @staticmethod
+    def head_features(fmap: torch.Tensor) -> torch.Tensor:
+        return fmap.mean(dim=(2, 3)) if fmap.dim() == 4 else fmap
+
+    probe_features = head_features
+
+    def representation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).flatten(1)
+
+    def layer_specs(self) -> list[LayerSpec]:
+        from memlens.models.layers import discover_layers
+
+        p = next(self.parameters())
+        size = getattr(self, "_memlens_image_size", 32)
+        chans = getattr(self, "_memlens_in_chans", 3)
+        was = self.training
+        self.eval()
+        try:
+            return discover_layers(self, torch.zeros(1, chans, size, size, device=p.device),
+                                   forward=self.forward_features)
+        finally:
+            self.train(was)
+
+
+def timm_encoder(name: str, *, image_size: int, in_chans: int, **overrides) -> nn.Module:
+    """Any timm model as a memlens training backbone: ViTs through :func:`timm_vit` (MAE included),
+    other models (conv nets) with :class:`TimmConvMixin` (SimCLR, SimSiam, DINO, supervised)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from memlens.errors import MemlensError
+    from memlens.models.external import timm_model
+
+    probe = timm_model(name, {"in_chans": in_chans, "num_classes": 0})
+    if isinstance(probe, VisionTransformer):
+        return timm_vit(name, image_size=image_size, in_chans=in_chans, **overrides)
+    if any(v is not None for v in overrides.values()):
+        raise MemlensError(f"timm:{name} is not a ViT: patch_size/embed_dim/depth/num_heads/mlp_ratio do not apply")
+    probe.__class__ = type(f"Memlens{type(probe).__name__}", (TimmConvMixin, type(probe)), {})
+    probe._memlens_image_size, probe._memlens_in_chans = image_size, in_chans
+    return probe
+
+
 def timm_vit(name: str, *, image_size: int, in_chans: int, **overrides) -> nn.Module:
     """A timm ViT (``vit_*``, ``deit*``...) built for memlens training, with :class:`TimmViTMixin`.
 
