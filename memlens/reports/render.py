@@ -313,7 +313,8 @@ def build_context(audits: list[Audit], *, policy: Policy | None = None, redact: 
                       if any((c["privacy"].get("bound") or {}) for c in ctxs) else None}
     first = ctxs[0]["s"]
     return {
-        "title": title or f"Memorization audit: {first.model.get('arch')} {first.framework.upper()} encoder",
+        "title": title or f"Memorization audit: {first.model.get('arch')} "
+                          f"{(first.framework or 'external').upper()} encoder",
         "date": dt.date.today().isoformat(), "created": dt.datetime.now().isoformat(timespec="seconds"),
         "audits": ctxs, "gate": gate, "policy": policy, "comparison": comparison, "redact": redact,
         "memlens_version": memlens.__version__, "fmt": _f, "p": _p,

@@ -1,0 +1,39 @@
+"""The README's "Audit your own encoder" section, run exactly as written."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _block(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    m = re.search(rf"<!-- {re.escape(marker)}:[^>]*-->\s*```[a-z]*\n(.*?)```", text, re.S)
+    assert m, f"README block {marker} not found"
+    return m.group(1)
+
+
+def test_audit_your_own_encoder_section_runs_as_written(tmp_path):
+    work = tmp_path / "clone"
+    work.mkdir()
+    venv = Path(sys.executable).parents[1]
+    for name, target in ((".venv", venv), ("examples", ROOT / "examples"), ("policies", ROOT / "policies")):
+        (work / name).symlink_to(target)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", "-eo", "pipefail", "-c", _block("own-encoder")], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ex = work / "example"
+    assert (ex / "splits.json").is_file() and (ex / "splits.manifest.csv").is_file()
+    assert (ex / "audit" / "audit.json").is_file() and (ex / "report.pdf").stat().st_size > 10000
+    assert "blocks.1.mlp.act" in r.stdout and "S_C: mean SSLMem" in r.stdout
+    r = subprocess.run([str(work / ".venv" / "bin" / "python"), "-c", _block("own-encoder-python")], cwd=ex,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (ex / "audit-api" / "audit.json").is_file() and "layermem" in r.stdout
