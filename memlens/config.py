@@ -223,16 +223,11 @@ class TrainConfig(Strict):
     canaries: str | None = Field(None, description="canary set directory (memlens canaries): the canaries drawn "
                                                    "in join f's training data; g never sees any")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast of the forward passes "
-                                                                          "(DP-SGD runs in fp32)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast of the forward passes; "
+                                                                          "DP-SGD steps always run in fp32 (exact "
+                                                                          "per-example norms)")
 
     _augment = field_validator("augment")(lambda v: check_augmentation(v))
-
-    @model_validator(mode="after")
-    def _dp_precision(self) -> "TrainConfig":
-        if self.dp is not None and self.precision != "fp32":
-            raise ValueError("DP-SGD runs in fp32: per-example clipping needs exact gradient norms")
-        return self
 
     @property
     def augmentation(self) -> str:

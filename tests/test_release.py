@@ -200,3 +200,13 @@ def test_policy_baseline_path_and_unknown_baseline(releases, tmp_path):
     with pytest.raises(MemlensError, match="max_increase.auc: unknown key; did you mean"):
         load_policy(_policy(tmp_path / "typo.yaml", "version: 1\nrules: {max_point_score: 1}\n"
                                                     "baseline: {max_increase: {auc: 0.1}}\n"))
+
+
+def test_dockerfile_pins_the_makefiles_torch():
+    make = (ROOT / "Makefile").read_text()
+    docker = (ROOT / "Dockerfile").read_text()
+    torch_pin = re.search(r"^TORCH := torch==(\S+) torchvision==(\S+)$", make.split("else")[1], re.M)
+    assert torch_pin, "the Makefile's x86_64 torch pin"
+    assert f"ARG TORCH_VERSION={torch_pin.group(1)}" in docker
+    assert f"ARG TORCHVISION_VERSION={torch_pin.group(2)}" in docker
+    assert re.search(r"^USER 10001$", docker, re.M) and "MEMLENS_CACHE_DIR=/out/cache" in docker

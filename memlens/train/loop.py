@@ -165,7 +165,9 @@ def _record(config: TrainConfig, prepared: Prepared, encoder: nn.Module, device:
         model={"arch": config.model.arch, "family": encoder.family, "parameters": parameter_count(encoder),
                "representation_dim": _representation_dim(encoder, ds.channels, ds.image_size),
                "layers": len(encoder.layer_specs())},
-        environment={"device": describe_device(device), "precision": config.precision, "world_size": D.world_size(),
+        environment={"device": describe_device(device),
+                     "precision": "fp32 (DP-SGD)" if config.dp is not None else config.precision,
+                     "world_size": D.world_size(),
                      "backend": D.backend()},
         canaries=prepared.canaries,
         warnings=warnings, versions=versions(), created=now(), updated=now())
