@@ -493,7 +493,7 @@ def _audit(cfg: AuditConfig, f: list[AuditEncoder], g: list[AuditEncoder], split
     align_g = np.stack([alignment_from_distances(torch.from_numpy(d).double(), cfg.pairing).numpy()
                         for d in res["dist_g"]])
     af_all, ag_all = align_f.mean(axis=0), align_g.mean(axis=0)
-    recon = _mae_scores(ctx, f, g)
+    recon = _loss_scores(ctx, f, g, cset)
     t_mae = time.perf_counter()
     canary_table, privacy = _privacy(ctx, cset, f, af_all, ag_all, recon, n_nat, dataset)
     t_privacy = time.perf_counter()
@@ -511,7 +511,7 @@ def _audit(cfg: AuditConfig, f: list[AuditEncoder], g: list[AuditEncoder], split
                            "align_f": af, "align_g": ag, "sslmem": raw, "sslmem_range_norm": range_norm,
                            "sslmem_sym_norm": sym})
     if recon is not None:
-        points["mae_f"], points["mae_g"] = recon[0][:n_nat], recon[1][:n_nat]
+        points["loss_f"], points["loss_g"] = recon[0][:n_nat], recon[1][:n_nat]
     points["rank"] = points.groupby("subset")["sslmem"].rank(ascending=False, method="first").astype(int)
     points["requested"] = points["id"].isin(set(splits.requested))
     points["topk_freq"] = topk_freq
@@ -701,22 +701,38 @@ def _canary_set(cfg: AuditConfig, f: list[AuditEncoder], dataset: Dataset):
     return cset
 
 
-def _mae_scores(ctx: _Ctx, f: list[AuditEncoder], g: list[AuditEncoder]) -> tuple[np.ndarray, np.ndarray] | None:
-    """MAE reconstruction loss of every point, averaged over fixed masks and over encoders:
-    (f, g), each (n,). Only for memlens MAE runs, whose decoder the run kept; None otherwise.
+def _loss_scores(ctx: _Ctx, f: list[AuditEncoder], g: list[AuditEncoder], cset) -> \
+        tuple[np.ndarray, np.ndarray, str] | None:
+    """Every point's loss under the objective the encoders were trained with, averaged over fixed
+    draws and over encoders: (f, g, objective), each (n,). The classic loss-based membership score
+    (and, f against g, a likelihood-ratio-style one with g as the reference). Only for memlens
+    runs of per-example objectives, whose heads the run kept:
 
-    Each point is reconstructed unaugmented with ``privacy.mae_masks`` masks drawn from its own key,
-    the same masks for f and g (so f - g compares like with like)."""
+    * MAE: the reconstruction loss of the unaugmented image under ``privacy.mae_masks`` masks drawn
+      from the point's own key, the same masks for f and g;
+    * supervised: the cross-entropy of the unaugmented image with its label (a canary's label is
+      the random class it was trained with).
+    """
     from memlens.train.run import load_objective
 
     encs = f + g
-    if not all(e.record is not None and e.record.config.framework == "mae" for e in encs):
+    framework = {e.record.config.framework if e.record is not None else None for e in encs}
+    if len(framework) != 1 or framework & {None} or not framework & {"mae", "supervised"}:
         return None
+    framework = framework.pop()
     try:
         objectives = [load_objective(e.info["path"]).to(ctx.device) for e in encs]
     except MemlensError:
         return None
-    masks = ctx.cfg.privacy.mae_masks
+    labels = None
+    if framework == "supervised":
+        from memlens.data.canaries import canary_labels
+
+        labels = ctx.dataset.labels[np.minimum(ctx.rows, len(ctx.dataset) - 1)].copy()
+        if cset is not None:
+            extra = ctx.rows >= len(ctx.dataset)
+            labels[extra] = canary_labels(cset, len(ctx.dataset.class_names))[ctx.rows[extra] - len(ctx.dataset)]
+    draws = ctx.cfg.privacy.mae_masks if framework == "mae" else 1
     mine = D.shard(np.arange(len(ctx.rows)))
     out = np.zeros((len(encs), len(mine)))
     done = 0
@@ -724,20 +740,24 @@ def _mae_scores(ctx: _Ctx, f: list[AuditEncoder], g: list[AuditEncoder]) -> tupl
         local = np.arange(done, done + len(pos))
         done += len(pos)
         x = Augmenter.to_float(images)
-        for r in range(masks):
+        lab = torch.from_numpy(labels[pos]).to(ctx.device) if labels is not None else None
+        for r in range(draws):
             keys = [derive_seed(ctx.cfg.seed, "mae-mask", ctx.ids[p], r) for p in pos]
             for k, (enc, obj) in enumerate(zip(encs, objectives, strict=True)):
-                noise = RowStreams(keys, ctx.device).rand(obj.encoder.num_patches)
                 with autocast(ctx.device, ctx.cfg.precision):
-                    loss = obj.losses_on_views(enc.prepare(x), None, noise)
-                out[k, local] += loss.float().cpu().numpy() / masks
-    parts = D.all_gather_object(out)
-    out = np.concatenate(parts, axis=1)
-    return out[:len(f)].mean(axis=0), out[len(f):].mean(axis=0)
+                    if framework == "mae":
+                        noise = RowStreams(keys, ctx.device).rand(obj.encoder.num_patches)
+                        loss = obj.losses_on_views(enc.prepare(x), None, noise)
+                    else:
+                        feats = obj.encoder.head_features(obj.encoder(enc.prepare(x)))
+                        loss = torch.nn.functional.cross_entropy(obj.classifier(feats).float(), lab, reduction="none")
+                out[k, local] += loss.float().cpu().numpy() / draws
+    out = np.concatenate(D.all_gather_object(out), axis=1)
+    return out[:len(f)].mean(axis=0), out[len(f):].mean(axis=0), framework
 
 
 def _privacy(ctx: _Ctx, cset, f: list[AuditEncoder], af: np.ndarray, ag: np.ndarray,
-             recon: tuple[np.ndarray, np.ndarray] | None, n_nat: int, dataset: Dataset):
+             recon: tuple[np.ndarray, np.ndarray, str] | None, n_nat: int, dataset: Dataset):
     """The canary table and the empirical privacy summary (membership read only here)."""
     from memlens.audit.privacy import epsilon_lower_bound, membership_metrics
 
@@ -754,16 +774,17 @@ def _privacy(ctx: _Ctx, cset, f: list[AuditEncoder], af: np.ndarray, ag: np.ndar
     seed = derive_seed(ctx.cfg.seed, "privacy") % 2**32
 
     scores_all = {"sslmem": ag - af, "neg_align_f": -af}
+    loss_name = {"mae": "MAE reconstruction loss", "supervised": "cross-entropy"}.get(recon[2]) if recon else None
     if recon is not None:
-        scores_all["mae_ref"] = recon[1] - recon[0]
-        scores_all["neg_mae_f"] = -recon[0]
-    primary = "mae_ref" if recon is not None else "sslmem"
+        scores_all["loss_ref"] = recon[1] - recon[0]
+        scores_all["neg_loss_f"] = -recon[0]
+    primary = "loss_ref" if recon is not None else "sslmem"
     out: dict = {"primary_score": primary, "delta": delta, "confidence": cfg.confidence,
                  "claimed_epsilon": max(claimed_eps) if claimed_eps else None,
                  "claimed_delta": max(claimed_delta) if claimed_delta else None,
                  "scores": {"sslmem": "align_g - align_f (reference g)", "neg_align_f": "-align_f (f alone)",
-                            "mae_ref": "reconstruction loss on g - on f (reference g)",
-                            "neg_mae_f": "-reconstruction loss on f (f alone)"}}
+                            **({"loss_ref": f"{loss_name} on g - on f (reference g)",
+                                "neg_loss_f": f"-{loss_name} on f (f alone)"} if loss_name else {})}}
     # natural membership: S_C (f trained on them) against S_E (neither trained on them)
     sub = ctx.subset_of[:n_nat]
     members, others = sub == "S_C", sub == "S_E"
@@ -780,8 +801,8 @@ def _privacy(ctx: _Ctx, cset, f: list[AuditEncoder], af: np.ndarray, ag: np.ndar
                           "score_ref": scores_all["sslmem"][n_nat:], "score_f": scores_all["neg_align_f"][n_nat:],
                           "align_f": af[n_nat:], "align_g": ag[n_nat:]})
     if recon is not None:
-        table["score_mae_ref"] = scores_all["mae_ref"][n_nat:]
-        table["score_mae_f"] = scores_all["neg_mae_f"][n_nat:]
+        table["score_loss_ref"] = scores_all["loss_ref"][n_nat:]
+        table["score_loss_f"] = scores_all["neg_loss_f"][n_nat:]
     canary_scores = {k: v[n_nat:] for k, v in scores_all.items()}
     metrics = {}
     if included.any() and (~included).any():

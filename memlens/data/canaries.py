@@ -14,8 +14,8 @@ Kinds (the canary literature's image kinds, sized to the data):
 * ``natural``: a real image of the data that no encoder otherwise trains on (outside S_S, S_C,
   S_I and S_E), unchanged: the canaries of Steinke et al.'s one-run audit, and the closest to the
   images whose privacy is at stake;
-* ``synthetic``: a high-frequency colour field with a bright blob, like nothing in the data
-  (its crops differ from one another, so only an encoder that saw it maps them together);
+* ``synthetic``: a busy colour field with a bright blob, like nothing in the data (its crops
+  differ from one another, so only an encoder that saw it maps them together);
 * ``marked``: a real image of the data that no encoder trains on (the test part, else images left
   out of the splits) with a unique square of colour noise pasted over a quarter of its area.
 
@@ -97,15 +97,18 @@ def _images_hash(images: np.ndarray, ids: list[str]) -> str:
 
 
 def _synthetic(rng: np.random.Generator, s: int, c: int) -> np.ndarray:
+    """A smooth but busy colour field (3 plane waves of 2-6 cycles) with a bright blob: structured
+    enough that an encoder can learn it, unlike any data image, and its crops differ from one
+    another (the design of the synthetic source's planted outliers, which SSL encoders memorize)."""
     yy, xx = np.meshgrid(np.linspace(0, 1, s, endpoint=False), np.linspace(0, 1, s, endpoint=False), indexing="ij")
     field = np.zeros((s, s, c))
-    for _ in range(4):
-        fy, fx = rng.integers(2, max(3, s // 2), size=2)
+    for _ in range(3):
+        fy, fx = rng.integers(2, 6, size=2)
         phase = rng.uniform(0, 2 * np.pi)
         field += np.sin(2 * np.pi * (fy * yy + fx * xx) + phase)[..., None] * rng.uniform(-1, 1, size=c)
     cy, cx = rng.uniform(0.15, 0.85, size=2)
     blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.12 ** 2))[..., None] * rng.uniform(-1, 1, size=c)
-    img = 0.5 + 0.3 * field + 0.5 * blob + rng.normal(0, 0.05, size=(s, s, c))
+    img = 0.5 + 0.4 * field + 0.8 * blob + rng.normal(0, 0.03, size=(s, s, c))
     return np.rint(img.clip(0, 1) * 255).astype(np.uint8)
 
 
@@ -167,6 +170,13 @@ def make_canaries(dataset, *, m: int, kinds: list[str], seed: int = 0, p_include
                               data_fingerprint=dataset.fingerprint, ids=ids, canary_kind=kind_of,
                               sha256=_images_hash(arr, ids), p_include=p_include, membership_seed=seed)
     return CanarySet(manifest, arr)
+
+
+def canary_labels(canaries: CanarySet, num_classes: int) -> np.ndarray:
+    """The class each canary is trained with under a supervised objective: a random one from the
+    set's seed, so a member canary is also a mislabelled point."""
+    rng = np.random.default_rng([canaries.manifest.seed, 0x1AB])
+    return rng.integers(0, num_classes, len(canaries)).astype(np.int64)
 
 
 def save_canaries(canaries: CanarySet, out_dir: str | Path) -> Path:

@@ -133,7 +133,7 @@ def epsilon_chart(rows: list[dict]) -> str:
 
 
 SCORE_NAMES = {"sslmem": "SSLMem (f vs reference g)", "neg_align_f": "f's alignment alone",
-               "mae_ref": "MAE reconstruction (f vs reference g)", "neg_mae_f": "f's MAE reconstruction alone"}
+               "loss_ref": "training loss (f vs reference g)", "neg_loss_f": "f's training loss alone"}
 
 
 def roc_chart(metrics: dict[str, dict], *, title: str) -> str:

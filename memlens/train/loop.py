@@ -90,8 +90,9 @@ def prepare(config: TrainConfig, *, cache_dir: str | Path | None = None, dataset
         n = len(images)
         images = np.concatenate([images, cset.images])
         if labels is not None:  # a supervised canary gets a random class: a mislabelled, atypical point
-            rng = np.random.default_rng([cset.manifest.seed, 0x1AB])
-            labels = np.concatenate([labels, rng.integers(0, len(dataset.class_names), len(cset))])
+            from memlens.data.canaries import canary_labels
+
+            labels = np.concatenate([labels, canary_labels(cset, len(dataset.class_names))])
         rows = np.concatenate([rows, n + members])
         canaries = {"path": str(Path(config.canaries).resolve()), "sha256": cset.manifest.sha256,
                     "m": len(cset), "members_trained": int(len(members))}
