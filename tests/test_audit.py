@@ -129,8 +129,11 @@ def test_outputs_and_schema(pair, tmp_path):
     root, cfg, result = pair
     out = write_audit(result, tmp_path / "audit")
     a = read_audit(out)
-    assert list(a.points.columns[:9]) == ["id", "subset", "label", "align_f", "align_g", "sslmem",
-                                          "sslmem_range_norm", "sslmem_sym_norm", "rank"]
+    assert list(a.points.columns) == ["id", "subset", "label", "align_f", "align_g", "sslmem", "sslmem_range_norm",
+                                      "sslmem_sym_norm", "loss_f", "loss_g", "rank", "requested", "topk_freq"]
+    # MAE runs keep their decoder: the reconstruction loss on fixed masks under f and under g
+    assert (a.points["loss_f"] > 0).all() and (a.points["loss_g"] > 0).all()
+    assert a.summary.privacy["primary_score"] == "loss_ref" and "natural" in a.summary.privacy
     assert len(a.points) == 240 and a.points.groupby("subset").size().to_dict() == {"S_C": 40, "S_E": 40,
                                                                                    "S_I": 40, "S_S": 120}
     assert list(a.layers.columns[:2]) == ["layer", "kind"] and {"layermem", "delta_layermem", "layermem_top",

