@@ -217,7 +217,8 @@ def _privacy_context(audit: Audit, *, redact: bool, cache_dir: str | Path | None
                                              title=f"canaries: {canaries['n_in']} in, {canaries['n_out']} out"))
         table = audit.canaries
         col = {"sslmem": "score_ref", "neg_align_f": "score_f", "loss_ref": "score_loss_ref",
-               "neg_loss_f": "score_loss_f"}[primary]
+               "neg_loss_f": "score_loss_f"}.get(primary, "score_ref")
+        col = col if col in table.columns else "score_ref"
         top = table[table["included"]].sort_values(col, ascending=False).head(8)
         thumbs = {} if redact else _canary_thumbnails(canaries.get("path"), top["id"].tolist())
         out["top_canaries"] = [{"id": r["id"], "kind": r["kind"], "score": r[col], "thumb": thumbs.get(r["id"])}
