@@ -59,29 +59,14 @@ class CanaryDPStep(DPStep):
             grad[torch.from_numpy(np.flatnonzero(sampled)).to(self.device)] = c * coef
         return grad
 
-    def apply(self, batch, epoch, step):
-        # Same as DPStep.apply, with the canaries' clipped gradients added to the clipped sum.
-        obj = self.objective
-        rows = self.local_rows(batch)
-        self.dp_optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for chunk in [rows[k:k + self.physical] for k in range(0, len(rows), self.physical)]:
-            images, labels, draws = self.inputs(chunk, epoch, batch.index)
-            with self.clipper.capture(batch_size=len(chunk)):
-                per_example = obj.losses(images, labels, draws)
-                per_example.sum().backward()
-            self.clipper.accumulate_clipped(max_grad_norm=self.dp.max_grad_norm)
-            loss_sum += float(per_example.detach().sum())
-        stats = self.global_stats(loss_sum, len(rows))
-        self.check_finite(stats, epoch)
-        if not len(rows):
-            self._empty_batch()
+    def before_noise(self) -> None:
+        # the canaries' clipped gradients join the clipped sum, as examples of this step would
         self.canary_param.grad = self._canary_gradient()
-        self.dp_optimizer.step()
+
+    def after_release(self) -> None:
         # the released gradient of the canary block, back in units of C before the averaging
         released = self.canary_param.grad.detach().double().cpu().numpy()
         self.scores += released * self.plan.expected_batch_size / self.dp.max_grad_norm
-        return stats
 
 
 @dataclass

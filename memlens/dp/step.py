@@ -161,8 +161,16 @@ class DPStep(Step):
         self.check_finite(stats, epoch)
         if not len(rows):
             self._empty_batch()
+        self.before_noise()
         self.dp_optimizer.step()
+        self.after_release()
         return stats
+
+    def before_noise(self) -> None:
+        """Called once the clipped sums are in ``p.grad``, before noise and averaging (an audit's hook)."""
+
+    def after_release(self) -> None:
+        """Called after the noisy, averaged gradient has been released to the optimizer."""
 
     def _empty_batch(self) -> None:
         if self.clipper is not None:
