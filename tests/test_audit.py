@@ -226,3 +226,16 @@ def test_audit_cli(pair, tmp_path):
     assert r.exit_code == 2 and "already holds an audit" in r.stderr
     r = runner.invoke(app, args[:-2] + ["--out", str(tmp_path / "b"), "--distance", "manhattan"])
     assert r.exit_code == 2 and "'l2', 'l1', 'cosine' or 'angular'" in r.stderr
+
+
+def test_views_auto_adds_views_until_reliable_or_budget(pair, digits):
+    root, cfg, _ = pair
+    auto = cfg.model_copy(update={"views": "auto", "reliability": cfg.reliability.model_copy(
+        update={"target": 0.99, "max_views": 16})})
+    r = run_audit(auto, dataset=digits)
+    hist = r.summary.reliability["history"]
+    assert hist[0]["views"] == 10 and r.summary.views["auto"]
+    # an unreachable target: views grow to the budget and stop there
+    assert hist[-1]["views"] == 16 and r.summary.views["count"] == 16 and len(hist) == 2
+    # the first views of a point are the same whatever the total: the 10-view pass is a prefix
+    assert r.summary.reliability["views"] == 16

@@ -151,3 +151,25 @@ def test_sharded_audit_equals_single_process(recipe, tmp_path, digits):
     assert u1["argmax_id"].fillna("").tolist() == u2["argmax_id"].fillna("").tolist()
     summary = json.loads((tmp_path / "a2" / "audit.json").read_text())
     assert summary["environment"]["world_size"] == 2
+
+
+def test_a_run_resumes_with_another_world_size(recipe, tmp_path, digits):
+    """Interrupted after one epoch in one process, resumed by two: the weights of an uninterrupted run."""
+    from memlens.config import TrainConfig
+    from memlens.dp import train
+
+    root, base = recipe
+    cfg = TrainConfig.model_validate({**base, "subsets": "f"})
+    train(cfg, tmp_path / "straight", dataset=digits)
+
+    def stop(info):
+        if info.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", dataset=digits, on_epoch=stop)
+    torchrun("-m", "memlens", "train", "--out", tmp_path / "cut", "--resume")
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "cut")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    rec = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert rec["status"] == "complete" and rec["environment"]["world_size"] == 2 and rec["epochs_done"] == 2
