@@ -172,7 +172,7 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
     ]
     return {
         "name": audit.path.name, "label": audit_label(audit), "path": str(audit.path), "sha256": audit.sha256,
-        "s": s, "words": [w for w in words if w], "signal": signal, "private": private,
+        "s": s, "words": _lead(words), "signal": signal, "private": private,
         "epsilon_label": "inf" if not private else f"{eps:.3g}", "epsilon": math.inf if not private else eps,
         "frac_above": frac_above, "threshold": threshold, "score": score,
         "sc": sc, "best_layer": best_layer.to_dict() if best_layer is not None else None,
@@ -195,6 +195,13 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         },
         "redact": redact,
     }
+
+
+def _lead(words: list[str]) -> list[str]:
+    """The summary bullets, the privacy findings first: the DP statement and the canaries, then the rest."""
+    words = [w for w in words if w]
+    first = [w for w in words if w.startswith(("Canaries:", "Membership inference", "The encoder was trained"))]
+    return first + [w for w in words if w not in first]
 
 
 def _privacy_context(audit: Audit, *, redact: bool, cache_dir: str | Path | None) -> dict[str, Any]:
@@ -290,6 +297,12 @@ def build_context(audits: list[Audit], *, policy: Policy | None = None, redact: 
     by_name = {a.path.name: a for a in audits}
     for c in ctxs:
         c["verdict"] = verdicts.get(c["label"])
+        if gate is not None and c["verdict"] is not None:
+            failed = [r for r in gate.results if r.audit == c["label"] and not r.passed]
+            c["verdict_words"] = (f"The policy {'passes' if c['verdict'] else 'FAILS'} this encoder"
+                                  + ("." if not failed else ": " + "; ".join(
+                                      f"{r.rule} {r.observed}, required {r.threshold.replace('<=', '≤')}"
+                                      for r in failed) + "."))
         c["comparison"] = None
         if baseline is not None:
             from memlens.policy.gate import compare
