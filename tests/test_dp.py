@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -106,6 +107,44 @@ def test_conv_and_linear_layers_of_any_model():
     expected = sum(loop[b][p] * min(1.0, 0.5 / (torch.sqrt(sum(loop[b][q].pow(2).sum() for q in model.parameters()))
                                               .item() + 1e-6)) for b in range(4) for p in [model[4].weight])
     assert torch.allclose(model[4].weight.grad, expected, atol=1e-6)
+
+
+class _Tokens(nn.Module):
+    """Token-wise linear maps whose shapes take each of the engine's forms: per-example gradients
+    with d_in > T and with d_in <= T, and the ghost norm (few tokens, wide layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 16), nn.Linear(16, 64)  # over T = 40 tokens
+        self.c = nn.Linear(64, 64)  # over T = 4 (pooled groups of 10)
+
+    def forward(self, x):  # (B, 40, 64) -> (B,)
+        h = self.b(torch.tanh(self.a(x)))
+        return self.c(h.reshape(x.shape[0], 4, 10, 64).mean(dim=2)).square().mean(dim=(1, 2))
+
+
+def test_each_form_of_the_clipped_sum_equals_the_single_example_loop():
+    torch.manual_seed(0)
+    model, x = _Tokens(), torch.randn(5, 40, 64)
+    loop = []
+    for b in range(5):
+        model.zero_grad()
+        model(x[b:b + 1]).sum().backward()
+        loop.append({p: p.grad.clone() for p in model.parameters()})
+    model.zero_grad(set_to_none=True)
+    clipper = GhostClipper(model)
+    with clipper.capture():
+        model(x).sum().backward()
+    forms = {name: "ag" if "ag" in rec else "per_sample" for name, rec in clipper._records.items()}
+    assert forms == {"a": "per_sample", "b": "per_sample", "c": "ag"}
+    ours = clipper.per_sample_grads()
+    assert max((ours[p][b] - loop[b][p]).abs().max().item() for p in model.parameters() for b in range(5)) <= 1e-5
+    norms = [torch.sqrt(sum(g.square().sum() for g in lb.values())).item() for lb in loop]
+    clip = float(np.median(norms))  # half the examples are clipped
+    clipper.accumulate_clipped(max_grad_norm=clip)
+    for p in model.parameters():
+        expected = sum(loop[b][p] * min(1.0, clip / (norms[b] + 1e-6)) for b in range(5))
+        assert torch.allclose(p.grad, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_unsupported_layers_and_batchnorm_are_refused():

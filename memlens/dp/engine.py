@@ -207,17 +207,26 @@ class GhostClipper:
     def _reduce(self, module: nn.Module, rec: dict) -> None:
         """Called as soon as a layer's output gradient arrives (during the backward pass): the
         layer's per-example squared norms, and the smallest form that later gives its clipped
-        gradient. Linear maps with fewer inputs than tokens (d_in <= T, e.g. MAE's decoder) keep
-        their per-example gradients (B, out, in), no larger than the output gradient, and free
-        the input and output gradient at once; the others keep (input, output gradient) for one
-        matrix product at the end. Small parameters (LayerNorm, LayerScale, tokens) are
+        gradient. A linear map (B, T, in) -> (B, T, out) takes the cheaper of two forms: the ghost
+        norm, keeping (input, output gradient) for one matrix product at the end; or per-example
+        gradients (B, out, in), kept whole (cheaper means T in out <= T^2 (in + out), so they are
+        also no larger than the input and output gradient, which are freed at once; e.g. MAE's
+        decoder, and a ViT's layers at 224 px). Small parameters (LayerNorm, LayerScale, tokens) are
         materialised at once."""
         g = rec.pop("grad")
         inputs = rec.pop("inputs")
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             a3, g3 = _linear_view(module, inputs[0], g)
             t, d_in, d_out = a3.shape[1], a3.shape[2], g3.shape[2]
-            if d_in <= t:
+            if self._ghost_is_cheaper(t, d_in, d_out):
+                sq = (torch.bmm(a3, a3.mT) * torch.bmm(g3, g3.mT)).flatten(1).sum(dim=1)
+                if module.bias is not None:
+                    sq = sq + g3.sum(dim=1).square().sum(dim=1)
+                rec["ag"] = (a3, g3)
+            else:
+                # Per-example gradients cost T in out, no more than the ghost form T^2 (in + out),
+                # so they are also no larger than (a, g): keep them, free (a, g) now, and the
+                # clipped sum is a cheap weighted sum rather than a second weight-gradient product.
                 gw = torch.bmm(g3.mT, a3)  # (B, out, in)
                 per_sample = {module.weight: gw.reshape(gw.shape[0], *module.weight.shape)}
                 sq = gw.square().flatten(1).sum(dim=1)
@@ -225,14 +234,6 @@ class GhostClipper:
                     per_sample[module.bias] = gb = g3.sum(dim=1)
                     sq = sq + gb.square().sum(dim=1)
                 rec["per_sample"] = per_sample
-            else:
-                if self._ghost_is_cheaper(t, d_in, d_out):
-                    sq = (torch.bmm(a3, a3.mT) * torch.bmm(g3, g3.mT)).flatten(1).sum(dim=1)
-                else:
-                    sq = torch.bmm(g3.mT, a3).square().flatten(1).sum(dim=1)
-                if module.bias is not None:
-                    sq = sq + g3.sum(dim=1).square().sum(dim=1)
-                rec["ag"] = (a3, g3)
             rec["sq"] = sq
             return
         rec["per_sample"] = per_sample = self._materialised(module, inputs, g)
