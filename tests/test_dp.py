@@ -208,6 +208,40 @@ def test_recorded_epsilon_is_within_the_target(tmp_path, digits, accountant):
     assert acc.get_epsilon(delta=d["delta"]) == pytest.approx(d["epsilon_spent"], rel=1e-3)
 
 
+def test_epsilon_is_computed_on_a_cadence_and_exactly_at_the_end(tmp_path, digits):
+    # 27 epochs: epsilon on every second epoch (about 25 rows in all) and on the last one
+    cfg = TrainConfig.model_validate({**DP_MAE, "epochs": 27, "batch_size": 600, "dp": {"epsilon": 4.0}})
+    rec = train(cfg, tmp_path / "run", dataset=digits).record
+    shown = [h["epoch"] for h in rec.history if "epsilon" in h]
+    assert shown == list(range(2, 27, 2)) + [27]
+    d = rec.dp
+    assert d["epsilon_steps"] == d["steps_taken"] == rec.history[-1]["steps"]
+    assert d["epsilon_spent"] == pytest.approx(rec.history[-1]["epsilon"], abs=1e-4)
+    eps = [h["epsilon"] for h in rec.history if "epsilon" in h]
+    assert eps == sorted(eps) and eps[-1] <= 4.0
+
+
+def test_memoised_rdp_changes_no_epsilon(monkeypatch):
+    """memlens caches Opacus's one-step RDP per (q, sigma, order); the uncached function gives the
+    same RDP and PRV epsilons."""
+    from opacus.accountants.analysis import rdp
+
+    settings = [(1.1, 0.01, 500), (3.78, 0.2, 1200), (0.8, 0.05, 30)]
+    cached = []
+    for sigma, q, steps in settings:
+        for acc in (PRVAccountant(), RDPAccountant()):
+            acc.history = [(sigma, q, steps)]
+            cached.append(acc.get_epsilon(delta=1e-5))
+    assert hasattr(rdp._compute_rdp, "cache_info")
+    monkeypatch.setattr(rdp, "_compute_rdp", rdp._compute_rdp.uncached)
+    plain = []
+    for sigma, q, steps in settings:
+        for acc in (PRVAccountant(), RDPAccountant()):
+            acc.history = [(sigma, q, steps)]
+            plain.append(acc.get_epsilon(delta=1e-5))
+    assert cached == plain
+
+
 def test_resume_restores_the_accountant(tmp_path, digits):
     cfg = TrainConfig.model_validate({**DP_MAE, "epochs": 3, "dp": {"epsilon": 6.0}})
     straight = train(cfg, tmp_path / "a", dataset=digits).record

@@ -282,7 +282,8 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
                 loss_sum += stats.loss_sum
                 seen += stats.examples
             seconds = time.perf_counter() - t0
-            extra = step_obj.epoch_extra()
+            extra = step_obj.epoch_extra(epoch=epoch + 1,
+                                         last=epoch + 1 == config.epochs or step_obj.budget_exhausted)
             info = EpochInfo(epoch=epoch + 1, epochs=config.epochs,
                              loss=loss_sum / seen if seen else float("nan"),
                              lr=optimizer.param_groups[0]["lr"], seconds=seconds,
@@ -306,6 +307,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
                 break
     except KeyboardInterrupt:
         record.status = "interrupted"
+        record.dp = step_obj.record(exact=True)
         if main:
             write_run(out, record)
         raise

@@ -131,11 +131,17 @@ class Step:
     def restore_loop_state(self, state: dict[str, Any]) -> None:
         pass
 
-    def record(self) -> dict[str, Any] | None:
-        """What the run record says about this step (the DP guarantee), None for plain steps."""
+    def record(self, *, exact: bool = False) -> dict[str, Any] | None:
+        """What the run record says about this step (the DP guarantee), None for plain steps.
+
+        Args:
+            exact: bring every derived quantity up to date even where that is costly (the
+                final record of a run, or one written on interruption).
+        """
         return None
 
-    def epoch_extra(self) -> dict[str, Any]:
+    def epoch_extra(self, *, epoch: int, last: bool) -> dict[str, Any]:
+        """Extra figures for the history row of 1-based ``epoch`` (``last``: the run ends after it)."""
         return {}
 
 
