@@ -10,6 +10,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def run(*args):
+    """Run the memlens CLI in-process: (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from memlens.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path, monkeypatch):
     # Keep every test's data cache private and out of the user's home directory.

@@ -10,25 +10,19 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import run
 from safetensors.torch import save_file
 from scipy.stats import mannwhitneyu
-from typer.testing import CliRunner
 
 import memlens
-from memlens.cli import app
 from memlens.config import DataConfig, SplitConfig, SplitSizes
 from memlens.data import make_splits
 from memlens.dp import train
 from memlens.errors import MemlensError
 
-runner = CliRunner()
 VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 0}
 SETTINGS = {"views": 4, "max_per_subset": 12, "bootstrap": 100, "reliability": {"bootstrap": 20}}
 
-
-def run(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    return r.exit_code, r.stdout, r.stderr
 
 
 @pytest.fixture(scope="module")

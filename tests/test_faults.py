@@ -7,23 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch.nn as nn
-from conftest import small_train_config
+from conftest import run, small_train_config
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 import memlens
-from memlens.cli import app
 from memlens.config import SplitConfig, SplitSizes, TrainConfig
 from memlens.data import make_splits
 from memlens.dp import train
 from memlens.errors import MemlensError
-
-runner = CliRunner()
-
-
-def run(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    return r.exit_code, r.stdout, r.stderr
 
 
 @pytest.fixture(scope="module")

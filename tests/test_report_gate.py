@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run
 from pypdf import PdfReader
-from typer.testing import CliRunner
 
 from memlens.audit import read_audit, run_audit, write_audit
-from memlens.cli import app
 from memlens.config import AuditConfig, SplitConfig, SplitSizes, TrainConfig
 from memlens.data import load, make_splits
 from memlens.errors import MemlensError
@@ -22,13 +21,8 @@ from memlens.reports import render_report
 from memlens.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-runner = CliRunner()
 EVIL = "<b>bold</b> & <script>x</script>"
 
-
-def run(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    return r.exit_code, r.stdout, r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,9 @@
 import json
 
-from typer.testing import CliRunner
+from conftest import run
 
-from memlens.cli import app
 from memlens.dp.sweep import sweep_runs
 from memlens.train import read_run
-
-runner = CliRunner()
-
-
-def run(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    return r.exit_code, r.stdout, r.stderr
 
 
 def _write_sweep(tmp_path, epsilons="[inf, 8]", extra=""):
