@@ -106,14 +106,21 @@ def side_subsets(side: str | list[str]) -> tuple[str, ...]:
     return tuple(side)
 
 
+def _listed_lines(path: Path, *, missing: str, empty: str) -> list[str]:
+    """The non-blank lines of a list file, '#' comments skipped; ``missing``/``empty``: error texts."""
+    if not path.is_file():
+        raise MemlensError(missing)
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    items = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not items:
+        raise MemlensError(empty)
+    return items
+
+
 def read_id_file(path: str | Path) -> list[str]:
     path = Path(path)
-    if not path.is_file():
-        raise MemlensError(f"candidates file not found: {path}")
-    ids = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    ids = [i for i in ids if i and not i.startswith("#")]
-    if not ids:
-        raise MemlensError(f"candidates file {path} lists no ids")
+    ids = _listed_lines(path, missing=f"candidates file not found: {path}",
+                        empty=f"candidates file {path} lists no ids")
     if len(set(ids)) != len(ids):
         raise MemlensError(f"candidates file {path} lists an id twice")
     return ids
@@ -183,12 +190,7 @@ def file_hash(path: str | Path) -> str:
 def read_path_list(path: str | Path, *, what: str) -> list[str]:
     """Image paths, one per line ('#' comments and blank lines skipped), relative to the list's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise MemlensError(f"{what} list not found: {path}")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    items = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not items:
-        raise MemlensError(f"{what} list {path} names no images")
+    items = _listed_lines(path, missing=f"{what} list not found: {path}", empty=f"{what} list {path} names no images")
     out = []
     for item in items:
         p = Path(item)
