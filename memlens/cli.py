@@ -162,6 +162,10 @@ def train(
     dp_physical_batch_size: Optional[int] = typer.Option(None, help="largest physical batch under DP"),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps"),
     precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16 (autocast; DP-SGD runs in fp32)"),
+    input_size: Optional[int] = typer.Option(None, help="side of the encoder's input (default: the data's size "
+                                                        "when all images share one, else 224)"),
+    workers: Optional[str] = typer.Option(None, help="DataLoader workers decoding images, or 'auto'"),
+    threads: Optional[str] = typer.Option(None, help="intra-op threads, or 'auto'"),
 ):
     """Train an encoder (MAE, SimCLR, SimSiam, DINO, supervised; DP-SGD with --dp-epsilon).
 
@@ -176,7 +180,8 @@ def train(
                        "data.path": data_path, "augment": augment, "dp.epsilon": dp_epsilon, "dp.delta": dp_delta,
                        "dp.max_grad_norm": dp_max_grad_norm, "dp.accountant": dp_accountant,
                        "dp.noise_multiplier": dp_noise_multiplier, "dp.physical_batch_size": dp_physical_batch_size,
-                       "device": device, "precision": precision})
+                       "device": device, "precision": precision, "model.input_size": input_size,
+                       "workers": _count_option(workers, "--workers"), "threads": _count_option(threads, "--threads")})
     if config:
         cfg = load_yaml(TrainConfig, config, overrides=over)
     elif resume and not over:
@@ -372,7 +377,9 @@ def audit(
     batch_points: Optional[int] = typer.Option(None, help="points per forward batch"),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps"),
     precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16 (forward passes)"),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers"),
+    workers: Optional[str] = typer.Option(None, help="DataLoader workers decoding images, or 'auto'"),
+    threads: Optional[str] = typer.Option(None, help="intra-op threads, or 'auto' (this process's share of the "
+                                                     "cores minus its workers)"),
     seed: Optional[int] = typer.Option(None),
     force: bool = typer.Option(False, "--force", help="overwrite an existing audit"),
 ):
@@ -391,7 +398,8 @@ def audit(
                        "splits": splits, "augment": augment, "pairing": pairing,
                        "views": (views if views == "auto" else _int_option(views, "--views")) if views else None,
                        "distance": distance, "max_per_subset": max_per_subset, "seed": seed,
-                       "batch_points": batch_points, "device": device, "precision": precision, "workers": workers,
+                       "batch_points": batch_points, "device": device, "precision": precision,
+                       "workers": _count_option(workers, "--workers"), "threads": _count_option(threads, "--threads"),
                        "representation": representation, "layers": layers or None,
                        "data": data_config_for_path(data).model_dump() if data else None})
     cfg = load_yaml(AuditConfig, config, overrides=over) if config else validate(
@@ -432,6 +440,15 @@ def _floats(value: Optional[str], name: str) -> Optional[list[float]]:
         return [float(v) for v in value.split(",")]
     except ValueError:
         raise MemlensError(f"{name} must be comma-separated numbers, e.g. 0.5,0.5,0.5; got '{value}'") from None
+
+
+def _count_option(value: Optional[str], name: str) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    count = _int_option(value, name)
+    if count < 0:
+        raise MemlensError(f"{name} must be 'auto' or a number >= 0, got '{value}'")
+    return count
 
 
 def _int_option(value: str, name: str) -> int:

@@ -35,6 +35,13 @@ def check_augmentation(name: str | None) -> str | None:
     return name
 
 
+def _count(v: int | str) -> int | str:
+    """Field validator of workers/threads: 'auto' or a count (threads at least 1)."""
+    if isinstance(v, int) and v < 0:
+        raise ValueError("must be 'auto' or a number >= 0")
+    return v
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -57,16 +64,45 @@ class SyntheticConfig(Strict):
 
 
 class DataConfig(Strict):
-    source: Literal["digits", "synthetic", "folder", "npz", "manifest"] = "digits"
-    path: str | None = Field(None, description="folder, .tar/.tar.gz, .npz or manifest .csv (path[,label][,subset])")
-    resize: int | None = Field(None, ge=4, le=1024, description="resize every image to resize x resize")
+    """Where the images come from and how they are read (memlens.data.sources)."""
+
+    source: Literal["digits", "synthetic", "folder", "npz", "manifest", "shards", "hf", "parquet"] = "digits"
+    path: str | None = Field(None, description="folder or .tar/.tar.gz, shard pattern (train-{0000..0127}.tar), "
+                                               "datasets directory (save_to_disk), parquet file/dir/glob, .npz, or "
+                                               "manifest .csv (path[,label][,subset])")
+    test_path: str | None = Field(None, description="shards and parquet: the files of the test part")
+    resize: int | None = Field(None, ge=4, le=1024, description="squash every image to resize x resize (an explicit "
+                                                               "choice; by default images keep their own size)")
+    cache: Literal["auto", "decoded", "none"] = Field(
+        "auto", description="decoded: keep the decoded pixels of images of one square size in one memory-mapped "
+                            "file (for small images read many times); auto: when they fit in 4 GiB; none: decode "
+                            "on every read")
+    on_bad_image: Literal["fail", "skip"] = Field(
+        "fail", description="a corrupt or truncated image: fail naming it, or skip it (recorded in run.json and "
+                            "audit.json)")
+    image_column: str | None = Field(None, description="hf/parquet: the image column; shards: the image member's "
+                                                       "extension (default: jpg, png, ...)")
+    label_column: str | None = Field(None, description="hf/parquet: the label column (default: ClassLabel / label)")
+    id_column: str | None = Field(None, description="hf/parquet: the id column (default: id, else <part>/<row>)")
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")
     def _needs_path(self) -> "DataConfig":
-        if self.source in ("folder", "npz", "manifest") and not self.path:
+        if self.source not in ("digits", "synthetic") and not self.path:
             raise ValueError(f"source '{self.source}' needs a path")
+        if self.test_path and self.source not in ("shards", "parquet"):
+            raise ValueError(f"test_path is for sources shards and parquet, not '{self.source}'")
+        columns = [k for k in ("label_column", "id_column") if getattr(self, k)]
+        if self.image_column and self.source not in ("hf", "parquet", "shards"):
+            columns.append("image_column")
+        if columns and self.source not in ("hf", "parquet"):
+            raise ValueError(f"{', '.join(columns)} apply to sources hf and parquet, not '{self.source}'")
         return self
+
+    @property
+    def lazy(self) -> bool:
+        """Whether images are decoded from files while a job runs."""
+        return self.source not in ("digits", "synthetic", "npz")
 
 
 # ----------------------------------------------------------------------------- splits
@@ -105,6 +141,9 @@ class SplitConfig(Strict):
 
 class ModelConfig(Strict):
     arch: str = "vit_micro"
+    input_size: int | None = Field(None, ge=4, le=1024, description="side of the encoder's square input; default: "
+                                                                   "the data's size when all images share one "
+                                                                   "square size, else timm's default (224)")
     patch_size: int | None = Field(None, ge=1)
     embed_dim: int | None = Field(None, ge=8)
     depth: int | None = Field(None, ge=1)
@@ -226,8 +265,14 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast of the forward passes; "
                                                                           "DP-SGD steps always run in fp32 (exact "
                                                                           "per-example norms)")
+    workers: int | Literal["auto"] = Field("auto", description="DataLoader workers decoding images (auto: 0 for data "
+                                                               "in memory, else up to 4 within this process's "
+                                                               "share of the cores)")
+    threads: int | Literal["auto"] = Field("auto", description="intra-op threads (auto: the process's share of the "
+                                                               "cores minus its workers)")
 
     _augment = field_validator("augment")(lambda v: check_augmentation(v))
+    _counts = field_validator("workers", "threads")(lambda v: _count(v))
 
     @property
     def augmentation(self) -> str:
@@ -609,7 +654,11 @@ class AuditConfig(Strict):
     privacy: PrivacySettings = PrivacySettings()
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    workers: int = Field(0, ge=0, description="DataLoader workers gathering image batches")
+    workers: int | Literal["auto"] = Field("auto", description="DataLoader workers decoding images (auto: 0 for data "
+                                                               "in memory, else up to 4 within this process's "
+                                                               "share of the cores)")
+    threads: int | Literal["auto"] = Field("auto", description="intra-op threads (auto: the process's share of the "
+                                                               "cores minus its workers)")
     subsets: list[Subset] = Field(["S_C", "S_S", "S_I", "S_E"], min_length=1)
     max_per_subset: int | None = Field(None, ge=2, description="score at most this many (random) points per subset")
     unitmem: UnitMemSettings = UnitMemSettings()
@@ -622,6 +671,7 @@ class AuditConfig(Strict):
     seed: int = 0
 
     _augment = field_validator("augment")(lambda v: check_augmentation(v))
+    _counts = field_validator("workers", "threads")(lambda v: _count(v))
     _f = field_validator("f", "g", mode="before")(lambda v: [encoder_spec(x) for x in v] if isinstance(v, list)
                                                     else v)
 

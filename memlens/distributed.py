@@ -76,3 +76,19 @@ def collective_device() -> torch.device:
     if active() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def local_world_size() -> int:
+    """Processes of this job on this node (hostnames gathered once; 1 without a process group)."""
+    global _LOCAL
+    if not active():
+        return 1
+    if _LOCAL is None:
+        import socket
+
+        hosts = all_gather_object(socket.gethostname())
+        _LOCAL = sum(h == hosts[rank()] for h in hosts)
+    return _LOCAL
+
+
+_LOCAL: int | None = None

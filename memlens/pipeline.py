@@ -63,7 +63,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
     say = (log or (lambda _msg: None)) if main else (lambda _msg: None)
     out = Path(out_dir)
     policy = load_policy(config.policy) if config.policy else None  # fail early on a bad policy
-    dataset = load(config.data, cache_dir=cache_dir)
+    dataset = load(config.data, cache_dir=cache_dir, collective=D.active())
     splits_path = out / "splits.json"
     fresh_splits = None
     if not splits_path.is_file() or force:

@@ -48,6 +48,11 @@ class Draws:
     def uniform(self, lo: float, hi: float, k: int | None = None) -> torch.Tensor:
         return self.rand(k) * (hi - lo) + lo
 
+    def skip(self, k: int) -> None:
+        """Advance every row's stream by ``k`` numbers (the draws of an operation applied elsewhere)."""
+        if k:
+            self.rand(k)
+
 
 class BatchDraws(Draws):
     """All rows from one generator: the draws of a row depend on the batch it is in."""
@@ -97,7 +102,10 @@ class RowStreams(Draws):
     @classmethod
     def for_keys(cls, seed: int, keys: Sequence[Any], *tags: Any, device: torch.device | str = "cpu") -> "RowStreams":
         """Streams for rows identified by ``keys`` (ids, (id, view) tuples...) under ``seed`` and ``tags``."""
-        return cls([derive_seed(seed, *tags, *(k if isinstance(k, tuple) else (k,))) for k in keys], device)
+        return cls(stream_keys(seed, keys, *tags), device)
+
+    def skip(self, k: int) -> None:
+        self.pos += k
 
     def rand(self, k: int | None = None) -> torch.Tensor:
         width = 1 if k is None else k
@@ -108,6 +116,12 @@ class RowStreams(Draws):
         out = torch.from_numpy((bits >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24))
         out = out.to(self.device)
         return out[:, 0] if k is None else out
+
+
+def stream_keys(seed: int, keys: Sequence[Any], *tags: Any) -> np.ndarray:
+    """The 63-bit stream seeds :meth:`RowStreams.for_keys` gives rows identified by ``keys`` (a loader
+    worker cutting views receives these)."""
+    return np.array([derive_seed(seed, *tags, *(k if isinstance(k, tuple) else (k,))) for k in keys], dtype=np.uint64)
 
 
 def as_draws(source: Draws | torch.Generator | None, n: int, device: torch.device | str = "cpu") -> Draws:

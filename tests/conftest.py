@@ -56,3 +56,25 @@ def write_png_folder(root, layout, size=8, seed=0):
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(p)
         paths.append(p)
     return paths
+
+
+def write_jpeg_folder(root, n, *, seed=0, classes=("a", "b"), sizes=(24, 64), parts=("train",)):
+    """n JPEGs per part of random sizes and both orientations in class folders (smooth content, so
+    they compress like photos); returns the relative paths."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for part in parts:
+        for k in range(n):
+            h, w = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
+            yy, xx = np.mgrid[0:h, 0:w]
+            f = rng.uniform(0.02, 0.2, size=3)
+            img = 127 + 100 * np.sin(f[0] * yy + f[1] * xx + rng.uniform(0, 6, size=(3, 1, 1)))
+            rel = f"{part}/{classes[k % len(classes)]}/{k:05d}.jpg" if len(parts) > 1 else \
+                f"{classes[k % len(classes)]}/{k:05d}.jpg"
+            p = root / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0)).save(p, quality=90)
+            out.append(rel)
+    return out

@@ -78,12 +78,16 @@ def test_tar_gz_is_read_without_extracting_and_cached(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = load(DataConfig(source="folder", path=str(archive)), cache_dir=cache)
     assert not (tmp_path / "train").exists()  # nothing extracted next to the archive
-    cached = list(cache.glob("images-*.npz"))
-    assert len(cached) == 1
+    # indexed once (offsets, digests), the decompressed tar and the decoded pixels cached
+    assert len(list(cache.glob("index-tar-*.npz"))) == 1 and len(list(cache.glob("untar-*.tar"))) == 1
+    assert len(list(cache.glob("decoded-*.npy"))) == 1 and not first.lazy  # 8x8 images: decoded cache
     second = load(DataConfig(source="folder", path=str(archive)), cache_dir=cache)
     assert second.fingerprint == first.fingerprint and second.class_names == ("c0", "c1")
     folder_ds = load(DataConfig(source="folder", path=str(src)), cache_dir=cache)
-    assert folder_ds.fingerprint == first.fingerprint  # same ids, same pixels
+    assert folder_ds.fingerprint == first.fingerprint  # same ids, same bytes
+    lazy = load(DataConfig(source="folder", path=str(archive), cache="none"), cache_dir=cache)
+    assert lazy.lazy and lazy.fingerprint == first.fingerprint
+    assert np.array_equal(np.stack([lazy.pixels.read(i) for i in range(len(lazy))]), first.images)
 
 
 def test_npz_source(tmp_path):
@@ -105,16 +109,33 @@ def test_empty_folder_is_refused(tmp_path):
 def test_corrupt_images_are_named(tmp_path):
     write_png_folder(tmp_path / "d", ["a.png", "b.png"])
     (tmp_path / "d" / "bad.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
-    with pytest.raises(MemlensError, match=r"1 unreadable or corrupt image\(s\): bad.jpg"):
+    with pytest.raises(MemlensError, match=r"1 unreadable or corrupt image\(s\): bad.jpg.*on_bad_image: skip"):
+        load(DataConfig(source="folder", path=str(tmp_path / "d")))
+    ds = load(DataConfig(source="folder", path=str(tmp_path / "d"), on_bad_image="skip"))
+    assert ds.ids == ("a.png", "b.png")
+    assert ds.describe()["skipped"] == [{"id": "bad.jpg", "problem": "not a readable image (UnidentifiedImageError)",
+                                         "when": "index"}]
+
+
+def test_truncated_jpeg_is_found_when_indexed(tmp_path):
+    from tests.conftest import write_jpeg_folder
+
+    write_jpeg_folder(tmp_path / "d", 3, seed=1, sizes=(120, 160))
+    victim = sorted((tmp_path / "d").rglob("*.jpg"))[1]
+    victim.write_bytes(victim.read_bytes()[:-200])  # a download cut short: the header still reads
+    with pytest.raises(MemlensError, match=r"truncated JPEG"):
         load(DataConfig(source="folder", path=str(tmp_path / "d")))
 
 
-def test_mixed_sizes_need_resize(tmp_path):
+def test_mixed_sizes_are_read_lazily_at_their_own_size(tmp_path):
     write_png_folder(tmp_path / "d", ["a.png", "b.png"], size=8)
     write_png_folder(tmp_path / "d", ["c.png"], size=10)
-    with pytest.raises(MemlensError, match="mixed sizes.*set data.resize"):
-        load(DataConfig(source="folder", path=str(tmp_path / "d")))
-    ds = load(DataConfig(source="folder", path=str(tmp_path / "d"), resize=8))
+    ds = load(DataConfig(source="folder", path=str(tmp_path / "d")))
+    assert ds.lazy and ds.square_size is None
+    assert ds.pixels.read(2).shape == (10, 10, 3) and ds.pixels.read(0).shape == (8, 8, 3)
+    with pytest.raises(MemlensError, match="images differ in size.*model.input_size"):
+        _ = ds.image_size
+    ds = load(DataConfig(source="folder", path=str(tmp_path / "d"), resize=8))  # squashing stays a choice
     assert ds.images.shape == (3, 8, 8, 3)
 
 
@@ -123,7 +144,7 @@ def test_missing_path_and_unknown_source():
 
     with pytest.raises(MemlensError, match="source 'folder' needs a path"):
         validate(DataConfig, {"source": "folder"}, source="cfg")
-    with pytest.raises(MemlensError, match="'digits', 'synthetic', 'folder', 'npz' or 'manifest'"):
+    with pytest.raises(MemlensError, match="'folder', 'npz', 'manifest', 'shards', 'hf' or 'parquet'"):
         validate(DataConfig, {"source": "imagenet"}, source="cfg")
     with pytest.raises(MemlensError, match="not found"):
         load(DataConfig(source="folder", path="/nonexistent/dir"))

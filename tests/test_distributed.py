@@ -173,3 +173,38 @@ def test_a_run_resumes_with_another_world_size(recipe, tmp_path, digits):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     rec = json.loads((tmp_path / "cut" / "run.json").read_text())
     assert rec["status"] == "complete" and rec["environment"]["world_size"] == 2 and rec["epochs_done"] == 2
+
+
+def test_sharded_audit_over_tar_shards_equals_single_process(tmp_path):
+    """Images of their own sizes in WebDataset-style shards: two processes index a share of the shards
+    each (a fresh cache), read only their points, and give the single process's audit."""
+    from memlens.config import DataConfig, TrainConfig
+    from memlens.data import load
+    from memlens.dp import train
+    from tests.conftest import write_jpeg_folder
+    from tests.test_lazy_data import _to_shards
+
+    rels = write_jpeg_folder(tmp_path / "imgs", 44, seed=5)
+    pattern = _to_shards(tmp_path / "imgs", rels, tmp_path / "shards", per_shard=11)
+    data = DataConfig(source="shards", path=pattern)
+    make_splits(load(data), SplitConfig(sizes=SplitSizes(S_S=16, S_C=8, S_I=8, S_E=8), seed=2)).save(
+        tmp_path / "s.json")
+    base = {"framework": "mae", "data": data.model_dump(), "splits": str(tmp_path / "s.json"), "epochs": 1,
+            "batch_size": 8, "augment": "mae", "mae": {"decoder_dim": 16},
+            "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2, "input_size": 16}}
+    for side in ("f", "g"):
+        train(TrainConfig.model_validate({**base, "subsets": side}), tmp_path / side)
+    args = ["-m", "memlens", "audit", "--f", tmp_path / "f", "--g", tmp_path / "g", "--splits", tmp_path / "s.json",
+            "--views", "4", "--workers", "0"]
+    single(*args, "--out", tmp_path / "a1", "--batch-points", "16")
+    env = {**_env(), "MEMLENS_CACHE_DIR": str(tmp_path / "fresh-cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *map(str, args), "--out", str(tmp_path / "a2"), "--batch-points", "5"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list((tmp_path / "fresh-cache").glob("index-shards-*.npz"))  # built by the two processes
+    p1 = pd.read_csv(tmp_path / "a1" / "points.csv").set_index("id")
+    p2 = pd.read_csv(tmp_path / "a2" / "points.csv").set_index("id").loc[p1.index]
+    for c in ("align_f", "align_g", "sslmem", "loss_f", "loss_g"):
+        assert np.allclose(p1[c], p2[c], atol=1e-5), c
+    assert len(p1) == 40

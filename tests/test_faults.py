@@ -160,4 +160,5 @@ def test_report_respects_the_cache_dir(tmp_path, monkeypatch):
                "2", "--out", tmp_path / "a")[0] == 0
     assert run("report", tmp_path / "a", "--out", tmp_path / "r.pdf")[0] == 0
     assert not (home / ".cache" / "memlens").exists()  # (fontconfig and matplotlib keep their own caches)
-    assert list(Path(tmp_path / "cache").glob("images-*.npz"))
+    cache = Path(tmp_path / "cache")
+    assert list(cache.glob("index-files-*.npz")) and list(cache.glob("decoded-*.npy"))

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from memlens.config import EncoderSpec
+from memlens.data.augment import EvalTransform
 from memlens.errors import MemlensError
 from memlens.io import sha256_file
 from memlens.models.external import factory_model, finite_parameters, load_into, timm_data_config, timm_model
@@ -52,6 +53,8 @@ class AuditEncoder:
         source: ``run``, ``timm``, ``py`` or ``module``.
         info: provenance recorded in audit.json (spec, weights hash, load report, DP...).
         record: the run record of a memlens run (None otherwise).
+        eval_transform: how an image of any size becomes the un-augmented input (timm's eval
+            transform: crop_pct, crop_mode, interpolation; a memlens run's recorded one).
     """
 
     module: nn.Module
@@ -65,6 +68,11 @@ class AuditEncoder:
     info: dict[str, Any] = field(default_factory=dict)
     record: Any = None
     specs: list[LayerSpec] = field(default_factory=list)
+    eval_transform: EvalTransform | None = None
+
+    def __post_init__(self) -> None:
+        if self.eval_transform is None:
+            self.eval_transform = EvalTransform(self.input_size)
 
     # ------------------------------------------------------------------ forward
 
@@ -191,9 +199,12 @@ def from_module(module: nn.Module, *, input_size: int | None = None, in_chans: i
     if len(mean) != chans or len(std) != chans:
         raise MemlensError(f"encoder {label}: mean and std need {chans} values (one per input channel)")
     finite_parameters(module, where=f"encoder {label}")
+    evaluation = EvalTransform(int(size), crop_pct=float(cfg.get("crop_pct") or 1.0),
+                               crop_mode=cfg.get("crop_mode") if cfg.get("crop_mode") == "squash" else "center",
+                               interpolation="bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear")
     return AuditEncoder(module=module.eval(), representation=representation or _default_rep(source),
                         input_size=int(size), in_chans=int(chans), mean=list(mean), std=list(std), label=label,
-                        source=source, info=dict(info or {}))
+                        source=source, info=dict(info or {}), eval_transform=evaluation)
 
 
 def _guess_in_chans(module: nn.Module) -> int | None:
@@ -237,10 +248,11 @@ def _from_spec(spec: EncoderSpec, default_rep: str | None) -> AuditEncoder:
         finite_parameters(module, where=f"run {path}")
         info = {"spec": spec.model, "path": str(path.resolve()), "weights_sha256": sha256_file(path / MODEL_FILE),
                 "run_json_sha256": sha256_file(path / RUN_FILE)}
+        evaluation = EvalTransform(rec.data["image_size"], **(rec.data.get("eval_transform") or {}))
         return AuditEncoder(module=module, representation=rep or "features", input_size=rec.data["image_size"],
                             in_chans=rec.data["channels"], mean=rec.data["normalize"]["mean"],
                             std=rec.data["normalize"]["std"], label=spec.name or path.name, source="run",
-                            info=info, record=rec)
+                            info=info, record=rec, eval_transform=evaluation)
     if spec.kind == "module":
         raise MemlensError(f"'{spec.model}' stands for a Python object: pass the nn.Module itself to memlens.audit()")
     if spec.kind == "timm":

@@ -39,6 +39,7 @@ import torch.nn as nn
 
 import memlens
 from memlens import distributed as D
+from memlens import resources
 from memlens.audit.classmem import ClassMemAccumulator
 from memlens.audit.encoders import AuditEncoder, resolve
 from memlens.audit.hooks import tap
@@ -50,13 +51,15 @@ from memlens.audit.stats import bootstrap_ci, ranking_consistency, sslmem_tests,
 from memlens.audit.unitmem import NONE, UnitMemAccumulator, unitmem
 from memlens.config import SUBSETS, AuditConfig, EncoderSpec
 from memlens.data import Augmenter, Dataset, Splits, load
-from memlens.data.augment import describe
+from memlens.data.augment import EvalTransform, describe
+from memlens.data.dataset import ConcatPixels, Pixels
+from memlens.data.loader import Unit, eval_batches, fetch, mode_for
 from memlens.device import autocast, describe_device, resolve_device
 from memlens.errors import MemlensError
 from memlens.io import atomic_write_text, dumps, sha256_bytes, sha256_file
 from memlens.rng import RowStreams, derive_seed
 
-RECIPE_IGNORED = ("seed", "subsets", "splits", "device", "precision", "workers", "distributed", "canaries")
+RECIPE_IGNORED = ("seed", "subsets", "splits", "device", "precision", "workers", "threads", "distributed", "canaries")
 SCORING_ORDER = ("S_C", "S_S", "S_I", "S_E")  # candidates first
 Progress = Callable[[str, int, int], None]
 
@@ -166,21 +169,22 @@ def check_encoders(f: list[AuditEncoder], g: list[AuditEncoder], splits: Splits,
 
 
 def resolve_data(cfg: AuditConfig, encoders: list[AuditEncoder], splits_path: str,
-                 cache_dir: str | Path | None) -> Dataset:
+                 cache_dir: str | Path | None, *, collective: bool = False) -> Dataset:
     """The images of the audit: ``data`` of the config, else the runs' data, else the data the
     splits file records (``memlens split`` of membership lists writes it)."""
     from memlens.io import read_json
 
     if cfg.data is not None:
-        return load(cfg.data, cache_dir=cache_dir)
+        return load(cfg.data, cache_dir=cache_dir, collective=collective)
     runs = [e for e in encoders if e.record is not None]
     if runs:
-        return load(runs[0].record.config.data, cache_dir=cache_dir)
+        return load(runs[0].record.config.data, cache_dir=cache_dir, collective=collective)
     raw = read_json(splits_path, what="splits file")
     if isinstance(raw, dict) and raw.get("data"):
         from memlens.config import DataConfig, validate
 
-        return load(validate(DataConfig, raw["data"], source=f"{splits_path}: data"), cache_dir=cache_dir)
+        return load(validate(DataConfig, raw["data"], source=f"{splits_path}: data"), cache_dir=cache_dir,
+                    collective=collective)
     raise MemlensError("the encoders are not memlens runs and the splits file records no data source; give the "
                        "images with --data PATH (a folder, archive, .npz or manifest .csv)")
 
@@ -205,24 +209,11 @@ def _choose_points(splits: Splits, dataset: Dataset, cfg: AuditConfig) -> tuple[
 # ----------------------------------------------------------------------------- the pass
 
 
-class _Batches(torch.utils.data.Dataset):
-    """uint8 image batches of given dataset rows (for a DataLoader with workers and pinning)."""
-
-    def __init__(self, images: np.ndarray, batches: list[np.ndarray]):
-        self.images, self.batches = images, batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, k: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.images[self.batches[k]]))
-
-
 @dataclass
 class _Ctx:
     cfg: AuditConfig
     dataset: Dataset
-    images: np.ndarray  # the dataset's images, then the canaries' (rows index this array)
+    pixels: Pixels  # the dataset's images, then the canaries' (rows index both)
     rows: np.ndarray
     ids: list[str]
     subset_of: np.ndarray
@@ -233,21 +224,60 @@ class _Ctx:
     device: torch.device
     dprime_pos: np.ndarray  # position of each point in D' (-1: not in D')
     progress: Progress | None
+    workers: int = 0
     forwards: int = 0
     modules: dict = field(default_factory=dict)
 
-    def loader(self, positions: np.ndarray):
-        batches = [positions[k:k + self.cfg.batch_points] for k in range(0, len(positions), self.cfg.batch_points)]
-        ds = _Batches(self.images, [self.rows[b] for b in batches])
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.workers,
-                                             pin_memory=self.device.type == "cuda")
-        for pos, images in zip(batches, loader, strict=True):
-            yield pos, images.to(self.device, non_blocking=True)
+    @property
+    def mode(self) -> str:
+        return mode_for(self.pixels, augmented=True)
 
-    def views(self, augmenter: Augmenter, images: torch.Tensor, positions: np.ndarray, n_views: int) -> torch.Tensor:
-        keys = [derive_seed(self.cfg.seed, "view", augmenter.name, self.ids[p], j) for p in positions
+    def _units(self, positions: np.ndarray, per_point: int = 1, keys=None) -> list[Unit]:
+        out = []
+        for k in range(0, len(positions), self.cfg.batch_points):
+            pos = positions[k:k + self.cfg.batch_points]
+            rows = np.repeat(self.rows[pos], per_point)
+            out.append(Unit(rows, None if keys is None else np.asarray(keys(pos), dtype=np.uint64)))
+        return out
+
+    @staticmethod
+    def _bad(got) -> None:
+        """An unreadable image stops the audit naming it (``on_bad_image: skip`` checked every point
+        before scoring, see :func:`_readable_points`)."""
+        if got.bad:
+            raise MemlensError(next(iter(got.bad.values())) + "; set data.on_bad_image: skip to leave such images "
+                               "out of the audit (recorded in audit.json)")
+
+    def view_keys(self, augmenter: Augmenter, positions: np.ndarray, n_views: int) -> list[int]:
+        return [derive_seed(self.cfg.seed, "view", augmenter.name, self.ids[p], j) for p in positions
                 for j in range(n_views)]
-        return augmenter.views(images, n_views, RowStreams(keys, self.device))
+
+    def view_batches(self, positions: np.ndarray, n_views: int, augmenter: Augmenter):
+        """(positions, views in [0, 1]) batch by batch: ``n_views`` seeded views per point, (B * V, C, S, S)."""
+        cut = self.mode == "cut"
+        per_point = n_views if cut else 1  # a loader cutting views reads one row per view
+        keys = (lambda pos: self.view_keys(augmenter, pos, n_views)) if cut else None
+        units = self._units(positions, per_point, keys)
+        got_all = fetch(self.pixels, units, mode=self.mode, device=self.device, workers=self.workers,
+                        geometry=augmenter.geometry(1) if cut else None, augmenter=augmenter)
+        start = 0
+        for unit, got in zip(units, got_all, strict=True):
+            pos = positions[start:start + len(unit.rows) // per_point]
+            start += len(pos)
+            self._bad(got)
+            draws = RowStreams(self.view_keys(augmenter, pos, n_views), self.device)
+            yield pos, augmenter.views(got.images, n_views, draws)
+
+    def eval_batches(self, positions: np.ndarray, size: int, evaluation: EvalTransform):
+        """(positions, un-augmented inputs in [0, 1]) at the encoders' input size, (B, C, S, S)."""
+        units = self._units(positions)
+        start = 0
+        for unit, got in zip(units, eval_batches(self.pixels, units, size=size, evaluation=evaluation,
+                                                 device=self.device, workers=self.workers), strict=True):
+            pos = positions[start:start + len(unit.rows)]
+            start += len(unit.rows)
+            self._bad(got)
+            yield pos, got.images
 
 
 def _unit_accumulators(ctx: _Ctx) -> tuple[dict, dict]:
@@ -294,10 +324,9 @@ def _scoring_pass(ctx: _Ctx, positions: np.ndarray, n_views: int, augmenter: Aug
     is_cand = ctx.subset_of == "S_C"
     done = 0
     n_batches = math.ceil(n / cfg.batch_points) if n else 0
-    for b, (pos, images) in enumerate(ctx.loader(positions)):
+    for b, (pos, v01) in enumerate(ctx.view_batches(positions, n_views, augmenter)):
         local = np.arange(done, done + len(pos))
         done += len(pos)
-        v01 = ctx.views(augmenter, images, pos, n_views)
         # LayerMem is measured on the candidates: other batches need only the representation.
         want_layers = bool(is_cand[pos].any())
         for side, encs in (("f", ctx.f), ("g", ctx.g)):
@@ -335,8 +364,7 @@ def _unit_pass(ctx: _Ctx, positions: np.ndarray, n_views: int, augmenter: Augmen
     enc = ctx.f[0]
     unit_acc, class_acc = _unit_accumulators(ctx) if accumulate else ({}, {})
     rows: dict[str, list[np.ndarray]] = {name: [] for name in ctx.unit_layers}
-    for pos, images in ctx.loader(positions):
-        v01 = ctx.views(augmenter, images, pos, n_views)
+    for pos, v01 in ctx.view_batches(positions, n_views, augmenter):
         with tap(enc.module, ctx.specs, views_per_point=n_views, pairing=None, unit_layers=set(ctx.unit_layers),
                  signed=ctx.cfg.unitmem.signed, modules=ctx.modules[id(enc)]) as tapped, \
                 autocast(ctx.device, ctx.cfg.precision):
@@ -400,14 +428,41 @@ def run_audit(config: AuditConfig, *, cache_dir: str | Path | None = None, datas
     rep = cfg.representation
     f_enc = [resolve(e, default_rep=rep, device=device) for e in (f if f is not None else cfg.f)]
     g_enc = [resolve(e, default_rep=rep, device=device) for e in (g if g is not None else cfg.g)]
-    dataset = dataset if dataset is not None else resolve_data(cfg, f_enc + g_enc, cfg.splits, cache_dir)
+    dataset = dataset if dataset is not None else resolve_data(cfg, f_enc + g_enc, cfg.splits, cache_dir,
+                                                               collective=D.active())
     check_data(f_enc + g_enc, dataset)  # before the splits: a run of other data is the run's problem
     splits = Splits.load(cfg.splits, dataset)
     check_encoders(f_enc, g_enc, splits, dataset)
+    plan = resources.plan(lazy=dataset.lazy, workers=cfg.workers, threads=cfg.threads,
+                          processes_per_node=D.local_world_size())
     # inference_mode, not just no_grad: no version counters or view tracking on the large
     # activations (measured: about a third off ResNet9's forward passes here).
-    with torch.inference_mode():
-        return _audit(cfg, f_enc, g_enc, splits, dataset, device, progress, t_start)
+    with torch.inference_mode(), resources.using(plan):
+        return _audit(cfg, f_enc, g_enc, splits, dataset, device, progress, t_start, plan)
+
+
+def _readable_points(dataset: Dataset, rows: np.ndarray, subset_of: np.ndarray, ids: list[str], device: torch.device,
+                     workers: int) -> tuple[np.ndarray, np.ndarray, list[str], list[dict]]:
+    """With ``on_bad_image: skip`` on data read lazily, the points whose image cannot be decoded are
+    left out before scoring (one decode per point, split across processes) and recorded; with
+    ``fail`` an unreadable image stops the audit when it is read, naming it."""
+    if not dataset.lazy or dataset.meta.get("on_bad_image", "fail") != "skip":
+        return rows, subset_of, ids, []
+    mine = D.shard(np.arange(len(rows)))
+    units = [Unit(rows[mine[k:k + 256]]) for k in range(0, len(mine), 256)]
+    bad: dict[int, str] = {}
+    start = 0
+    for unit, got in zip(units, fetch(dataset.pixels, units, mode="eval", device=torch.device("cpu"), workers=workers,
+                                      evaluation=EvalTransform(8)), strict=True):
+        bad.update({int(mine[start + j]): why for j, why in got.bad.items()})
+        start += len(unit.rows)
+    for part in D.all_gather_object(bad) if D.active() else [bad]:
+        bad.update(part)
+    if not bad:
+        return rows, subset_of, ids, []
+    keep = np.array([p not in bad for p in range(len(rows))])
+    skipped = [{"id": ids[p], "problem": why, "when": "audit"} for p, why in sorted(bad.items())]
+    return rows[keep], subset_of[keep], [i for i, k in zip(ids, keep, strict=True) if k], skipped
 
 
 def _discover(cfg: AuditConfig, f: list[AuditEncoder], g: list[AuditEncoder]) -> list:
@@ -422,33 +477,35 @@ def _discover(cfg: AuditConfig, f: list[AuditEncoder], g: list[AuditEncoder]) ->
 
 
 def _audit(cfg: AuditConfig, f: list[AuditEncoder], g: list[AuditEncoder], splits: Splits, dataset: Dataset,
-           device: torch.device, progress: Progress | None, t_start: float) -> AuditResult:
+           device: torch.device, progress: Progress | None, t_start: float,
+           plan: resources.ResourcePlan) -> AuditResult:
     ref = f[0]
     aug_name = cfg.augment or (ref.record.config.augmentation if ref.record is not None else "mae")
-    augmenter = Augmenter(aug_name, size=ref.input_size)
+    augmenter = Augmenter(aug_name, size=ref.input_size, eval_transform=ref.eval_transform)
     specs = _discover(cfg, f, g)
     names = [s.name for s in specs]
     spec_by_name = {s.name: s for s in specs}
     unit_layers = [s.name for s in specs if s.is_unit_layer or cfg.unitmem.signed != "exclude"]
 
     rows, subset_of, ids = _choose_points(splits, dataset, cfg)
+    rows, subset_of, ids, unreadable = _readable_points(dataset, rows, subset_of, ids, device, plan.workers)
     n_nat = len(rows)
     cset = _canary_set(cfg, f, dataset)
-    images = dataset.images
+    pixels = dataset.pixels
     if cset is not None:  # canaries are scored like any point, after the natural ones
-        rows = np.concatenate([rows, len(images) + np.arange(len(cset))])
+        rows = np.concatenate([rows, len(dataset) + np.arange(len(cset))])
         subset_of = np.concatenate([subset_of, np.full(len(cset), "canary")])
         ids = ids + list(cset.ids)
-        images = np.concatenate([images, cset.images])
+        pixels = ConcatPixels([pixels, cset.pixels])
     n = len(rows)
     dprime = np.isin(subset_of, cfg.unitmem.subsets)
     dprime_pos = np.where(dprime, np.cumsum(dprime) - 1, -1)
     dprime_ids = [ids[p] for p in np.flatnonzero(dprime)]
     labels = dataset.labels
     has_labels = labels is not None
-    ctx = _Ctx(cfg=cfg, dataset=dataset, images=images, rows=rows, ids=ids, subset_of=subset_of, f=f, g=g, specs=specs,
+    ctx = _Ctx(cfg=cfg, dataset=dataset, pixels=pixels, rows=rows, ids=ids, subset_of=subset_of, f=f, g=g, specs=specs,
                unit_layers=unit_layers, device=device, dprime_pos=dprime_pos, progress=progress,
-               modules={id(e): dict(e.module.named_modules()) for e in f + g})
+               modules={id(e): dict(e.module.named_modules()) for e in f + g}, workers=plan.workers)
     t_loaded = time.perf_counter()
 
     mine = D.shard(np.arange(n))
@@ -475,7 +532,8 @@ def _audit(cfg: AuditConfig, f: list[AuditEncoder], g: list[AuditEncoder], split
     rel.history = history
     t_pass = time.perf_counter()
 
-    unit_augmenter = augmenter if unit_aug_name == aug_name else Augmenter(unit_aug_name, size=ref.input_size)
+    unit_augmenter = augmenter if unit_aug_name == aug_name else Augmenter(unit_aug_name, size=ref.input_size,
+                                                                           eval_transform=ref.eval_transform)
     unit_acc, class_acc = res["unit_acc"], res["class_acc"]
     if not shared_units and unit_layers:
         d_mine = D.shard(np.flatnonzero(dprime))
@@ -635,9 +693,12 @@ def _audit(cfg: AuditConfig, f: list[AuditEncoder], g: list[AuditEncoder], split
     summary = AuditSummary(
         created=_now(), memlens_version=memlens.__version__, settings=cfg,
         environment={"device": describe_device(device), "precision": cfg.precision, "world_size": D.world_size(),
-                     "backend": D.backend(), "versions": _versions()},
+                     "backend": D.backend(), "versions": _versions(), "resources": plan.to_dict()},
         data={"source": dataset.source, "fingerprint": dataset.fingerprint, "n": len(dataset),
-              "image_shape": list(dataset.images.shape[1:]), "classes": list(dataset.class_names or [])},
+              "image_shape": dataset.describe()["image_shape"], "sizes": dataset.size_summary(),
+              "read": dataset.describe()["read"], "classes": list(dataset.class_names or []),
+              **({"skipped": dataset.meta.get("skipped", []) + unreadable}
+                 if dataset.meta.get("skipped") or unreadable else {})},
         splits={"path": str(Path(cfg.splits).resolve()), "hash": splits.hash, "sha256": sha256_file(cfg.splits),
                 "sizes": splits.sizes(), "requested": list(splits.requested)},
         model={"arch": rec.model["arch"] if rec is not None else ref.info.get("spec", ref.label),
@@ -736,10 +797,10 @@ def _loss_scores(ctx: _Ctx, f: list[AuditEncoder], g: list[AuditEncoder], cset) 
     mine = D.shard(np.arange(len(ctx.rows)))
     out = np.zeros((len(encs), len(mine)))
     done = 0
-    for pos, images in ctx.loader(mine):
+    ref = f[0]
+    for pos, x in ctx.eval_batches(mine, ref.input_size, ref.eval_transform):
         local = np.arange(done, done + len(pos))
         done += len(pos)
-        x = Augmenter.to_float(images)
         lab = torch.from_numpy(labels[pos]).to(ctx.device) if labels is not None else None
         for r in range(draws):
             keys = [derive_seed(ctx.cfg.seed, "mae-mask", ctx.ids[p], r) for p in pos]

@@ -24,6 +24,7 @@ Canaries never enter g's training data: g is the reference a member is compared 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -46,7 +47,7 @@ class CanaryManifest(BaseModel):
     seed: int
     m: int
     kinds: list[CanaryKind]
-    image_shape: list[int]
+    image_shape: list[int] | None  # None: canaries of their own sizes (data of mixed sizes)
     data_fingerprint: str
     ids: list[str]
     canary_kind: list[CanaryKind]
@@ -65,14 +66,23 @@ class Membership(BaseModel):
 
 
 class CanarySet:
-    """Canary images and ids (and, once read, which are members)."""
+    """Canary images and ids (and, once read, which are members).
 
-    def __init__(self, manifest: CanaryManifest, images: np.ndarray, path: Path | None = None):
+    ``images`` is one uint8 (m, H, W, C) array when the canaries share a size, else a list of
+    (H, W, C) arrays (natural canaries of data of mixed sizes keep their own size)."""
+
+    def __init__(self, manifest: CanaryManifest, images: np.ndarray | list[np.ndarray], path: Path | None = None):
         self.manifest, self.images, self.path = manifest, images, path
 
     @property
     def ids(self) -> list[str]:
         return self.manifest.ids
+
+    @property
+    def pixels(self):
+        from memlens.data.dataset import ArrayPixels, ListPixels
+
+        return ArrayPixels(self.images) if isinstance(self.images, np.ndarray) else ListPixels(self.images)
 
     def __len__(self) -> int:
         return self.manifest.m
@@ -92,8 +102,15 @@ class CanarySet:
         return np.array([k for k, i in enumerate(self.ids) if i in included], dtype=np.int64)
 
 
-def _images_hash(images: np.ndarray, ids: list[str]) -> str:
-    return sha256_bytes(np.ascontiguousarray(images).tobytes() + "\0".join(ids).encode())
+def _images_hash(images: np.ndarray | list[np.ndarray], ids: list[str]) -> str:
+    if isinstance(images, np.ndarray):
+        return sha256_bytes(np.ascontiguousarray(images).tobytes() + "\0".join(ids).encode())
+    h = hashlib.sha256()
+    for im in images:  # shapes too: the same bytes cut into other sizes are other images
+        h.update(repr(im.shape).encode())
+        h.update(np.ascontiguousarray(im).tobytes())
+    h.update("\0".join(ids).encode())
+    return h.hexdigest()
 
 
 def _synthetic(rng: np.random.Generator, s: int, c: int) -> np.ndarray:
@@ -113,9 +130,9 @@ def _synthetic(rng: np.random.Generator, s: int, c: int) -> np.ndarray:
 
 
 def _marked(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
-    s, _, c = base.shape
-    side = max(2, s // 2)  # a quarter of the area
-    top, left = rng.integers(0, s - side + 1, size=2)
+    h, w, c = base.shape
+    side = max(2, min(h, w) // 2)  # a quarter of a square image's area
+    top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
     out = base.copy()
     out[top:top + side, left:left + side] = rng.integers(0, 256, size=(side, side, c), dtype=np.uint8)
     return out
@@ -143,7 +160,9 @@ def make_canaries(dataset, *, m: int, kinds: list[str], seed: int = 0, p_include
     if m < 2:
         raise MemlensError("a canary set needs at least 2 canaries (members and non-members)")
     rng = np.random.default_rng([seed, 0xCA7A])
-    s, c = dataset.image_size, dataset.channels
+    c = dataset.channels
+    # synthetic canaries take the data's size (images of mixed sizes: the median shorter side)
+    s = dataset.square_size or int(np.median(dataset.sizes().min(axis=1)))
     exclude = exclude_ids or set()
     pool = [k for k, i in enumerate(dataset.ids) if i not in exclude]
     test = [k for k in pool if dataset.parts[k] == "test"]
@@ -159,14 +178,15 @@ def make_canaries(dataset, *, m: int, kinds: list[str], seed: int = 0, p_include
     for j in range(m):
         kind = kinds[j % len(kinds)]
         if kind == "natural":
-            images.append(dataset.images[next(natural)].copy())
+            images.append(np.array(dataset.pixels.read(next(natural))))
         else:
             images.append(_synthetic(rng, s, c) if kind == "synthetic" else
-                          _marked(rng, dataset.images[bases[int(rng.integers(len(bases)))]]))
+                          _marked(rng, np.array(dataset.pixels.read(bases[int(rng.integers(len(bases)))]))))
         ids.append(f"canary/{j:05d}")
         kind_of.append(kind)
-    arr = np.stack(images)
-    manifest = CanaryManifest(seed=seed, m=m, kinds=list(kinds), image_shape=list(arr.shape[1:]),
+    arr = np.stack(images) if len({im.shape for im in images}) == 1 else images
+    manifest = CanaryManifest(seed=seed, m=m, kinds=list(kinds),
+                              image_shape=list(arr.shape[1:]) if isinstance(arr, np.ndarray) else None,
                               data_fingerprint=dataset.fingerprint, ids=ids, canary_kind=kind_of,
                               sha256=_images_hash(arr, ids), p_include=p_include, membership_seed=seed)
     return CanarySet(manifest, arr)
@@ -189,7 +209,10 @@ def save_canaries(canaries: CanarySet, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     man = canaries.manifest
     buf = io.BytesIO()
-    np.savez(buf, x=canaries.images, ids=np.array(man.ids))
+    if isinstance(canaries.images, np.ndarray):
+        np.savez(buf, x=canaries.images, ids=np.array(man.ids))
+    else:  # one array per canary (no pickle): images of their own sizes
+        np.savez(buf, ids=np.array(man.ids), **{f"x{k:07d}": im for k, im in enumerate(canaries.images)})
     atomic_write_bytes(out / IMAGES_FILE, buf.getvalue())
     rng = np.random.default_rng([man.membership_seed, 0x1D])
     draws = rng.random(man.m) < man.p_include
@@ -214,7 +237,8 @@ def load_canaries(path: str | Path, *, dataset=None) -> CanarySet:
     man = CanaryManifest.model_validate(raw)
     try:
         with np.load(path / IMAGES_FILE, allow_pickle=False) as z:
-            images, ids = z["x"], [str(i) for i in z["ids"].tolist()]
+            ids = [str(i) for i in z["ids"].tolist()]
+            images = z["x"] if "x" in z.files else [z[f"x{k:07d}"] for k in range(len(ids))]
     except (OSError, ValueError, KeyError) as exc:
         raise MemlensError(f"{path / IMAGES_FILE} is not a readable canary image file: {exc}") from None
     if ids != man.ids or _images_hash(images, ids) != man.sha256:

@@ -116,8 +116,7 @@ class DPStep(Step):
 
     # ------------------------------------------------------------------ batches
 
-    def batches(self, epoch: int) -> Iterator[Batch]:
-        self.noise_gen.manual_seed(derive_seed(self.noise_seed, "dp-noise", epoch))
+    def plan_batches(self, epoch: int) -> Iterator[Batch]:
         p = self.prepared
         if self.dp.poisson:
             sampler = UniformWithReplacementSampler(num_samples=len(p.rows), sample_rate=self.plan.sample_rate,
@@ -128,6 +127,11 @@ class DPStep(Step):
             perm = torch.randperm(len(p.rows), generator=g).numpy()
             source = (perm[k * self.batch:(k + 1) * self.batch] for k in range(self.steps_per_epoch))
         for k, idx in enumerate(source):
+            yield Batch(p.rows[idx], k)
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        self.noise_gen.manual_seed(derive_seed(self.noise_seed, "dp-noise", epoch))
+        for batch in super().batches(epoch):
             if self.steps_taken >= self.plan.max_steps:
                 # The last logical step ended the budget: any further batch starts a new one.
                 self.budget_exhausted = True
@@ -135,20 +139,25 @@ class DPStep(Step):
                                        f"{self.plan.target_epsilon:g} after {self.steps_taken} steps; training "
                                        f"stopped in epoch {epoch + 1} and the last checkpoint is kept")
                 return
-            yield Batch(p.rows[idx], k)
+            yield batch
+
+    def units(self, batch: Batch) -> list[np.ndarray]:
+        rows = self.local_rows(batch)
+        return [rows[k:k + self.physical] for k in range(0, len(rows), self.physical)]
 
     # ------------------------------------------------------------------ the step
 
     def apply(self, batch: Batch, epoch: int, step: int) -> StepStats:
         obj = self.objective
-        rows = self.local_rows(batch)
         self.dp_optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        chunks = [rows[k:k + self.physical] for k in range(0, len(rows), self.physical)]
+        examples = 0
+        chunks = self.units(batch)
         for c, chunk in enumerate(chunks):
             images, labels, draws = self.inputs(chunk, epoch, batch.index)
+            examples += len(images)
             if self.clipper is not None:
-                with self.clipper.capture(batch_size=len(chunk)):
+                with self.clipper.capture(batch_size=len(images)):
                     per_example = obj.losses(images, labels, draws)
                     per_example.sum().backward()
                 self.clipper.accumulate_clipped(max_grad_norm=self.dp.max_grad_norm)
@@ -159,9 +168,9 @@ class DPStep(Step):
                     self.dp_optimizer.signal_skip_step(do_skip=True)
                     self.dp_optimizer.step()
             loss_sum += float(per_example.detach().sum())
-        stats = self.global_stats(loss_sum, len(rows))
+        stats = self.global_stats(loss_sum, examples)
         self.check_finite(stats, epoch)
-        if not len(rows):
+        if not examples:
             self._empty_batch()
         self.before_noise()
         self.dp_optimizer.step()

@@ -66,7 +66,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
     """
     out = Path(out_dir)
     if dataset is None:
-        dataset = load(config.train.data, cache_dir=cache_dir)
+        dataset = load(config.train.data, cache_dir=cache_dir, collective=D.active())
     runs = plan_runs(config, out)
     check_sweep(runs, dataset=dataset, cache_dir=cache_dir)
     if D.is_main():

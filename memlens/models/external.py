@@ -225,4 +225,5 @@ def timm_data_config(model: nn.Module) -> dict[str, Any] | None:
     if real is not None:
         size = int(real[-1] if isinstance(real, (tuple, list)) else real)
     return {"input_size": int(size), "in_chans": int(cfg["input_size"][0]), "mean": [float(m) for m in cfg["mean"]],
-            "std": [float(s) for s in cfg["std"]], "interpolation": cfg.get("interpolation")}
+            "std": [float(s) for s in cfg["std"]], "interpolation": cfg.get("interpolation"),
+            "crop_pct": cfg.get("crop_pct"), "crop_mode": cfg.get("crop_mode")}

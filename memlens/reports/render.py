@@ -78,7 +78,6 @@ def _thumbnails(audit: Audit, ids: list[str], *, redact: bool, cache_dir: str | 
     """PNG data URIs of the given training images (None where unavailable or redacted)."""
     if redact or not ids:
         return {i: None for i in ids}
-    from PIL import Image
 
     ds = dataset if dataset is not None else _audit_data(audit, cache_dir)
     if ds is None:
@@ -91,13 +90,26 @@ def _thumbnails(audit: Audit, ids: list[str], *, redact: bool, cache_dir: str | 
         if i not in index:
             out[i] = None
             continue
-        img = ds.images[ds.indices([i])[0]]
-        img = img[..., 0] if img.shape[-1] == 1 else img
-        pil = Image.fromarray(img).resize((64, 64), Image.Resampling.NEAREST)
-        buf = io.BytesIO()
-        pil.save(buf, format="PNG")
-        out[i] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        try:
+            out[i] = _thumbnail(ds.pixels.read(int(ds.indices([i])[0])))
+        except Exception:  # noqa: BLE001 - an image unreadable now only loses its thumbnail
+            out[i] = None
     return out
+
+
+def _thumbnail(img: np.ndarray, side: int = 64) -> str:
+    """A PNG data URI at most ``side`` px on its longer side, aspect kept (tiny images enlarged
+    without smoothing, so their pixels stay visible)."""
+    from PIL import Image
+
+    img = img[..., 0] if img.shape[-1] == 1 else img
+    pil = Image.fromarray(np.ascontiguousarray(img))
+    scale = side / max(pil.size)
+    size = (max(1, round(pil.size[0] * scale)), max(1, round(pil.size[1] * scale)))
+    pil = pil.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _probe(audit: Audit) -> float | None:
@@ -260,7 +272,6 @@ def _privacy_context(audit: Audit, *, redact: bool, cache_dir: str | Path | None
 def _canary_thumbnails(path: str | None, ids: list[str]) -> dict[str, str]:
     if not path or not ids:
         return {}
-    from PIL import Image
 
     from memlens.data.canaries import load_canaries
 
@@ -269,15 +280,8 @@ def _canary_thumbnails(path: str | None, ids: list[str]) -> dict[str, str]:
     except MemlensError:
         return {}
     index = {i: k for k, i in enumerate(cset.ids)}
-    out = {}
-    for i in ids:
-        if i in index:
-            img = cset.images[index[i]]
-            img = img[..., 0] if img.shape[-1] == 1 else img
-            buf = io.BytesIO()
-            Image.fromarray(img).resize((64, 64), Image.Resampling.NEAREST).save(buf, format="PNG")
-            out[i] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    return out
+    pixels = cset.pixels
+    return {i: _thumbnail(pixels.read(index[i])) for i in ids if i in index}
 
 
 NAMES_LONG = {"S_C": "candidates (trained f only)", "S_S": "shared (trained f and g)",

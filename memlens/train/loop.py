@@ -18,13 +18,18 @@ import torch
 import torch.nn as nn
 
 from memlens import distributed as D
+from memlens import resources
 from memlens.config import TrainConfig
 from memlens.data import Augmenter, Dataset, Splits, load
+from memlens.data.augment import EvalTransform
+from memlens.data.dataset import ConcatPixels, Pixels
+from memlens.data.loader import mode_for
 from memlens.data.splits import side_subsets
 from memlens.device import describe_device, resolve_device
 from memlens.errors import MemlensError
 from memlens.io import prepare_output_dir, sha256_file
 from memlens.models import build_encoder, parameter_count
+from memlens.resources import ResourcePlan
 from memlens.rng import derive_seed
 from memlens.train.objectives import Objective, build_objective
 from memlens.train.run import (
@@ -42,7 +47,7 @@ from memlens.train.run import (
     versions,
     write_run,
 )
-from memlens.train.step import Diverged, PlainStep, Step
+from memlens.train.step import Diverged, PlainStep, Reading, Step
 
 
 @dataclass
@@ -54,15 +59,16 @@ class Prepared:
     splits_path: str | None
     subsets: tuple[str, ...]
     rows: np.ndarray
-    images: torch.Tensor
+    pixels: Pixels  # the dataset's images, then the canaries' (rows index both)
     labels: torch.Tensor | None
     mean: list[float]
     std: list[float]
     canaries: dict | None = None
+    reading: Reading | None = None
 
 
 def prepare(config: TrainConfig, *, cache_dir: str | Path | None = None, dataset: Dataset | None = None) -> Prepared:
-    dataset = dataset if dataset is not None else load(config.data, cache_dir=cache_dir)
+    dataset = dataset if dataset is not None else load(config.data, cache_dir=cache_dir, collective=D.active())
     splits = None
     if config.splits:
         splits = Splits.load(config.splits, dataset)
@@ -79,7 +85,7 @@ def prepare(config: TrainConfig, *, cache_dir: str | Path | None = None, dataset
     if len(rows) < 2:
         raise MemlensError("fewer than two training images selected")
     mean, std = dataset.normalization()
-    images, labels = dataset.images, dataset.labels
+    pixels, labels = dataset.pixels, dataset.labels
     canaries = None
     if config.canaries:
         from memlens.data.canaries import load_canaries
@@ -87,8 +93,8 @@ def prepare(config: TrainConfig, *, cache_dir: str | Path | None = None, dataset
         cset = load_canaries(config.canaries, dataset=dataset)
         # Canaries join the side that trains on the candidates (f); g, the reference, never sees one.
         members = cset.member_rows() if "S_C" in subsets else np.zeros(0, dtype=np.int64)
-        n = len(images)
-        images = np.concatenate([images, cset.images])
+        n = len(dataset)
+        pixels = ConcatPixels([pixels, cset.pixels])
         if labels is not None:  # a supervised canary gets a random class: a mislabelled, atypical point
             from memlens.data.canaries import canary_labels
 
@@ -97,7 +103,7 @@ def prepare(config: TrainConfig, *, cache_dir: str | Path | None = None, dataset
         canaries = {"path": str(Path(config.canaries).resolve()), "sha256": cset.manifest.sha256,
                     "m": len(cset), "members_trained": int(len(members))}
     return Prepared(dataset=dataset, splits=splits, splits_path=config.splits, subsets=subsets, rows=rows,
-                    images=torch.from_numpy(images), labels=torch.from_numpy(labels) if labels is not None else None,
+                    pixels=pixels, labels=torch.from_numpy(labels) if labels is not None else None,
                     mean=mean, std=std, canaries=canaries)
 
 
@@ -144,7 +150,29 @@ def _representation_dim(encoder: nn.Module, channels: int, size: int) -> int:
     return int(dim)
 
 
-def _record(config: TrainConfig, prepared: Prepared, encoder: nn.Module, device: torch.device) -> RunRecord:
+def input_size_for(config: TrainConfig, dataset: Dataset) -> int:
+    """Side of the encoder's square input: ``model.input_size``, else the data's size when every
+    image has one square size, else timm's default for the model (224 for memlens's own ViTs)."""
+    if config.model.input_size:
+        return config.model.input_size
+    if dataset.square_size is not None:
+        return dataset.square_size
+    if config.model.arch.startswith("timm:"):
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(config.model.arch[5:])
+        size = getattr(cfg, "input_size", None) if cfg is not None else None
+        if size:
+            return int(size[-1])
+    return 224
+
+
+# torchvision's and timm's default eval crop for images of their own sizes
+EVAL_CROP_PCT = 0.875
+
+
+def _record(config: TrainConfig, prepared: Prepared, encoder: nn.Module, device: torch.device, *,
+            input_size: int, resources: ResourcePlan) -> RunRecord:
     ds = prepared.dataset
     splits = None
     if prepared.splits is not None:
@@ -158,23 +186,82 @@ def _record(config: TrainConfig, prepared: Prepared, encoder: nn.Module, device:
         if classes < 2:
             warnings.append("the training images all have one class: a supervised encoder learns nothing "
                             "(its loss is 0 from the start)")
+    evaluation = None if prepared.reading.mode == "dense" else {
+        "crop_pct": EVAL_CROP_PCT, "crop_mode": "center", "interpolation": "bilinear"}
     return RunRecord(
         status="running", config=resolved,
-        data={**ds.describe(), "image_size": ds.image_size, "channels": ds.channels,
-              "normalize": {"mean": prepared.mean, "std": prepared.std}},
+        data={**ds.describe(), "image_size": input_size, "channels": ds.channels,
+              "normalize": {"mean": prepared.mean, "std": prepared.std}, "eval_transform": evaluation},
         splits=splits, train_points=len(prepared.rows),
         model={"arch": config.model.arch, "family": encoder.family, "parameters": parameter_count(encoder),
-               "representation_dim": _representation_dim(encoder, ds.channels, ds.image_size),
+               "representation_dim": _representation_dim(encoder, ds.channels, input_size),
                "layers": len(encoder.layer_specs())},
         environment={"device": describe_device(device),
                      "precision": "fp32 (DP-SGD)" if config.dp is not None else config.precision,
                      "world_size": D.world_size(),
-                     "backend": D.backend()},
+                     "backend": D.backend(), "resources": resources.to_dict()},
         canaries=prepared.canaries,
         warnings=warnings, versions=versions(), created=now(), updated=now())
 
 
 StepFactory = Callable[..., Step]
+
+
+@dataclass
+class _Built:
+    encoder: nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    step: Step
+    input_size: int
+
+
+def _build(config: TrainConfig, prepared: Prepared, device: torch.device, resources: ResourcePlan,
+           step_factory: StepFactory | None) -> _Built:
+    """The encoder, its objective and optimizer, how the images are read, and the gradient step."""
+    ds = prepared.dataset
+    torch.manual_seed(derive_seed(config.seed, "init"))
+    m = config.model
+    size = input_size_for(config, ds)
+    encoder = build_encoder(m.arch, image_size=size, in_chans=ds.channels, patch_size=m.patch_size,
+                            embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
+    augmenter = Augmenter(config.augmentation, mean=prepared.mean, std=prepared.std, size=size,
+                          eval_transform=EvalTransform(size, crop_pct=EVAL_CROP_PCT))
+    num_classes = len(ds.class_names) if ds.class_names else None
+    objective = build_objective(config, encoder, augmenter, in_chans=ds.channels, num_classes=num_classes)
+    if D.active() and _has_batchnorm(objective):
+        objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+        encoder = objective.encoder
+    objective.to(device)
+    mode = mode_for(prepared.pixels, augmented=True)
+    prepared.reading = Reading(prepared.pixels, mode, augmenter.geometry(objective.views_per_example)
+                               if mode == "cut" else None, resources.workers, config.data.on_bad_image, augmenter)
+    optimizer = make_optimizer(config, objective)
+    step = (step_factory or PlainStep)(config, objective, optimizer, prepared, device)
+    return _Built(encoder, objective, optimizer, step, size)
+
+
+def _check_start(config: TrainConfig | None, out: Path, *, resume: bool, force: bool,
+                 step_factory: StepFactory | None) -> tuple[TrainConfig, RunRecord | None]:
+    """The config to train and the record to continue (resume), or a refusal naming the reason."""
+    record = None
+    if resume and (out / RUN_FILE).is_file():
+        record = read_run(out)
+        if config is not None and config.model_copy(update={"augment": config.augmentation}) != record.config:
+            raise MemlensError(f"{out} was started with a different config; use --force to start it again")
+        config = record.config
+        if record.status == "failed":
+            raise MemlensError(f"{out} failed ({record.message}); resuming would fail again: change the config and "
+                               f"start again with --force")
+    if config is None:
+        raise MemlensError(f"nothing to resume in {out} (no {RUN_FILE})")
+    if config.dp is not None and step_factory is None:
+        raise MemlensError("this config has a dp section: DP-SGD training is memlens.dp.train (the command line "
+                           "and sweeps call it)")
+    if not resume and not force and out.is_dir() and any(out.iterdir()):
+        what = "a previous output" if (out / RUN_FILE).exists() else "other files"
+        raise MemlensError(f"{out} already holds {what}; pass --force to overwrite it or --resume to continue it")
+    return config, record
 
 
 def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = False, force: bool = False,
@@ -202,70 +289,55 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
             match the config. A run whose loss diverges is marked ``failed`` before the error.
     """
     out = Path(out_dir)
-    main = D.is_main()
-    record: RunRecord | None = None
-    if resume and (out / RUN_FILE).is_file():
-        record = read_run(out)
-        if config is not None and config.model_copy(update={"augment": config.augmentation}) != record.config:
-            raise MemlensError(f"{out} was started with a different config; use --force to start it again")
-        config = record.config
-        if record.status in ("complete", "stopped_budget"):
-            return TrainResult(out, record)
-        if record.status == "failed":
-            raise MemlensError(f"{out} failed ({record.message}); resuming would fail again: change the config and "
-                               f"start again with --force")
-    if config is None:
-        raise MemlensError(f"nothing to resume in {out} (no {RUN_FILE})")
-    if config.dp is not None and step_factory is None:
-        raise MemlensError("this config has a dp section: DP-SGD training is memlens.dp.train (the command line "
-                           "and sweeps call it)")
-    if not resume and not force and out.is_dir() and any(out.iterdir()):
-        what = "a previous output" if (out / RUN_FILE).exists() else "other files"
-        raise MemlensError(f"{out} already holds {what}; pass --force to overwrite it or --resume to continue it")
+    config, record = _check_start(config, out, resume=resume, force=force, step_factory=step_factory)
+    if record is not None and record.status in ("complete", "stopped_budget"):
+        return TrainResult(out, record)
     device = resolve_device(config.device)
-
     # Everything that can refuse the config runs before the output directory is touched.
     prepared = prepare(config, cache_dir=cache_dir, dataset=dataset)
     if D.world_size() > config.batch_size:
         raise MemlensError(f"batch_size {config.batch_size} is smaller than the {D.world_size()} processes")
-    ds = prepared.dataset
-    torch.manual_seed(derive_seed(config.seed, "init"))
-    m = config.model
-    encoder = build_encoder(m.arch, image_size=ds.image_size, in_chans=ds.channels, patch_size=m.patch_size,
-                            embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
-    augmenter = Augmenter(config.augmentation, mean=prepared.mean, std=prepared.std)
-    num_classes = len(ds.class_names) if ds.class_names else None
-    objective = build_objective(config, encoder, augmenter, in_chans=ds.channels, num_classes=num_classes)
-    if D.active() and _has_batchnorm(objective):
-        objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
-        encoder = objective.encoder
-    objective.to(device)
-    if device.type == "cuda":
-        prepared.images = prepared.images.pin_memory()
-    optimizer = make_optimizer(config, objective)
-    step_obj = (step_factory or PlainStep)(config, objective, optimizer, prepared, device)
+    plan = resources.plan(lazy=not prepared.pixels.in_memory, workers=config.workers, threads=config.threads,
+                          processes_per_node=D.local_world_size())
+    with resources.using(plan):
+        built = _build(config, prepared, device, plan, step_factory)
+        if D.is_main():
+            prepare_output_dir(out, force=force, resume=resume, marker=RUN_FILE)
+        D.barrier()
+        record, start_epoch, step = _open_record(out, config, prepared, built, device, plan, record)
+        _epochs(out, config, built, record, start_epoch=start_epoch, step=step, on_epoch=on_epoch)
+    return TrainResult(out, record)
 
-    if main:
-        prepare_output_dir(out, force=force, resume=resume, marker=RUN_FILE)
-    D.barrier()
+
+def _open_record(out: Path, config: TrainConfig, prepared: Prepared, built: _Built, device: torch.device,
+                 plan: ResourcePlan, record: RunRecord | None) -> tuple[RunRecord, int, int]:
+    """A new run record, or the resumed one with the checkpoint's weights, optimizer and loop state."""
     start_epoch, step = 0, 0
     if record is None:
-        record = _record(config, prepared, encoder, device)
-        record.dp = step_obj.record()
+        record = _record(config, prepared, built.encoder, device, input_size=built.input_size, resources=plan)
+        record.dp = built.step.record()
     elif (out / CHECKPOINT_FILE).is_file():
-        state = load_checkpoint(out / CHECKPOINT_FILE, objective=objective, optimizer=optimizer, device=device)
+        state = load_checkpoint(out / CHECKPOINT_FILE, objective=built.objective, optimizer=built.optimizer,
+                                device=device)
         start_epoch, step = state["epoch"], state["step"]
-        step_obj.restore_loop_state(state.get("loop", {}))
+        built.step.restore_loop_state(state.get("loop", {}))
         record.history = record.history[:start_epoch]
         record.epochs_done = start_epoch
         record.environment = {**record.environment, "world_size": D.world_size(), "backend": D.backend(),
-                              "device": describe_device(device)}
+                              "device": describe_device(device), "resources": plan.to_dict()}
     else:
         record.history, record.epochs_done = [], 0
     record.status = "running"
-    if main:
+    if D.is_main():
         write_run(out, record)
+    return record, start_epoch, step
 
+
+def _epochs(out: Path, config: TrainConfig, built: _Built, record: RunRecord, *, start_epoch: int, step: int,
+            on_epoch: Callable[[EpochInfo], None] | None) -> None:
+    """The epochs, a checkpoint and record after each, and the final weights."""
+    main = D.is_main()
+    step_obj, objective, optimizer = built.step, built.objective, built.optimizer
     objective.train()
     wall0 = time.perf_counter() - record.wall_seconds
     try:
@@ -294,6 +366,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
             record.epochs_done = epoch + 1
             record.wall_seconds = round(time.perf_counter() - wall0, 3)
             record.dp = step_obj.record()
+            _record_skipped(record, step_obj)
             if main:
                 save_checkpoint(out / CHECKPOINT_FILE, objective=objective, optimizer=optimizer,
                                 state={"epoch": epoch + 1, "step": step, "loop": step_obj.loop_state()})
@@ -324,13 +397,26 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         record.status = "complete"
     record.wall_seconds = round(time.perf_counter() - wall0, 3)
     if main:
-        save_weights(out / MODEL_FILE, encoder, metadata={"arch": config.model.arch, "format": "memlens-encoder-1"})
+        save_weights(out / MODEL_FILE, built.encoder, metadata={"arch": config.model.arch,
+                                                                "format": "memlens-encoder-1"})
         record.model_sha256 = sha256_file(out / MODEL_FILE)
         save_heads(out / HEADS_FILE, objective)
         write_run(out, record)
         (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     D.barrier()
-    return TrainResult(out, record)
+
+
+def _record_skipped(record: RunRecord, step_obj: Step) -> None:
+    """Images left out while reading (``on_bad_image: skip``), from every process, in the record."""
+    seen = {}
+    for part in D.all_gather_object(step_obj.skipped):
+        seen.update(part)
+    if not seen:
+        return
+    known = {s["id"] for s in record.data.get("skipped", [])}
+    extra = [{"id": i, "problem": why, "when": "read"} for i, why in sorted(seen.items()) if i not in known]
+    if extra:
+        record.data = {**record.data, "skipped": [*record.data.get("skipped", []), *extra]}
 
 
 def _has_batchnorm(module: nn.Module) -> bool:

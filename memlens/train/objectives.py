@@ -37,6 +37,8 @@ def _has_batchnorm(module: nn.Module) -> bool:
 
 class Objective(nn.Module):
     per_sample: bool = False
+    #: augmented views of each example per step (the augmenter calls of :meth:`losses`)
+    views_per_example: int = 1
 
     def __init__(self, encoder: nn.Module, augmenter: Augmenter):
         super().__init__()
@@ -125,6 +127,8 @@ def _mlp(dims: list[int], *, bn: bool, last_bn: bool = False) -> nn.Sequential:
 class SimCLR(Objective):
     """Contrastive learning with the NT-Xent loss over 2B views (Chen et al. 2020)."""
 
+    views_per_example = 2
+
     def __init__(self, encoder, augmenter, cfg: TrainConfig):
         super().__init__(encoder, augmenter)
         c = cfg.simclr
@@ -158,6 +162,8 @@ class SimCLR(Objective):
 
 class SimSiam(Objective):
     """Non-contrastive Siamese learning with a predictor and stop-gradient (Chen & He 2021)."""
+
+    views_per_example = 2
 
     def __init__(self, encoder, augmenter, cfg: TrainConfig):
         super().__init__(encoder, augmenter)
@@ -199,6 +205,8 @@ class DINO(Objective):
     The teacher follows the student by EMA with a cosine schedule from ``momentum`` to 1. The
     saved encoder is the student's (the network the data directly trained).
     """
+
+    views_per_example = 2
 
     def __init__(self, encoder, augmenter, cfg: TrainConfig):
         super().__init__(encoder, augmenter)

@@ -10,7 +10,10 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel
 
+from memlens import resources
 from memlens.data import Dataset, Splits, load
+from memlens.data.augment import EvalTransform
+from memlens.data.loader import Unit, eval_batches
 from memlens.errors import MemlensError
 from memlens.train.run import load_encoder, read_run, write_run
 
@@ -26,15 +29,19 @@ class ProbeResult(BaseModel):
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, images: torch.Tensor, *, mean: list[float], std: list[float],
+def extract_features(encoder: nn.Module, dataset: Dataset, rows: np.ndarray, *, mean: list[float],
+                     std: list[float], size: int, evaluation: EvalTransform, workers: int = 0,
                      batch_size: int = 512) -> np.ndarray:
-    """Probe features of un-augmented images. images: uint8 (N, H, W, C) -> (N, F) float32."""
+    """Probe features (N, F) float32 of the un-augmented images of ``rows`` (the encoder's eval input)."""
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
+    units = [Unit(rows[k:k + batch_size]) for k in range(0, len(rows), batch_size)]
     out = []
-    for k in range(0, len(images), batch_size):
-        x = images[k:k + batch_size].permute(0, 3, 1, 2).float().div_(255.0)
-        out.append(encoder.probe_features(encoder.forward_features((x - m) / s)).numpy())
+    for got in eval_batches(dataset.pixels, units, size=size, evaluation=evaluation, device=torch.device("cpu"),
+                            workers=workers):
+        if got.bad:
+            raise MemlensError(next(iter(got.bad.values())))
+        out.append(encoder.probe_features(encoder.forward_features((got.images - m) / s)).numpy())
     return np.concatenate(out)
 
 
@@ -78,9 +85,12 @@ def linear_probe(encoder: nn.Module, dataset: Dataset, *, splits: Splits | None 
     train_rows, test_rows, train_name, test_name = probe_sets(dataset, splits, seed=seed, max_train=max_train,
                                                               max_test=max_test)
     mean, std = encoder.normalization
-    images = torch.from_numpy(dataset.images)
-    x_train = extract_features(encoder, images[train_rows], mean=mean, std=std)
-    x_test = extract_features(encoder, images[test_rows], mean=mean, std=std)
+    rec = encoder.record
+    size = rec.data["image_size"]
+    kw = dict(mean=mean, std=std, size=size, evaluation=EvalTransform(size, **(rec.data.get("eval_transform") or {})),
+              workers=resources.plan(lazy=dataset.lazy).workers)
+    x_train = extract_features(encoder, dataset, train_rows, **kw)
+    x_test = extract_features(encoder, dataset, test_rows, **kw)
     y_train, y_test = dataset.labels[train_rows], dataset.labels[test_rows]
     if len(np.unique(y_train)) < 2:
         raise MemlensError("the probe's training set holds a single class")

@@ -26,9 +26,10 @@ import torch.nn as nn
 
 from memlens import distributed as D
 from memlens.config import TrainConfig
+from memlens.data.loader import Fetched, Unit, fetch
 from memlens.device import autocast
 from memlens.errors import MemlensError
-from memlens.rng import RowStreams, generator
+from memlens.rng import RowStreams, generator, stream_keys
 
 
 class Diverged(MemlensError):
@@ -47,6 +48,19 @@ class Batch:
 class StepStats:
     loss_sum: float
     examples: int
+
+
+@dataclass
+class Reading:
+    """How a run reads its images (see :mod:`memlens.data.loader`): where, in which mode, with the
+    augmentation's geometry for images of their own sizes, by how many workers."""
+
+    pixels: Any
+    mode: str
+    geometry: Any = None
+    workers: int = 0
+    on_bad_image: str = "fail"
+    augmenter: Any = None  # finished by the workers on the CPU (see memlens.data.loader.fetch)
 
 
 def lr_at(step: int, *, total: int, warmup: int, base: float, floor: float) -> float:
@@ -71,6 +85,10 @@ class Step:
         n = len(prepared.rows)
         self.batch = min(config.batch_size, n)
         self.steps_per_epoch = max(1, n // self.batch)
+        # a step used on its own (tests, tools) reads data held in memory directly
+        self.reading: Reading = getattr(prepared, "reading", None) or Reading(prepared.pixels, "dense")
+        self._feed: Iterator[Fetched] | None = None
+        self.skipped: dict[str, str] = {}  # images left out under on_bad_image: skip (id -> why)
 
     # ------------------------------------------------------------------ schedule
 
@@ -89,6 +107,12 @@ class Step:
     # ------------------------------------------------------------------ batches
 
     def batches(self, epoch: int) -> Iterator[Batch]:
+        """The epoch's logical batches; their images are read ahead by the loader."""
+        plan = list(self.plan_batches(epoch))
+        self.open_epoch(epoch, plan)
+        yield from plan
+
+    def plan_batches(self, epoch: int) -> Iterator[Batch]:
         """Shuffled logical batches of the global batch size (the last partial batch is dropped)."""
         p = self.prepared
         perm = torch.randperm(len(p.rows), generator=generator(self.config.seed, "epoch", epoch)).numpy()
@@ -98,14 +122,48 @@ class Step:
     def local_rows(self, batch: Batch) -> np.ndarray:
         return batch.rows[self.rank::self.world]
 
+    def units(self, batch: Batch) -> list[np.ndarray]:
+        """The rows this process reads for ``batch``, in the order :meth:`apply` asks for them."""
+        return [self.local_rows(batch)]
+
+    def open_epoch(self, epoch: int, plan: list[Batch]) -> None:
+        """Start reading every unit of the epoch's batches, in order, ahead of the steps."""
+        units = [self._unit(rows, epoch, b.index) for b in plan for rows in self.units(b) if len(rows)]
+        r = self.reading
+        self._feed = fetch(r.pixels, units, mode=r.mode, device=self.device, workers=r.workers, geometry=r.geometry,
+                           augmenter=r.augmenter)
+
+    def _unit(self, rows: np.ndarray, epoch: int, index: int) -> Unit:
+        cut = self.reading.mode == "cut"
+        return Unit(rows, stream_keys(self.config.seed, rows.tolist(), "aug", epoch, index) if cut else None)
+
     def inputs(self, rows: np.ndarray, epoch: int, index: int):
-        """Images, labels and per-example random streams of some dataset rows, on the device."""
+        """Images, labels and per-example random streams of some dataset rows, on the device.
+
+        Images come from the loader (read ahead); an unreadable image fails the run naming it, or
+        under ``on_bad_image: skip`` leaves the batch (as if not sampled) and is recorded.
+        """
+        if self._feed is None:  # a step applied outside batches(): read this unit now
+            r = self.reading
+            got = next(fetch(r.pixels, [self._unit(rows, epoch, index)], mode=r.mode, device=self.device,
+                             geometry=r.geometry))
+        else:
+            got = next(self._feed, None)
+        if got is None or not np.array_equal(got.rows, rows):
+            raise RuntimeError("the loader delivered other rows than the step asked for")
+        if got.bad:
+            if self.reading.on_bad_image == "fail":
+                raise MemlensError(next(iter(got.bad.values())) + "; set data.on_bad_image: skip to leave such "
+                                   "images out (recorded in run.json)")
+            for j, why in got.bad.items():
+                self.skipped[self.reading.pixels.id_of(int(rows[j]))] = why
+            got = got.drop_bad()
+            rows = got.rows
         p = self.prepared
         idx = torch.from_numpy(rows)
-        images = p.images[idx].to(self.device, non_blocking=True)
         labels = p.labels[idx].to(self.device, non_blocking=True) if p.labels is not None else None
         draws = RowStreams.for_keys(self.config.seed, rows.tolist(), "aug", epoch, index, device=self.device)
-        return images, labels, draws
+        return got.images, labels, draws
 
     def global_stats(self, loss_sum: float, examples: int) -> StepStats:
         """Loss summed over every process's examples (the same on all processes)."""
@@ -169,17 +227,17 @@ class PlainStep(Step):
         self.scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
 
     def apply(self, batch: Batch, epoch: int, step: int) -> StepStats:
-        rows = self.local_rows(batch)
-        images, labels, draws = self.inputs(rows, epoch, batch.index)
+        images, labels, draws = self.inputs(self.local_rows(batch), epoch, batch.index)
+        n = len(images)  # fewer than the rows when an unreadable image was skipped
         with autocast(self.device, self.config.precision):
             out = self.model(images, labels, draws)
         if self.objective.per_sample:
             local_sum = out.float().sum()
             loss = local_sum * (self.world / len(batch.rows))
-            stats = self.global_stats(float(local_sum.detach()), len(rows))
+            stats = self.global_stats(float(local_sum.detach()), n)
         else:
             loss = out.float()
-            stats = self.global_stats(float(loss.detach()) * len(rows), len(rows))
+            stats = self.global_stats(float(loss.detach()) * n, n)
         self.check_finite(stats, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
