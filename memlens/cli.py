@@ -166,8 +166,17 @@ def train(
                                                         "when all images share one, else 224)"),
     workers: Optional[str] = typer.Option(None, help="DataLoader workers decoding images, or 'auto'"),
     threads: Optional[str] = typer.Option(None, help="intra-op threads, or 'auto'"),
+    reference: Optional[int] = typer.Option(None, "--reference", help="train reference i (0..K-1) of a K-reference "
+                                                                     "design (with --of K)"),
+    of: Optional[int] = typer.Option(None, "--of", help="K, the number of references"),
+    references_seed: Optional[int] = typer.Option(None, "--references-seed", help="seed of the design's halves "
+                                                                                  "(default 0)"),
 ):
     """Train an encoder (MAE, SimCLR, SimSiam, DINO, supervised; DP-SGD with --dp-epsilon).
+
+    References: each of the K runs of a design is its own job (``--reference i --of K``, the same
+    config and --seed for every run of one design, or seed + i // 2 as sweeps do so that the two
+    encoders of a pair share it), so a cluster trains them as an array of independent jobs.
 
     Under torchrun, every process trains its share of each global batch (batch_size is global).
     """
@@ -181,7 +190,10 @@ def train(
                        "dp.max_grad_norm": dp_max_grad_norm, "dp.accountant": dp_accountant,
                        "dp.noise_multiplier": dp_noise_multiplier, "dp.physical_batch_size": dp_physical_batch_size,
                        "device": device, "precision": precision, "model.input_size": input_size,
-                       "workers": _count_option(workers, "--workers"), "threads": _count_option(threads, "--threads")})
+                       "workers": _count_option(workers, "--workers"), "threads": _count_option(threads, "--threads"),
+                       "reference.index": reference, "reference.k": of, "reference.seed": references_seed})
+    if (reference is None) != (of is None):
+        raise MemlensError("--reference i and --of K go together (reference i of a K-reference design)")
     if config:
         cfg = load_yaml(TrainConfig, config, overrides=over)
     elif resume and not over:
@@ -334,6 +346,22 @@ def _encoder_specs(side: str, models: list[str], weights: list[str], common: dic
     return out
 
 
+def _expand_runs(values: list[str]) -> list[str]:
+    """Run directories, each value a path or a glob (quoted, so the shell leaves it to memlens)."""
+    import glob
+
+    out = []
+    for v in values:
+        if any(ch in v for ch in "*?["):
+            found = sorted(p for p in glob.glob(v) if Path(p).is_dir())
+            if not found:
+                raise MemlensError(f"--references '{v}' matches no run directory")
+            out += found
+        else:
+            out.append(v)
+    return out
+
+
 def _json_option(value: Optional[str], name: str) -> Optional[dict]:
     import json
 
@@ -356,6 +384,11 @@ def audit(
     g: list[str] = typer.Option([], "--g", help="encoder trained on S_S+S_I (repeat for more seeds)"),
     f_weights: list[str] = typer.Option([], "--f-weights", help="weights of each timm:/py: --f, in order"),
     g_weights: list[str] = typer.Option([], "--g-weights", help="weights of each timm:/py: --g, in order"),
+    references: list[str] = typer.Option([], "--references", help="reference runs of a K-reference design "
+                                                                  "(repeat, or a quoted glob: 'runs/ref-*')"),
+    target: Optional[str] = typer.Option(None, "--target", help="the encoder to be released (a memlens run): its "
+                                                               "per-image membership scores, calibrated by the "
+                                                               "references"),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="JSON kwargs of timm:/py: models, "
                                                                             "e.g. '{\"img_size\": 32}'"),
     key_prefix: Optional[str] = typer.Option(None, "--key-prefix", help="checkpoint key prefix to select and strip"),
@@ -394,6 +427,7 @@ def audit(
               "strict": False if no_strict else None, "input_size": input_size,
               "mean": _floats(mean, "--mean"), "std": _floats(std, "--std")}
     over = _overrides({"f": _encoder_specs("f", f, f_weights, common) if f else None,
+                       "references": _expand_runs(references) if references else None, "target": target,
                        "g": _encoder_specs("g", g, g_weights, common) if g else None,
                        "splits": splits, "augment": augment, "pairing": pairing,
                        "views": (views if views == "auto" else _int_option(views, "--views")) if views else None,
@@ -424,11 +458,22 @@ def audit(
                f"{s.views['count']} views per point, {s.environment['device']})")
     for name, st in s.subsets.items():
         typer.echo(f"  {name}: mean SSLMem {st.mean:+.4f} (95% CI {st.ci_low:+.4f} .. {st.ci_high:+.4f}, n={st.n})")
+    inf = s.inference or {}
+    if inf.get("family"):
+        typer.echo(f"  memorized at FDR {inf['fdr']:g}: {inf['at_risk']} of {inf['family']} images"
+                   + ("" if inf.get("training_randomness_counted") else
+                      " (one encoder pair: intervals cover the views only; training randomness not counted)"))
     rel = s.reliability or {}
     if rel.get("reliability") is not None:
-        typer.echo(f"  ranking reliability (split-half, Spearman-Brown): {rel['reliability']:.2f}"
+        typer.echo(f"  ranking reliability over views (split-half, Spearman-Brown): {rel['reliability']:.2f}"
                    + ("" if rel.get("meets_target") else f" (below {rel['target']:g}; about "
                       f"{rel['views_for_target']:.0f} views would reach it: --views auto)"))
+    enc = s.reliability_encoders or {}
+    if enc.get("reliability") is not None:
+        more = "" if enc.get("meets_target") else (
+            f" (below {enc['target']:g}: about {2 * enc['pairs_for_target']:.0f} encoders would reach it)"
+            if enc.get("pairs_for_target") not in (None, float("inf")) else f" (below {enc['target']:g})")
+        typer.echo(f"  ranking reliability over encoders ({enc['pairs']} pairs): {enc['reliability']:.2f}{more}")
     main_tests = [t for t in s.tests if t.method in ("welch_t", "one_sample_t") and not t.name.startswith("unitmem")]
     typer.echo("  tests: " + ", ".join(f"{t.name} p={t.p_holm:.2g}" for t in main_tests if t.p_holm is not None))
 

@@ -149,6 +149,8 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
         eps_runs = [r for r in runs if r.epsilon == eps or (math.isinf(eps) and math.isinf(r.epsilon))]
         cfg = config.audit_config(f=[str(r.run_dir.resolve()) for r in eps_runs if r.side == "f"],
                                   g=[str(r.run_dir.resolve()) for r in eps_runs if r.side == "g"],
+                                  references=[str(r.run_dir.resolve()) for r in eps_runs
+                                              if r.side.startswith("ref-")],
                                   splits_path=splits_str)
         adir = out / "audits" / f"eps-{format_epsilon(eps)}"
         audit_dirs.append(adir)

@@ -129,8 +129,15 @@ def test_outputs_and_schema(pair, tmp_path):
     root, cfg, result = pair
     out = write_audit(result, tmp_path / "audit")
     a = read_audit(out)
-    assert list(a.points.columns) == ["id", "subset", "label", "align_f", "align_g", "sslmem", "sslmem_range_norm",
-                                      "sslmem_sym_norm", "loss_f", "loss_g", "rank", "requested", "topk_freq"]
+    assert list(a.points.columns) == ["id", "subset", "label", "candidate", "align_f", "align_g", "sslmem",
+                                      "sslmem_range_norm", "sslmem_sym_norm", "mem_se", "mem_ci_low", "mem_ci_high",
+                                      "mem_p", "mem_q", "at_risk", "loss_f", "loss_g", "rank", "requested",
+                                      "topk_freq"]
+    # one pair: the per-image inference covers the views only, and says so
+    assert not a.summary.inference["training_randomness_counted"] and "views only" in a.summary.inference["method"]
+    cand = a.points[a.points.candidate]
+    assert (cand.subset == "S_C").all() and len(cand) == 40 and cand["mem_p"].between(0, 1).all()
+    assert a.points.loc[~a.points.candidate, "mem_q"].isna().all()
     # MAE runs keep their decoder: the reconstruction loss on fixed masks under f and under g
     assert (a.points["loss_f"] > 0).all() and (a.points["loss_g"] > 0).all()
     assert a.summary.privacy["primary_score"] == "loss_ref" and "natural" in a.summary.privacy

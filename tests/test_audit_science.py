@@ -82,8 +82,8 @@ def test_canaries_are_found_without_dp_and_bounded_with_it(tmp_path):
     assert p["primary_score"] == "loss_ref" and m["auc"] > 0.8 and m["mann_whitney_p"] < 0.05
     assert p["epsilon_lower_bound"]["epsilon"] > 0 and p["claimed_epsilon"] is None
     table = result.canaries
-    assert len(table) == 100 and set(table.columns) >= {"id", "kind", "included", "score_ref", "score_f",
-                                                        "score_loss_ref", "score_loss_f"}
+    assert len(table) == 100 and set(table.columns) >= {"id", "kind", "included", "score_sslmem", "score_neg_align_f",
+                                                        "score_loss_ref", "score_neg_loss_f"}
     # anyone can recompute the bound from the table
     again = epsilon_lower_bound(table.loc[table.included, "score_loss_ref"],
                                 table.loc[~table.included, "score_loss_ref"], delta=p["delta"])

@@ -208,3 +208,28 @@ def test_sharded_audit_over_tar_shards_equals_single_process(tmp_path):
     for c in ("align_f", "align_g", "sslmem", "loss_f", "loss_g"):
         assert np.allclose(p1[c], p2[c], atol=1e-5), c
     assert len(p1) == 40
+
+
+def test_reference_audit_in_two_processes_equals_one(recipe, tmp_path, digits):
+    """K = 4 references: two processes score half the points each; the per-image inference, the FDR
+    list and the privacy attacks come out as in one process."""
+    from memlens.config import TrainConfig
+    from memlens.dp import train
+
+    root, base = recipe
+    for i in range(4):
+        cfg = {**base, "epochs": 1, "seed": i // 2, "reference": {"index": i, "k": 4}}
+        train(TrainConfig.model_validate(cfg), tmp_path / f"ref-{i}", dataset=digits)
+    args = ["-m", "memlens", "audit", "--references", str(tmp_path / "ref-*"), "--splits", root / "s.json",
+            "--views", "4", "--max-per-subset", "24"]
+    single(*args, "--out", tmp_path / "a1", "--batch-points", "16")
+    torchrun(*args, "--out", tmp_path / "a2", "--batch-points", "5")
+    p1 = pd.read_csv(tmp_path / "a1" / "points.csv").set_index("id")
+    p2 = pd.read_csv(tmp_path / "a2" / "points.csv").set_index("id").loc[p1.index]
+    for c in ("align_in", "align_out", "sslmem", "mem_se", "mem_p", "mem_q", "loss_in"):
+        assert np.allclose(p1[c], p2[c], atol=1e-5, equal_nan=True), c
+    assert p1["at_risk"].tolist() == p2["at_risk"].tolist() and p1["candidate"].sum() == 48
+    s1, s2 = (json.loads((tmp_path / a / "audit.json").read_text()) for a in ("a1", "a2"))
+    assert s1["design"]["pairs"] == s2["design"]["pairs"] == 2
+    assert s1["privacy"]["natural"]["metrics"]["lira_loss"]["auc"] == pytest.approx(
+        s2["privacy"]["natural"]["metrics"]["lira_loss"]["auc"], abs=1e-6)

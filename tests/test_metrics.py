@@ -267,7 +267,9 @@ def test_reliability_recovers_a_known_reliability():
     e = np.triu(e, 1) + np.triu(e, 1).transpose(0, 2, 1)
     dist_g = (t[:, None, None] + e)[None]  # one g encoder; f identically zero: score = mean g distance
     dist_f = np.zeros_like(dist_g)
-    rel, freq = ranking_reliability(dist_f, dist_g, target=0.99, top_k=50, bootstrap=50, seed=1)
+    member = np.array([[True] * n, [False] * n])  # f trained on every point, g on none
+    rel, freq = ranking_reliability(np.concatenate([dist_f, dist_g]), member, target=0.99, top_k=50, bootstrap=50,
+                                    seed=1)
     pairs_half = (v // 2) * (v // 2 - 1) // 2
     pearson = sd_t ** 2 / (sd_t ** 2 + sd_e ** 2 / pairs_half)  # correlation of the two half-scores
     half = 6 / math.pi * math.asin(pearson / 2)  # its rank (Spearman) version for Gaussian scores

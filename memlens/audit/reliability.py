@@ -42,25 +42,28 @@ def views_needed(r: float, views: int, target: float) -> float:
 
 
 def _pair_mean(dist: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
-    """Mean distance over the pairs of distinct views among ``idx`` (all views when None).
+    """Mean distance over the pairs of distinct views among ``idx`` (all views when None), summed in
+    float64 (float32 sums tie images whose scores differ in the last digits).
 
     dist: (..., n, V, V); idx: (n, m) view indices per point. Returns (..., n)."""
     if idx is None:
         v = dist.shape[-1]
         iu = np.triu_indices(v, 1)
-        return dist[..., iu[0], iu[1]].mean(axis=-1)
+        return dist[..., iu[0], iu[1]].astype(np.float64).mean(axis=-1)
     n, m = idx.shape
     a, b = np.triu_indices(m, 1)
     ia, ib = idx[:, a], idx[:, b]  # (n, P)
     rows = np.arange(n)[:, None]
-    d = dist[..., rows, ia, ib]  # (..., n, P)
+    d = dist[..., rows, ia, ib].astype(np.float64)  # (..., n, P)
     valid = ia != ib  # a view paired with itself is not a pair
     count = valid.sum(axis=1)
     return np.where(count > 0, (d * valid).sum(axis=-1) / np.maximum(count, 1), np.nan)
 
 
-def _score(dist_f: np.ndarray, dist_g: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
-    return _pair_mean(dist_g, idx).mean(axis=0) - _pair_mean(dist_f, idx).mean(axis=0)
+def _score(dist: np.ndarray, member: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+    """Mean alignment over out-encoders minus over in-encoders. dist (E, n, V, V), member (E, n)."""
+    a = _pair_mean(dist, idx)
+    return (a * ~member).sum(0) / (~member).sum(0) - (a * member).sum(0) / member.sum(0)
 
 
 def _half_indices(n: int, views: int, pairing: str) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +79,12 @@ def _half_indices(n: int, views: int, pairing: str) -> tuple[np.ndarray, np.ndar
 def _disjoint_mean(dist: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """Mean of the (2j, 2j+1) distances over the pair indices ``pairs`` (n, m)."""
     rows = np.arange(pairs.shape[0])[:, None]
-    return dist[..., rows, 2 * pairs, 2 * pairs + 1].mean(axis=-1)
+    return dist[..., rows, 2 * pairs, 2 * pairs + 1].astype(np.float64).mean(axis=-1)
+
+
+def _disjoint_score(dist: np.ndarray, member: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    a = _disjoint_mean(dist, pairs)
+    return (a * ~member).sum(0) / (~member).sum(0) - (a * member).sum(0) / member.sum(0)
 
 
 @dataclass
@@ -107,13 +115,15 @@ class Reliability:
         return d
 
 
-def ranking_reliability(dist_f: np.ndarray, dist_g: np.ndarray, *, pairing: str = "all", target: float = 0.9,
+def ranking_reliability(dist: np.ndarray, member: np.ndarray, *, pairing: str = "all", target: float = 0.9,
                         top_k: int = 50, bootstrap: int = 200, seed: int = 0) -> tuple[Reliability, np.ndarray]:
-    """Split-half reliability and top-k stability of SSLMem scores.
+    """Split-half reliability over views and top-k stability of SSLMem scores (out - in).
 
     Args:
-        dist_f, dist_g: (encoders, n, V, V) view distance matrices of the f and g encoders on the
-            same views of the same n points.
+        dist: (encoders, n, V, V) view distance matrices of every encoder on the same views of the
+            same n points.
+        member: (encoders, n) bool: encoder e trained on point i (each point needs an in- and an
+            out-encoder; for f and g: f in, g out).
         pairing: the audit's estimator (``all`` or ``disjoint``).
         target: reliability the caller wants.
         top_k: size of the at-risk set whose stability is bootstrapped.
@@ -123,36 +133,33 @@ def ranking_reliability(dist_f: np.ndarray, dist_g: np.ndarray, *, pairing: str 
         The summary, and per point the fraction of replicates in which it was in the top k
         (NaN when bootstrap is 0).
     """
-    n, views = dist_f.shape[1], dist_f.shape[-1]
+    n, views = dist.shape[1], dist.shape[-1]
     if views < 4 or n < 3:
         rel = Reliability(views, pairing, n, float("nan"), float("nan"), target, math.inf, top_k)
         return rel, np.full(n, np.nan)
     a, b = _half_indices(n, views, pairing)
     if pairing == "disjoint":
-        pa, pb = a[:, ::2] // 2, b[:, ::2] // 2
-        sa = _disjoint_mean(dist_g, pa).mean(0) - _disjoint_mean(dist_f, pa).mean(0)
-        sb = _disjoint_mean(dist_g, pb).mean(0) - _disjoint_mean(dist_f, pb).mean(0)
+        sa = _disjoint_score(dist, member, a[:, ::2] // 2)
+        sb = _disjoint_score(dist, member, b[:, ::2] // 2)
     else:
-        sa, sb = _score(dist_f, dist_g, a), _score(dist_f, dist_g, b)
+        sa, sb = _score(dist, member, a), _score(dist, member, b)
     r_half = float(stats.spearmanr(sa, sb).statistic) if np.std(sa) > 0 and np.std(sb) > 0 else float("nan")
     r = spearman_brown(r_half)
     rel = Reliability(views, pairing, n, r_half, r, target, views_needed(r, views, target), min(top_k, n))
     freq = np.full(n, np.nan)
     if bootstrap:
         rng = np.random.default_rng(seed)
-        full = _score(dist_f, dist_g) if pairing == "all" else (
-            _disjoint_mean(dist_g, np.tile(np.arange(views // 2), (n, 1))).mean(0)
-            - _disjoint_mean(dist_f, np.tile(np.arange(views // 2), (n, 1))).mean(0))
+        full = _score(dist, member) if pairing == "all" else _disjoint_score(
+            dist, member, np.tile(np.arange(views // 2), (n, 1)))
         k = rel.top_k
         top = np.argsort(-full, kind="stable")[:k]
         counts = np.zeros(n)
         overlaps = []
         for _ in range(bootstrap):
             if pairing == "disjoint":
-                pick = rng.integers(0, views // 2, size=(n, views // 2))
-                s = _disjoint_mean(dist_g, pick).mean(0) - _disjoint_mean(dist_f, pick).mean(0)
+                s = _disjoint_score(dist, member, rng.integers(0, views // 2, size=(n, views // 2)))
             else:
-                s = _score(dist_f, dist_g, rng.integers(0, views, size=(n, views)))
+                s = _score(dist, member, rng.integers(0, views, size=(n, views)))
             s = np.nan_to_num(s, nan=-np.inf)
             bt = np.argsort(-s, kind="stable")[:k]
             counts[bt] += 1

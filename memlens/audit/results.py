@@ -26,7 +26,7 @@ class EncoderInput(Model):
     """One audited encoder, where it came from, and its privacy facts."""
 
     label: str
-    side: Literal["f", "g"]
+    side: Literal["f", "g", "ref", "target"]
     source: str = Field(..., description="run, timm, py or module")
     spec: str | None = None
     path: str | None = None
@@ -51,6 +51,7 @@ class EncoderInput(Model):
     train_points: int | None = None
     wall_seconds: float | None = None
     load: dict[str, Any] | None = None
+    reference: int | None = None
 
 
 class SubsetStats(Model):
@@ -105,7 +106,7 @@ class TableInfo(Model):
 
 
 class AuditSummary(Model):
-    version: Literal[2] = 2
+    version: Literal[2, 3] = 3
     kind: Literal["memlens-audit"] = "memlens-audit"
     created: str
     memlens_version: str
@@ -117,19 +118,24 @@ class AuditSummary(Model):
     framework: str | None
     recipe: dict[str, Any] | None
     encoders: list[EncoderInput]
+    design: dict[str, Any] = {}
     augmentation: dict[str, str]
     views: dict[str, Any]
     reliability: dict[str, Any] | None
+    reliability_encoders: dict[str, Any] | None = None
+    inference: dict[str, Any] = {}
     subsets: dict[str, SubsetStats]
     layers: list[LayerRow]
     vit_blocks: list[dict[str, Any]] | None = None
     units: dict[str, Any]
     top_units: list[TopUnit]
     top_points: list[dict[str, Any]]
+    at_risk_points: list[dict[str, Any]] = []
     requested_points: list[dict[str, Any]]
     tests: list[TestResult]
     consistency: dict[str, list[Consistency]]
     privacy: dict[str, Any] | None = None
+    warnings: list[str] = []
     timings: dict[str, float]
     tables: dict[str, TableInfo] = {}
 
@@ -138,9 +144,18 @@ class AuditSummary(Model):
         return self.encoders
 
     @property
+    def attacked(self) -> list[EncoderInput]:
+        """The encoders the audit is about: the target, else f, else the references."""
+        for side in ("target", "f", "ref"):
+            found = [r for r in self.encoders if r.side == side]
+            if found:
+                return found
+        return []
+
+    @property
     def dp_epsilon(self) -> float | None:
-        eps = [r.epsilon for r in self.encoders if r.side == "f"]
-        return None if any(e is None for e in eps) else max(eps)
+        eps = [r.epsilon for r in self.attacked]
+        return None if not eps or any(e is None for e in eps) else max(eps)
 
 
 class Audit:
@@ -167,7 +182,7 @@ def read_audit(path: str | Path) -> Audit:
     raw = read_json(path / AUDIT_FILE, what="audit summary")
     if not isinstance(raw, dict) or raw.get("kind") != "memlens-audit":
         raise MemlensError(f"{path / AUDIT_FILE} is not a memlens audit summary")
-    if raw.get("version") != 2:
+    if raw.get("version") not in (2, 3):
         raise MemlensError(f"{path / AUDIT_FILE} has schema version {raw.get('version')}, written by another memlens "
                            f"version; re-run memlens audit to update it")
     try:

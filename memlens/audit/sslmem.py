@@ -137,9 +137,12 @@ def sslmem(align_f: torch.Tensor, align_g: torch.Tensor) -> torch.Tensor:
 
 
 def range_normalize(scores: torch.Tensor) -> torch.Tensor:
-    """SSLMem paper, Appendix A: divide the differences by their range (largest minus smallest),
-    which maps them into [-1, 1]. memlens takes the range over all points of the audit, so scores
-    of different subsets stay comparable. A zero range gives zeros."""
+    """SSLMem paper, Appendix A: divide the differences by their range (largest minus smallest).
+
+    The normalised scores span an interval of length exactly 1 (max - min = 1); they lie in
+    [-1, 1] when the raw scores have both signs, and can exceed 1 when all are positive (e.g.
+    raw scores in [0.25, 0.8] become [0.45, 1.45]). memlens takes the range over all points of the
+    audit, so scores of different subsets stay comparable. A zero range gives zeros."""
     span = (scores.max() - scores.min()) if scores.numel() else torch.tensor(0.0)
     return torch.zeros_like(scores) if span <= 0 else scores / span
 

@@ -67,7 +67,8 @@ def noise_seed_for(config: TrainConfig) -> int:
     if dp.noise_seed is not None:
         return int(dp.noise_seed)
     if dp.coupling == "independent":
-        side = config.subsets if isinstance(config.subsets, str) else "+".join(config.subsets)
+        side = (f"reference-{config.reference.index}" if config.reference is not None else
+                config.subsets if isinstance(config.subsets, str) else "+".join(config.subsets))
         return derive_seed(config.seed, "dp-noise", side)
     return derive_seed(config.seed, "dp-noise")
 

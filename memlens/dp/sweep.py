@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Callable
 
 from memlens import distributed as D
-from memlens.config import DPConfig, SweepConfig, TrainConfig, claim_resumable_dir, format_epsilon, validate
+from memlens.config import (
+    DPConfig,
+    ReferenceSpec,
+    SweepConfig,
+    TrainConfig,
+    claim_resumable_dir,
+    format_epsilon,
+    validate,
+)
 from memlens.data import Dataset, load
 from memlens.dp import check_feasible, train
 from memlens.errors import MemlensError
@@ -38,16 +46,26 @@ class SweepRun:
 
 
 def plan_runs(config: SweepConfig, out_dir: str | Path) -> list[SweepRun]:
+    """The runs of a sweep: per epsilon, f and g (per seed), or the K references ``ref-00`` ... whose
+    pairs (2j, 2j+1) share the seed base + j (coupled as f and g of one seed are)."""
     out = Path(out_dir)
     runs = []
     base = config.train
+    refs = config.references
     for eps in config.epsilons:
+        dp = None if math.isinf(eps) else DPConfig(epsilon=eps, **config.dp.model_dump())
+        where = out / f"eps-{format_epsilon(eps)}"
+        if refs is not None:
+            for i in range(refs.k):
+                spec = ReferenceSpec(**refs.model_dump(), index=i)
+                cfg = base.model_copy(update={"seed": base.seed + i // 2, "dp": dp, "reference": spec})
+                runs.append(SweepRun(eps, f"ref-{i:02d}", cfg.seed, where / f"ref-{i:02d}", cfg))
+            continue
         for side in ("f", "g"):
             for seed in [base.seed, *config.extra_seeds]:
-                dp = None if math.isinf(eps) else DPConfig(epsilon=eps, **config.dp.model_dump())
                 cfg = base.model_copy(update={"subsets": side, "seed": seed, "dp": dp})
                 name = side if seed == base.seed else f"{side}-seed{seed}"
-                runs.append(SweepRun(eps, side, seed, out / f"eps-{format_epsilon(eps)}" / name, cfg))
+                runs.append(SweepRun(eps, side, seed, where / name, cfg))
     return runs
 
 

@@ -54,6 +54,23 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def candidates(audit: Audit):
+    """The rows of the images whose memorization the candidate rules judge: the candidates (S_C)
+    under f and g, the pool images (with in- and out-encoders) under references."""
+    pts = audit.points
+    if "candidate" in pts.columns:
+        return pts[pts["candidate"].astype(bool)]
+    return pts[pts["subset"] == "S_C"]
+
+
+def natural_signal_test(audit: Audit):
+    """The test behind require_natural_signal: S_C > S_S (Welch) under f and g; under references,
+    the candidates' memorization above 0 (one-sample t)."""
+    tests = audit.summary.tests
+    found = next((t for t in tests if t.name == "C>S" and t.method == "welch_t"), None)
+    return found or next((t for t in tests if t.name == "C>0" and t.method == "one_sample_t"), None)
+
+
 def audit_label(audit: Audit) -> str:
     eps = audit.summary.dp_epsilon
     return f"{audit.path.name} (epsilon {'inf' if eps is None else f'{eps:.3g}'})"
@@ -122,7 +139,7 @@ def check_baseline(audit: Audit, baseline: Audit) -> None:
 
 
 def _release_metrics(audit: Audit, score: str, at_risk: float, top_layer: str | None) -> dict[str, float | None]:
-    cand = audit.points[audit.points["subset"] == "S_C"]
+    cand = candidates(audit)
     mm = _membership(audit)
     bound = (audit.summary.privacy or {}).get("epsilon_lower_bound")
     unit = None
@@ -148,8 +165,9 @@ def compare(audit: Audit, baseline: Audit, *, score: str = "sslmem_sym_norm", at
              "top_layer_unitmem": f"mean UnitMem of {top_layer}"}
     metrics = [{"metric": k, "name": names[k], "baseline": before[k], "current": now[k],
                 "change": None if before[k] is None or now[k] is None else now[k] - before[k]} for k in names]
-    c_now = audit.points[(audit.points["subset"] == "S_C") & (audit.points[score] > at_risk)]
-    c_before = set(baseline.points[(baseline.points["subset"] == "S_C") & (baseline.points[score] > at_risk)]["id"])
+    now_c, before_c = candidates(audit), candidates(baseline)
+    c_now = now_c[now_c[score] > at_risk]
+    c_before = set(before_c[before_c[score] > at_risk]["id"])
     newly = [{"id": r["id"], "label": r["label"], "score": float(r[score])}
              for _, r in c_now.sort_values(score, ascending=False).iterrows() if r["id"] not in c_before]
     return Comparison(baseline=str(baseline.path), metrics=metrics, newly_at_risk=newly, at_risk_score=at_risk)
@@ -173,7 +191,7 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
     for audit in audits:
         name = audit_label(audit)
         s = audit.summary
-        cand = audit.points[audit.points["subset"] == "S_C"][policy.score].to_numpy(dtype=float)
+        cand = candidates(audit)[policy.score].to_numpy(dtype=float)
         units = audit.units
         priv = s.privacy or {}
 
@@ -198,10 +216,11 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
                     "" if ok else f"the positive control ({where}: canaries in the non-private encoder) was not "
                                   f"detected, so this audit had no power to see memorization")
         if r.require_natural_signal:
-            welch = next((t for t in s.tests if t.name == "C>S" and t.method == "welch_t"), None)
+            welch = natural_signal_test(audit)
             p = welch.p_holm if welch is not None else None
             ok = p is not None and not math.isnan(p) and p < policy.alpha
-            add("require_natural_signal", f"S_C > S_S significant at {policy.alpha:g}", f"p = {_fmt(p, 3)} (Holm)",
+            what = "S_C > S_S" if welch is None or welch.name == "C>S" else "S_C memorization > 0"
+            add("require_natural_signal", f"{what} significant at {policy.alpha:g}", f"p = {_fmt(p, 3)} (Holm)",
                 ok, "" if ok else "no significant memorization of the encoder's own natural images")
         if r.max_membership_auc is not None or r.max_tpr_at_fpr is not None:
             mm = _membership(audit)
@@ -251,10 +270,11 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
                 frac <= rule.fraction)
         if r.max_point_score is not None:
             top = float(np.max(cand)) if len(cand) else float("nan")
-            worst = audit.points[audit.points["subset"] == "S_C"].sort_values(policy.score).iloc[-1]["id"] \
-                if len(cand) else ""
+            worst = candidates(audit).sort_values(policy.score).iloc[-1]["id"] if len(cand) else ""
             add("max_point_score", f"<= {r.max_point_score:g}", _fmt(top), top <= r.max_point_score,
                 f"highest: {worst}")
+        if r.max_memorized is not None:
+            _memorized_rule(add, audit, r.max_memorized, policy.fdr)
         ranked = units["unitmem"].dropna()
         if r.max_unitmem is not None:
             if r.max_unitmem.any is not None:
@@ -276,8 +296,8 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
             add("max_fraction_units_above", f"<= {rule.fraction:.1%} above {rule.level:g}", f"{frac:.1%}",
                 frac <= rule.fraction)
         if r.require_dp is not None:
-            eps = [run.epsilon for run in s.encoders if run.side == "f"]
-            deltas = [run.delta for run in s.encoders if run.side == "f"]
+            eps = [run.epsilon for run in s.attacked]
+            deltas = [run.delta for run in s.attacked]
             private = all(e is not None for e in eps)
             worst = max(eps) if private else math.inf
             ok = private and worst <= r.require_dp.max_epsilon
@@ -285,7 +305,7 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
             if r.require_dp.max_delta is not None:
                 thr += f", delta <= {r.require_dp.max_delta:g}"
                 ok = ok and max(d for d in deltas) <= r.require_dp.max_delta
-            declared = any(run.dp_declared for run in s.encoders if run.side == "f")
+            declared = any(run.dp_declared for run in s.attacked)
             add("require_dp", thr, "not private" if not private else
                 f"epsilon {worst:.3g}, delta {max(deltas):.3g}" + (" (declared)" if declared else ""), ok)
         if baseline is not None and policy.baseline is not None:
@@ -306,6 +326,43 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
                                   + (f"; newly at risk: {', '.join(p['id'] for p in cmp.newly_at_risk[:5])}"
                                      if m["metric"] == "at_risk_count" and cmp.newly_at_risk else ""))
     return GateResult(policy.name, rows)
+
+
+def memorized_at(audit: Audit, fdr: float) -> tuple[list[str], int] | None:
+    """Ids of the candidates memorized at ``fdr`` (Benjamini-Hochberg over their per-image p-values,
+    most significant first), and the family size; None when the audit has no per-image p-values."""
+    from scipy import stats
+
+    cand = candidates(audit)
+    if "mem_p" not in cand.columns:
+        return None
+    ok = cand["mem_p"].notna()
+    if not ok.any():
+        return None
+    p = cand.loc[ok, "mem_p"].to_numpy(float)
+    q = stats.false_discovery_control(p, method="bh")
+    hit = q <= fdr
+    ids = cand.loc[ok, "id"].to_numpy()[hit]
+    return [str(i) for i in ids[np.argsort(q[hit], kind="stable")]], int(ok.sum())
+
+
+def _memorized_rule(add, audit: Audit, limit, fdr: float) -> None:
+    found = memorized_at(audit, fdr)
+    thr = " and ".join(x for x in (f"<= {limit.max_count}" if limit.max_count is not None else "",
+                                   f"<= {limit.max_fraction:.1%}" if limit.max_fraction is not None else "") if x)
+    if found is None:
+        add("max_memorized", f"{thr} at FDR {fdr:g}", "not measured", False,
+            "the audit has no per-image p-values (re-run it with this memlens)")
+        return
+    ids, family = found
+    frac = len(ids) / family if family else 0.0
+    ok = (limit.max_count is None or len(ids) <= limit.max_count) and (
+        limit.max_fraction is None or frac <= limit.max_fraction)
+    facts = audit.summary.inference or {}
+    note = "" if facts.get("training_randomness_counted", True) else (
+        " (one encoder pair: training randomness not counted)")
+    add("max_memorized", f"{thr} at FDR {fdr:g}", f"{len(ids)} of {family} ({frac:.1%}){note}", ok,
+        "" if ok else f"memorized at FDR {fdr:g}: {', '.join(ids[:5])}" + (" ..." if len(ids) > 5 else ""))
 
 
 def to_junit(result: GateResult, path: str | Path) -> None:

@@ -42,6 +42,17 @@ class RequireDP(Strict):
     max_delta: float | None = Field(None, gt=0, lt=1)
 
 
+class MemorizedLimit(Strict):
+    max_count: int | None = Field(None, ge=0, description="largest allowed number of images memorized at the FDR")
+    max_fraction: float | None = Field(None, ge=0, le=1, description="largest allowed share of the candidates")
+
+    @model_validator(mode="after")
+    def _one(self) -> "MemorizedLimit":
+        if self.max_count is None and self.max_fraction is None:
+            raise ValueError("give max_count and/or max_fraction")
+        return self
+
+
 class TprLimit(Strict):
     fpr: float = Field(0.01, gt=0, lt=1, description="false-positive rate of the attack")
     max_tpr: float = Field(..., ge=0, le=1, description="largest allowed true-positive rate at that FPR")
@@ -53,6 +64,9 @@ class Rules(Strict):
     max_mean_candidate_score: float | None = Field(None, description="largest allowed mean score of S_C")
     max_fraction_candidates_above: FractionAbove | None = None
     max_point_score: float | None = Field(None, description="largest allowed score of any single candidate")
+    max_memorized: MemorizedLimit | None = Field(
+        None, description="images memorized at the policy's FDR (Benjamini-Hochberg on the per-image p-values): at "
+                          "most this many, or this share of the candidates")
     max_unitmem: UnitLimit | None = None
     max_fraction_units_above: UnitsAbove | None = None
     require_dp: RequireDP | None = None
@@ -96,6 +110,8 @@ class Policy(Strict):
     score: Score = Field("sslmem_sym_norm", description="which SSLMem the candidate thresholds apply to")
     alpha: float = Field(0.01, gt=0, lt=1, description="significance level of require_power and "
                                                        "require_natural_signal")
+    fdr: float = Field(0.1, gt=0, lt=1, description="false discovery rate of the at-risk list (max_memorized, the "
+                                                    "report's list)")
     rules: Rules
     baseline: Baseline | None = Field(None, description="rules on change against the previous release")
 

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from memlens.audit.results import Audit
-from memlens.policy.gate import GateResult, audit_label
+from memlens.policy.gate import GateResult, audit_label, memorized_at, natural_signal_test
 from memlens.policy.schema import Policy
 
 
@@ -22,8 +22,8 @@ def _num(x, digits: int = 3) -> str:
 
 def _dp_line(audit: Audit) -> str:
     s = audit.summary
-    f = [r for r in s.encoders if r.side == "f"]
-    if any(r.epsilon is None for r in f):
+    f = s.attacked
+    if not f or any(r.epsilon is None for r in f):
         return "Trained **without** differential privacy (no formal guarantee; epsilon = infinity)."
     r = max(f, key=lambda r: r.epsilon)
     how = "declared by the model's owner, not checked by memlens" if r.dp_declared else (
@@ -62,22 +62,34 @@ def model_card_section(audits: list[Audit], *, gate: GateResult | None = None, p
                                                 " (**exceeds the claimed epsilon**)")
                 lines.append(f"- Empirical epsilon lower bound: **{_num(b['epsilon'], 2)}** at "
                              f"{b['confidence']:.0%} confidence, delta {b['delta']:.2g}{rel}.")
-        natural = ((priv.get("natural") or {}).get("metrics") or {}).get(primary or "sslmem")
+        nat = priv.get("natural") or {}
+        natural = (nat.get("metrics") or {}).get(primary or "sslmem")
         if natural:
-            lines.append(f"- Membership inference on natural training images (S_C vs never-seen S_E): AUC "
-                         f"{_num(natural['auc'])}.")
+            lines.append(f"- Membership inference on natural training images ({nat.get('members', 'S_C')} vs "
+                         f"{nat.get('non_members', 'S_E')}): AUC {_num(natural['auc'])}.")
         sc = s.subsets.get("S_C")
-        welch = next((t for t in s.tests if t.name == "C>S" and t.method == "welch_t"), None)
+        welch = natural_signal_test(audit)
+        what = "S_C > S_S" if welch is None or welch.name == "C>S" else "S_C memorization > 0"
         if sc is not None:
             lines.append(f"- Memorization of candidate training images (mean SSLMem): {sc.mean:+.4f} (95% CI "
-                         f"{sc.ci_low:+.4f} to {sc.ci_high:+.4f}); S_C > S_S "
+                         f"{sc.ci_low:+.4f} to {sc.ci_high:+.4f}); {what} "
                          + ("significant" if welch and welch.p_holm is not None and welch.p_holm < 0.01 else
                             "not significant") + (f" (Holm p = {welch.p_holm:.3g})." if welch and
                                                    welch.p_holm is not None else "."))
+        fdr = policy.fdr if policy else (s.inference or {}).get("fdr", 0.1)
+        found = memorized_at(audit, fdr)
+        if found is not None:
+            counted = (s.inference or {}).get("training_randomness_counted")
+            lines.append(f"- Images memorized at a false discovery rate of {fdr:g}: **{len(found[0])} of "
+                         f"{found[1]}**" + ("." if counted else " (one encoder pair: training randomness not "
+                                                               "counted)."))
         rel = s.reliability or {}
+        enc = s.reliability_encoders or {}
         if rel.get("reliability") is not None:
-            lines.append(f"- Per-image ranking reliability (split-half): {_num(rel['reliability'], 2)} with "
-                         f"{rel['views']} views per image.")
+            lines.append(f"- Per-image ranking reliability (split-half): {_num(rel['reliability'], 2)} over "
+                         f"{rel['views']} views" + (f", {_num(enc['reliability'], 2)} over {enc['pairs']} encoder "
+                                                    f"pairs (retraining)" if enc.get("reliability") is not None
+                                                    else "") + ".")
         u = s.units
         if u.get("frac_above_half") is not None:
             lines.append(f"- Units with UnitMem above 0.5: {u['frac_above_half']:.1%} of {u['ranked']} ranked "

@@ -45,6 +45,7 @@ def sslmem_distributions(points: pd.DataFrame, *, score: str = "sslmem") -> str:
     bins = np.linspace(lo - 0.05 * span, hi + 0.05 * span, 41)
     for name in ("S_S", "S_E", "S_I", "S_C"):
         v = points.loc[points["subset"] == name, score].to_numpy(dtype=float)
+        v = v[np.isfinite(v)]  # (references: images in every or no encoder have no score)
         if len(v):
             ax.hist(v, bins=bins, density=True, histtype="stepfilled" if name == "S_C" else "step", alpha=0.35
                     if name == "S_C" else 1.0, color=COLORS[name], linewidth=1.4, label=f"{NAMES[name]} (n={len(v)})")
@@ -133,13 +134,17 @@ def epsilon_chart(rows: list[dict]) -> str:
 
 
 SCORE_NAMES = {"sslmem": "SSLMem (f vs reference g)", "neg_align_f": "f's alignment alone",
-               "loss_ref": "training loss (f vs reference g)", "neg_loss_f": "f's training loss alone"}
+               "loss_ref": "training loss (target vs references)", "neg_loss_f": "f's training loss alone",
+               "neg_align": "target's alignment alone", "align_ref": "alignment (target vs references)",
+               "lira_align": "LiRA on the alignment", "rmia_align": "RMIA on the alignment",
+               "neg_loss": "target's training loss alone", "lira_loss": "LiRA on the loss",
+               "rmia_loss": "RMIA on the loss"}
 
 
 def roc_chart(metrics: dict[str, dict], *, title: str) -> str:
     """ROC curves of membership scores (log-scaled FPR shows the low-FPR regime that matters)."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(6.4, 2.7))
-    palette = ["#c0392b", "#2471a3", "#27ae60", "#7f8c8d"]
+    palette = ["#c0392b", "#2471a3", "#27ae60", "#7f8c8d", "#8e44ad", "#d35400", "#16a085", "#2c3e50"]
     for k, (name, m) in enumerate(metrics.items()):
         f, t = np.asarray(m["roc_fpr"]), np.asarray(m["roc_tpr"])
         label = f"{SCORE_NAMES.get(name, name)}: AUC {m['auc']:.2f}"

@@ -23,12 +23,12 @@ import memlens
 from memlens.audit.results import Audit, read_audit
 from memlens.errors import MemlensError
 from memlens.io import atomic_write_bytes, atomic_write_text
-from memlens.policy.gate import GateResult, audit_label, evaluate
+from memlens.policy.gate import GateResult, audit_label, candidates, evaluate, memorized_at, natural_signal_test
 from memlens.policy.schema import Policy
 from memlens.reports import charts
 
 TEST_NAMES = {"C>S": "S_C > S_S", "C>E": "S_C > S_E", "S>I": "S_S > S_I", "E>I": "S_E > S_I", "C>0": "S_C > 0",
-              "I<0": "S_I < 0", "S=0": "S_S = 0"}
+              "I<0": "S_I < 0", "S=0": "S_S = 0", "I>0": "S_I > 0 (references)", "S>0": "S_S > 0 (references)"}
 
 
 @dataclass
@@ -121,25 +121,33 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
                    cache_dir: str | Path | None = None) -> dict[str, Any]:
     s = audit.summary
     pts, layers, units = audit.points, audit.layers, audit.units
-    cand = pts[pts["subset"] == "S_C"]
+    cand = candidates(audit)
     score = policy.score if policy else "sslmem_sym_norm"
     threshold = (policy.rules.max_fraction_candidates_above.score
                  if policy and policy.rules.max_fraction_candidates_above else 0.2)
     frac_above = float((cand[score] > threshold).mean()) if len(cand) else float("nan")
     sc = s.subsets.get("S_C")
-    welch = next((t for t in s.tests if t.name == "C>S" and t.method == "welch_t"), None)
+    welch = natural_signal_test(audit)
     signal = welch is not None and welch.p_holm is not None and not math.isnan(welch.p_holm) and welch.p_holm < 0.01
     best_layer = layers.sort_values("layermem", ascending=False).iloc[0] if len(layers) else None
-    f_runs = [r for r in s.runs if r.side == "f"]
+    f_runs = s.attacked
     eps = s.dp_epsilon
     private = eps is not None
-    top = cand.sort_values("sslmem", ascending=False).head(top_k)
+    fdr = policy.fdr if policy else (s.inference or {}).get("fdr", 0.1)
+    found = memorized_at(audit, fdr)
+    at_risk_ids = found[0] if found else []
+    listed = at_risk_ids[:top_k] if at_risk_ids else []
+    top = (cand.set_index("id").loc[listed].reset_index() if listed else
+           cand.sort_values("sslmem", ascending=False).head(top_k))
     thumbs = _thumbnails(audit, top["id"].tolist() + [p["id"] for p in s.requested_points], redact=redact,
                          cache_dir=cache_dir)
     unit_frac = s.units.get("frac_above_half")
     recipe = s.recipe
     priv = _privacy_context(audit, redact=redact, cache_dir=cache_dir)
     rel = s.reliability or {}
+    rel_enc = s.reliability_encoders or {"reliability": None}
+    inf = s.inference or {}
+    design = s.design or {"kind": "fg"}
     main_tests = [t for t in s.tests if t.name in TEST_NAMES]
     layer_tests = {t.name[len("unitmem_top>least["):-1]: t for t in s.tests if t.name.startswith("unitmem_top>least")}
     layer_rows = []
@@ -156,17 +164,24 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
                     and len(rank_layers) > 2]
     order = [r["layer"] for r in layer_rows]
     has_classmem = units["classmem"].notna().any()
+    contrast = ("images shared by both encoders (S_C > S_S" if design.get("kind") != "references"
+                else "nothing (the candidates' memorization above 0")
     words = [
         f"Candidate images (S_C, {sc.n if sc else 0} images the encoder was trained on) have a mean SSLMem of "
         f"{_f(sc.mean if sc else None, 4, True)} (95% CI {_f(sc.ci_low if sc else None, 4, True)} to "
         f"{_f(sc.ci_high if sc else None, 4, True)}); symmetric normalised, "
         f"{_f(sc.mean_sym_norm if sc else None, 3, True)}.",
-        ("The candidates are significantly more memorized than images shared by both encoders "
-         f"(S_C > S_S, p = {_p(welch.p_holm)}, Holm-corrected): the audit detects memorization."
+        (f"The candidates are significantly more memorized than {contrast}, p = {_p(welch.p_holm)}, "
+         f"Holm-corrected): the audit detects memorization."
          if signal else
-         "The candidates are not significantly more memorized than images shared by both encoders "
-         f"(S_C > S_S, p = {_p(welch.p_holm if welch else None)}): this audit does not detect memorization, "
+         f"The candidates are not significantly more memorized than {contrast}, "
+         f"p = {_p(welch.p_holm if welch else None)}): this audit does not detect memorization, "
          "which is not the same as showing there is none."),
+        (f"{len(at_risk_ids)} of {found[1]} images are memorized at a false discovery rate of {fdr:g} "
+         f"(per-image tests over {_design_words(design)}, Benjamini-Hochberg)"
+         + ("." if inf.get("training_randomness_counted") else
+            "; with one encoder pair only the views' noise is counted, so a retrain could change this list.")
+         if found else ""),
         f"{frac_above:.1%} of the candidates score above {threshold:g} ({score}).",
         (f"The layer with the highest LayerMem is {best_layer['layer']} ({_f(best_layer['layermem'], 3)})."
          if best_layer is not None else ""),
@@ -176,11 +191,7 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
          + (" (declared, not checked by memlens)." if any(r.dp_declared for r in f_runs) else ".")
          if private else "The encoder was trained without differential privacy (epsilon = infinity)."),
         priv.get("sentence", ""),
-        (f"The ranking of the candidates is {'reliable' if rel.get('meets_target') else 'not yet reliable'}: "
-         f"split-half reliability {_f(rel.get('reliability'), 2)} with {rel.get('views')} views per image"
-         + ("." if rel.get("meets_target") else
-            f" (target {rel.get('target')}; about {_f(rel.get('views_for_target'), 0)} views would reach it).")
-         if rel.get("reliability") is not None else ""),
+        _reliability_sentence(rel, rel_enc),
     ]
     return {
         "name": audit.path.name, "label": audit_label(audit), "path": str(audit.path), "sha256": audit.sha256,
@@ -196,7 +207,9 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         "layer_rows": layer_rows, "vit_blocks": s.vit_blocks, "top_units": top_units,
         "consistency": consistency, "seed_consistency": s.consistency.get("seeds", []),
         "f_runs": f_runs, "g_runs": [r for r in s.runs if r.side == "g"], "recipe": recipe,
-        "privacy": priv, "reliability": rel,
+        "privacy": priv, "reliability": rel, "reliability_encoders": rel_enc, "inference": inf, "design": design,
+        "fdr": fdr, "at_risk_count": len(at_risk_ids), "family": found[1] if found else None,
+        "listed_at_risk": bool(listed),
         "set_aside": [(r["layer"], r.get("units_silent"), r.get("units")) for r in layer_rows
                       if r.get("units_measured") and r.get("units_silent")],
         "charts": {
@@ -207,6 +220,31 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         },
         "redact": redact,
     }
+
+
+def _design_words(design: dict) -> str:
+    if design.get("kind") == "references":
+        return f"{design.get('encoders')} reference encoders ({design.get('pairs')} pairs)"
+    pairs = design.get("pairs") or 0
+    return f"{pairs} f/g pair{'s' if pairs != 1 else ''}" if pairs else "the f and g encoders"
+
+
+def _reliability_sentence(rel: dict, enc: dict) -> str:
+    """How far a reader can trust the ranking: over views, and over retrains (encoders)."""
+    if rel.get("reliability") is None:
+        return ""
+    views = (f"split-half reliability over views {_f(rel.get('reliability'), 2)} with {rel.get('views')} views"
+             + ("" if rel.get("meets_target") else
+                f" (about {_f(rel.get('views_for_target'), 0)} views would reach {rel.get('target')})"))
+    if enc.get("reliability") is None:
+        return (f"The ranking of the candidates: {views}. Its reliability over retraining is not measured (one "
+                f"encoder pair); training more reference encoders measures it.")
+    need = enc.get("pairs_for_target")
+    more = ("" if enc.get("meets_target") else
+            f"; about {_f(2 * need, 0)} encoders would reach {enc.get('target')}" if need not in (None, math.inf)
+            else "")
+    return (f"The ranking of the candidates: {views}; over encoders (retraining) "
+            f"{_f(enc.get('reliability'), 2)} with {enc.get('pairs')} pairs{more}.")
 
 
 def _lead(words: list[str]) -> list[str]:
@@ -235,10 +273,8 @@ def _privacy_context(audit: Audit, *, redact: bool, cache_dir: str | Path | None
         out["roc"] = Markup(charts.roc_chart(metrics,
                                              title=f"canaries: {canaries['n_in']} in, {canaries['n_out']} out"))
         table = audit.canaries
-        col = {"sslmem": "score_ref", "neg_align_f": "score_f", "loss_ref": "score_loss_ref",
-               "neg_loss_f": "score_loss_f"}.get(primary, "score_ref")
-        col = col if col in table.columns else "score_ref"
-        top = table[table["included"]].sort_values(col, ascending=False).head(8)
+        col = f"score_{primary}"
+        top = table[table["included"].astype(bool)].sort_values(col, ascending=False).drop_duplicates("id").head(8)
         thumbs = {} if redact else _canary_thumbnails(canaries.get("path"), top["id"].tolist())
         out["top_canaries"] = [{"id": r["id"], "kind": r["kind"], "score": r[col], "thumb": thumbs.get(r["id"])}
                                for r in top.to_dict(orient="records")]
@@ -263,7 +299,9 @@ def _privacy_context(audit: Audit, *, redact: bool, cache_dir: str | Path | None
                f"{b['delta']:.2g}){verdict}" if b else "."))
     elif natural.get(primary):
         m = natural[primary]
-        out["sentence"] = (f"Membership inference on natural images (S_C members against S_E): AUC {m['auc']:.3f} "
+        nat = p.get("natural") or {}
+        out["sentence"] = (f"Membership inference on natural images ({nat.get('members', 'members')} against "
+                           f"{nat.get('non_members', 'non-members')}): AUC {m['auc']:.3f} "
                            f"(95% CI {m['auc_ci'][0]:.3f} to {m['auc_ci'][1]:.3f}); no canaries were planted, so "
                            f"no empirical epsilon.")
     return out

@@ -65,46 +65,74 @@ class Prepared:
     std: list[float]
     canaries: dict | None = None
     reading: Reading | None = None
+    reference: dict | None = None
 
 
 def prepare(config: TrainConfig, *, cache_dir: str | Path | None = None, dataset: Dataset | None = None) -> Prepared:
     dataset = dataset if dataset is not None else load(config.data, cache_dir=cache_dir, collective=D.active())
-    splits = None
-    if config.splits:
-        splits = Splits.load(config.splits, dataset)
-        subsets = side_subsets(config.subsets)
-        if not subsets:
-            rows = dataset.part_indices("train")
-        else:
-            rows = np.sort(dataset.indices(splits.ids(*subsets)))
+    splits = Splits.load(config.splits, dataset) if config.splits else None
+    cset = None
+    if config.canaries:
+        from memlens.data.canaries import load_canaries
+
+        cset = load_canaries(config.canaries, dataset=dataset)
+    reference = None
+    if config.reference is not None:
+        rows, canary_rows, reference = _reference_rows(config, splits, dataset, cset)
+        subsets: tuple[str, ...] = ("reference",)
     else:
-        if config.subsets != "all":
-            raise MemlensError(f"subsets '{config.subsets}' needs a splits file (set splits: or use subsets: all)")
-        subsets = ()
-        rows = dataset.part_indices("train")
+        rows, subsets = _side_rows(config, splits, dataset)
+        # Canaries join the side that trains on the candidates (f); g, the reference, never sees one.
+        canary_rows = cset.member_rows() if cset is not None and "S_C" in subsets else np.zeros(0, dtype=np.int64)
     if len(rows) < 2:
         raise MemlensError("fewer than two training images selected")
     mean, std = dataset.normalization()
     pixels, labels = dataset.pixels, dataset.labels
     canaries = None
-    if config.canaries:
-        from memlens.data.canaries import load_canaries
-
-        cset = load_canaries(config.canaries, dataset=dataset)
-        # Canaries join the side that trains on the candidates (f); g, the reference, never sees one.
-        members = cset.member_rows() if "S_C" in subsets else np.zeros(0, dtype=np.int64)
+    if cset is not None:
         n = len(dataset)
         pixels = ConcatPixels([pixels, cset.pixels])
         if labels is not None:  # a supervised canary gets a random class: a mislabelled, atypical point
             from memlens.data.canaries import canary_labels
 
             labels = np.concatenate([labels, canary_labels(cset, len(dataset.class_names))])
-        rows = np.concatenate([rows, n + members])
+        rows = np.concatenate([rows, n + canary_rows])
         canaries = {"path": str(Path(config.canaries).resolve()), "sha256": cset.manifest.sha256,
-                    "m": len(cset), "members_trained": int(len(members))}
+                    "m": len(cset), "members_trained": int(len(canary_rows)),
+                    "membership": "the reference design's coins" if reference else "membership.json"}
     return Prepared(dataset=dataset, splits=splits, splits_path=config.splits, subsets=subsets, rows=rows,
                     pixels=pixels, labels=torch.from_numpy(labels) if labels is not None else None,
-                    mean=mean, std=std, canaries=canaries)
+                    mean=mean, std=std, canaries=canaries, reference=reference)
+
+
+def _side_rows(config: TrainConfig, splits: Splits | None, dataset: Dataset) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The rows of a classic side (f, g, all or a list of subsets)."""
+    if splits is not None:
+        subsets = side_subsets(config.subsets)
+        if not subsets:
+            return dataset.part_indices("train"), subsets
+        return np.sort(dataset.indices(splits.ids(*subsets))), subsets
+    if config.subsets != "all":
+        raise MemlensError(f"subsets '{config.subsets}' needs a splits file (set splits: or use subsets: all)")
+    return dataset.part_indices("train"), ()
+
+
+def _reference_rows(config: TrainConfig, splits: Splits, dataset: Dataset, cset) -> tuple[np.ndarray, np.ndarray,
+                                                                                          dict]:
+    """The rows of reference i of a K-reference design (memlens.data.references), and its record."""
+    from memlens.data.references import Design, membership_digest, reference_members
+
+    r = config.reference
+    design = Design(k=r.k, seed=r.seed, pool=tuple(r.pool))
+    canary_ids = list(cset.ids) if cset is not None else []
+    images, canaries = reference_members(splits, canary_ids, design, r.index)
+    rows = np.sort(dataset.indices(images))
+    index = {c: k for k, c in enumerate(canary_ids)}
+    canary_rows = np.array(sorted(index[c] for c in canaries), dtype=np.int64)
+    record = {"index": r.index, "k": r.k, "pair": design.pair_of(r.index), "seed": r.seed, "pool": list(r.pool),
+              "design": r.design, "images": len(images), "canaries": len(canaries),
+              "membership_sha256": membership_digest(images, canaries)}
+    return rows, canary_rows, record
 
 
 def make_optimizer(config: TrainConfig, objective: Objective) -> torch.optim.Optimizer:
@@ -177,7 +205,8 @@ def _record(config: TrainConfig, prepared: Prepared, encoder: nn.Module, device:
     splits = None
     if prepared.splits is not None:
         splits = {"path": str(Path(prepared.splits_path).resolve()), "hash": prepared.splits.hash,
-                  "side": config.subsets if isinstance(config.subsets, str) else None,
+                  "side": ("reference" if prepared.reference else
+                           config.subsets if isinstance(config.subsets, str) else None),
                   "subsets": list(prepared.subsets)}
     resolved = config.model_copy(update={"augment": config.augmentation})
     warnings = []
@@ -200,7 +229,7 @@ def _record(config: TrainConfig, prepared: Prepared, encoder: nn.Module, device:
                      "precision": "fp32 (DP-SGD)" if config.dp is not None else config.precision,
                      "world_size": D.world_size(),
                      "backend": D.backend(), "resources": resources.to_dict()},
-        canaries=prepared.canaries,
+        canaries=prepared.canaries, reference=prepared.reference,
         warnings=warnings, versions=versions(), created=now(), updated=now())
 
 

@@ -51,6 +51,7 @@ class RunRecord(BaseModel):
     warnings: list[str] = []
     model_sha256: str | None = None
     canaries: dict[str, Any] | None = None
+    reference: dict[str, Any] | None = None
     dp: dict[str, Any] | None = None
     probe: dict[str, Any] | None = None
     message: str | None = None

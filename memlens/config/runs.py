@@ -1,0 +1,131 @@
+"""Jobs of several runs: epsilon sweeps and the one-command pipeline."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from memlens.config.audit import AuditConfig, CanaryConfig
+from memlens.config.base import M, Strict, epsilon_list, format_validation_error, validate
+from memlens.config.data import DataConfig, SplitConfig
+from memlens.config.train import ReferencesConfig, TrainConfig
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+class SweepDP(Strict):
+    """DP-SGD settings shared by every finite epsilon of a sweep."""
+
+    delta: float | None = Field(None, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    accountant: Literal["prv", "rdp"] = "prv"
+    physical_batch_size: int | None = Field(None, ge=1)
+    poisson: bool = True
+    grad_mode: Literal["ghost-bk", "opacus-hooks"] = "ghost-bk"
+    noise_seed: int | Literal["random"] | None = None
+    coupling: Literal["shared", "independent"] = "shared"
+
+
+class SweepConfig(Strict):
+    """``memlens sweep``: train f and g with one recipe at several privacy levels."""
+
+    train: TrainConfig
+    epsilons: list[float] = Field(..., min_length=1, description="privacy levels; 'inf' = non-private")
+    dp: SweepDP = SweepDP()
+    extra_seeds: list[int] = Field([], description="more seeds per side (runs f-seedN, g-seedN)")
+    references: ReferencesConfig | None = Field(None, description="train K references per epsilon (ref-00 ...) "
+                                                                  "instead of f and g")
+
+    @field_validator("epsilons", mode="before")
+    @classmethod
+    def _eps(cls, v: Any) -> list[float]:
+        return epsilon_list(v)
+
+    @model_validator(mode="after")
+    def _recipe(self) -> "SweepConfig":
+        if not self.train.splits:
+            raise ValueError("train.splits is required: a sweep trains f on S_S+S_C and g on S_S+S_I")
+        if self.train.dp is not None:
+            raise ValueError("train.dp must be absent: the sweep sets DP from epsilons and dp")
+        if self.train.seed in self.extra_seeds:
+            raise ValueError(f"extra_seeds repeats the base seed {self.train.seed}")
+        if self.references is not None and self.extra_seeds:
+            raise ValueError("references and extra_seeds are two designs; give one (references: K encoders, "
+                             "extra_seeds: more f/g pairs)")
+        if self.train.reference is not None:
+            raise ValueError("train.reference is set by the sweep's references")
+        return self
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def _check_section(model: type[M], data: dict[str, Any], section: str) -> None:
+    """Validate one free-form section of a pipeline file; a ValueError names the section's keys."""
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        text = format_validation_error(exc, source="", model=model).removeprefix(": ")
+        raise ValueError(f"{section}." + text.replace("; ", f"; {section}.") if ": " in text else text) from None
+
+
+class ReportSettings(Strict):
+    title: str | None = None
+    redact: bool = Field(False, description="replace image thumbnails by placeholders")
+    html: bool = True
+
+
+class PipelineConfig(Strict):
+    """``memlens run``: split, train f and g per epsilon, probe, audit, report and gate."""
+
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    train: dict[str, Any] = Field(..., description="the training recipe (TrainConfig fields, without data, "
+                                                   "splits, subsets and dp)")
+    epsilons: list[float] = Field(["inf"], min_length=1)
+    dp: SweepDP = SweepDP()
+    extra_seeds: list[int] = []
+    references: ReferencesConfig | None = Field(None, description="K reference encoders per epsilon instead of f "
+                                                                  "and g")
+    audit: dict[str, Any] = Field({}, description="audit settings (AuditConfig fields, without f, g and splits)")
+    canaries: CanaryConfig | None = Field(None, description="plant canaries in f's training data")
+    probe: bool = True
+    policy: str | None = Field(None, description="policy file for the gate (and the report's verdict)")
+    report: ReportSettings = ReportSettings()
+
+    @field_validator("epsilons", mode="before")
+    @classmethod
+    def _eps(cls, v: Any) -> list[float]:
+        return epsilon_list(v)
+
+    @model_validator(mode="after")
+    def _parts(self) -> "PipelineConfig":
+        for key in ("data", "splits", "subsets", "dp", "canaries", "reference"):
+            if key in self.train:
+                raise ValueError(f"train.{key} is set by the pipeline; put it at the top level"
+                                 if key in ("data", "dp", "canaries") else f"train.{key} is set by the pipeline")
+        for key in ("f", "g", "splits", "references", "target"):
+            if key in self.audit:
+                raise ValueError(f"audit.{key} is set by the pipeline")
+        if self.references is not None and self.extra_seeds:
+            raise ValueError("references and extra_seeds are two designs; give one")
+        # Check both sections now: a typo found only when the audit starts would come after
+        # all the training, and fixing it then changes the config, which forces a restart.
+        _check_section(TrainConfig, {**self.train, "data": self.data.model_dump(mode="json"), "splits": "-",
+                                     "subsets": "f"}, "train")
+        _check_section(AuditConfig, {**self.audit, "f": ["-"], "g": ["-"], "splits": "-"}, "audit")
+        return self
+
+    def train_config(self, splits_path: str, canaries_path: str | None = None) -> TrainConfig:
+        return validate(TrainConfig, {**self.train, "data": self.data.model_dump(mode="json"), "splits": splits_path,
+                                      "subsets": "f", "canaries": canaries_path}, source="pipeline train")
+
+    def sweep_config(self, splits_path: str, canaries_path: str | None = None) -> SweepConfig:
+        return SweepConfig(train=self.train_config(splits_path, canaries_path), epsilons=self.epsilons, dp=self.dp,
+                           extra_seeds=self.extra_seeds, references=self.references)
+
+    def audit_config(self, *, f: list[str] = (), g: list[str] = (), references: list[str] = (),
+                     splits_path: str) -> AuditConfig:
+        encoders = {"references": list(references)} if references else {"f": list(f), "g": list(g)}
+        return validate(AuditConfig, {**self.audit, **encoders, "splits": splits_path}, source="pipeline audit")

@@ -1,0 +1,245 @@
+"""Reference designs: K encoders, per-image memorization with uncertainty, FDR lists, LiRA and RMIA."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from memlens.config import AuditConfig, SplitConfig, SplitSizes, TrainConfig
+from memlens.data import make_splits
+from memlens.data.references import Design, canary_coins, natural_halves, reference_members
+from memlens.errors import MemlensError
+
+# ----------------------------------------------------------------------------- the design
+
+
+def test_halves_are_balanced_and_pair_zero_is_f_and_g(digits):
+    splits = make_splits(digits, SplitConfig(sizes=SplitSizes(S_S=60, S_C=20, S_I=20, S_E=20), seed=3))
+    canaries = [f"canary/{k:05d}" for k in range(200)]
+    d = Design(k=8, seed=5)
+    members = [reference_members(splits, canaries, d, i) for i in range(8)]
+    pool = splits.ids("S_C", "S_I")
+    counts = {p: sum(p in m[0] for m in members) for p in pool}
+    assert set(counts.values()) == {4}  # every pool image in exactly K/2 references
+    assert {len(m[0]) for m in members} == {60 + 20}  # as many training images in every reference
+    assert all(set(splits.subsets["S_S"]) <= set(m[0]) for m in members)
+    assert not any(set(splits.subsets["S_E"]) & set(m[0]) for m in members)
+    assert natural_halves(splits, d, 0) == (splits.subsets["S_C"], splits.subsets["S_I"])  # K = 2: f and g
+    assert natural_halves(splits, d, 1) != natural_halves(splits, d, 2)
+    # canaries: one encoder of each pair, by independent fair coins per pair
+    for j in range(4):
+        a, b = set(members[2 * j][1]), set(members[2 * j + 1][1])
+        assert a.isdisjoint(b) and a | b == set(canaries)
+    coins = np.stack([canary_coins(canaries, d, j) for j in range(4)])
+    assert abs(coins.mean() - 0.5) < 0.05 and abs(np.corrcoef(coins)[0, 1]) < 0.2
+    with pytest.raises(MemlensError, match="even number"):
+        Design(k=3)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def _simulate(rng, n=400, pairs=4, memorized=40, effect=1.5, pair_sd=0.8, view_sd=0.1):
+    """Paired alignments: out - in = effect for the memorized images, 0 otherwise, plus noise per pair."""
+    e = 2 * pairs
+    truth = np.zeros(n)
+    truth[:memorized] = effect
+    base = rng.normal(1.0, 0.2, n)
+    align = np.zeros((e, n))
+    member = np.zeros((e, n), dtype=bool)
+    for j in range(pairs):
+        coin = rng.random(n) < 0.5  # which encoder of the pair holds the image
+        noise = rng.normal(0, pair_sd, n)
+        a_in, a_out = base, base + truth + noise
+        align[2 * j] = np.where(coin, a_in, a_out)
+        align[2 * j + 1] = np.where(coin, a_out, a_in)
+        member[2 * j], member[2 * j + 1] = coin, ~coin
+    return align, member, [(2 * j, 2 * j + 1) for j in range(pairs)], truth, np.full(n, view_sd ** 2)
+
+
+def test_bh_list_keeps_the_false_discovery_proportion_below_q():
+    from memlens.audit.inference import per_image
+
+    rng = np.random.default_rng(0)
+    fdps, powers = [], []
+    for _ in range(40):
+        align, member, pairs, truth, view_var = _simulate(rng)
+        r = per_image(align, member, pairs, view_var=view_var, fdr=0.1, confidence=0.95)
+        found = r.at_risk
+        fdps.append((found & (truth == 0)).sum() / max(found.sum(), 1))
+        powers.append((found & (truth > 0)).sum() / (truth > 0).sum())
+        # the interval covers the truth about as often as it says (95%)
+    assert np.mean(fdps) <= 0.1 + 0.02, np.mean(fdps)  # BH: E[FDP] <= q (m0/m q = 0.09 here)
+    assert np.mean(powers) > 0.5
+    align, member, pairs, truth, view_var = _simulate(np.random.default_rng(1), n=4000, memorized=0)
+    r = per_image(align, member, pairs, view_var=view_var, fdr=0.1, confidence=0.95)
+    covered = (r.ci_low <= truth) & (truth <= r.ci_high)
+    assert covered.mean() == pytest.approx(0.95, abs=0.015)
+    # null p-values are uniform: the moderated t is calibrated with 3 residual df per image
+    assert stats.kstest(r.p, "uniform").pvalue > 0.01
+
+
+def test_moderated_prior_recovers_known_d0_and_s0():
+    from memlens.audit.inference import squeeze_var
+
+    rng = np.random.default_rng(2)
+    d, d0, s0 = 3, 6.0, 2.0
+    sigma2 = d0 * s0 / rng.chisquare(d0, 20000)  # scaled inverse chi-square prior
+    s2 = sigma2 * rng.chisquare(d, 20000) / d
+    est_d0, est_s0 = squeeze_var(s2, d)
+    assert est_d0 == pytest.approx(d0, rel=0.15) and est_s0 == pytest.approx(s0, rel=0.05)
+    est_d0, _ = squeeze_var(rng.chisquare(d, 20000) / d, d)  # one common variance: infinite prior df
+    assert est_d0 > 100
+
+
+def test_view_jackknife_is_the_brute_force_leave_one_view_out():
+    from memlens.audit.inference import view_jackknife
+
+    rng = np.random.default_rng(3)
+    e, n, v = 4, 5, 6
+    x = rng.random((e, n, v, v))
+    dist = np.triu(x, 1) + np.triu(x, 1).transpose(0, 1, 3, 2)
+    member = rng.random((e, n)) < 0.5
+    member[0], member[1] = True, False
+
+    def m(keep):
+        sub = dist[:, :, keep][:, :, :, keep]
+        iu = np.triu_indices(len(keep), 1)
+        a = sub[..., iu[0], iu[1]].mean(-1)
+        return (a * ~member).sum(0) / (~member).sum(0) - (a * member).sum(0) / member.sum(0)
+
+    loo = np.stack([m([k for k in range(v) if k != drop]) for drop in range(v)], axis=1)
+    brute = (v - 1) / v * ((loo - loo.mean(1, keepdims=True)) ** 2).sum(1)
+    assert np.allclose(view_jackknife(dist, member), brute)
+
+
+# ----------------------------------------------------------------------------- LiRA and RMIA
+
+
+def test_lira_matches_the_gaussian_likelihood_ratio():
+    from memlens.audit.mia import lira
+
+    rng = np.random.default_rng(4)
+    r, n = 8, 5
+    member = np.tile(np.array([True, False] * 4)[:, None], (1, n))
+    ref = np.where(member, rng.normal(1.0, 0.5, (r, n)), rng.normal(0.0, 0.5, (r, n)))
+    target = rng.normal(0.5, 0.5, n)
+    got = lira(target, ref, member, variance="per_example")
+    mu_in, mu_out = ref[member[:, 0]].mean(0), ref[~member[:, 0]].mean(0)
+    s_in, s_out = ref[member[:, 0]].std(0, ddof=1), ref[~member[:, 0]].std(0, ddof=1)
+    want = stats.norm.logpdf(target, mu_in, s_in) - stats.norm.logpdf(target, mu_out, s_out)
+    assert np.allclose(got, want)
+    # global widths: one per side, pooled over images
+    got = lira(target, ref, member, variance="global")
+    pool_in = math.sqrt(((ref - mu_in) ** 2 * member).sum() / ((4 - 1) * n))
+    pool_out = math.sqrt(((ref - mu_out) ** 2 * ~member).sum() / ((4 - 1) * n))
+    assert np.allclose(got, stats.norm.logpdf(target, mu_in, pool_in) - stats.norm.logpdf(target, mu_out, pool_out))
+    # offline (no in-references): the one-sided z against the out-references
+    off = lira(target, ref[~member[:, 0]], np.zeros((4, n), dtype=bool), variance="per_example")
+    assert np.allclose(off, (target - mu_out) / s_out)
+
+
+def test_rmia_matches_its_definition():
+    from memlens.audit.mia import rmia
+
+    rng = np.random.default_rng(5)
+    r, n = 6, 30
+    member = rng.random((r, n)) < 0.5
+    member[0], member[1] = True, False  # every image has in- and out-references: online
+    ref = rng.normal(-1.0, 0.3, (r, n))
+    target = rng.normal(-1.0, 0.3, n)
+    population = np.arange(20, 30)
+    got = rmia(target, ref, member, population, gamma=1.5)
+    px = np.exp(ref).mean(0)  # Pr(x) = mean over references of Pr(x | theta), Pr = exp(statistic)
+    lr = np.exp(target) / px
+    want = np.array([np.mean([lr[x] / lr[z] >= 1.5 for z in population]) for x in range(n)])
+    assert np.allclose(got, want)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory, digits):
+    """K = 4 references of a tiny MAE on digits (with 40 canaries), and f/g trained alike."""
+    from memlens.data.canaries import make_canaries, save_canaries
+    from memlens.dp import train
+
+    root = tmp_path_factory.mktemp("refs")
+    splits = make_splits(digits, SplitConfig(sizes=SplitSizes(S_S=60, S_C=30, S_I=30, S_E=30), seed=1))
+    splits.save(root / "s.json")
+    cset = make_canaries(digits, m=40, kinds=["natural"], seed=2,
+                         exclude_ids=set(splits.ids("S_S", "S_C", "S_I", "S_E")))
+    save_canaries(cset, root / "canaries")
+    base = {"framework": "mae", "splits": str(root / "s.json"), "epochs": 3, "batch_size": 32,
+            "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "mae": {"decoder_dim": 16},
+            "canaries": str(root / "canaries")}
+    for i in range(4):
+        cfg = TrainConfig.model_validate({**base, "seed": i // 2, "reference": {"index": i, "k": 4, "seed": 7}})
+        train(cfg, root / f"ref-{i}", dataset=digits)
+    nocan = {k: v for k, v in base.items() if k != "canaries"}
+    for side in ("f", "g"):
+        train(TrainConfig.model_validate({**nocan, "subsets": side}), root / side, dataset=digits)
+    for i in range(2):
+        cfg = TrainConfig.model_validate({**nocan, "reference": {"index": i, "k": 2, "seed": 7}})
+        train(cfg, root / f"pair-{i}", dataset=digits)
+    train(TrainConfig.model_validate({**base, "subsets": "all", "seed": 9}), root / "release", dataset=digits)
+    return root
+
+
+def test_k2_complementary_halves_is_the_f_and_g_audit(refs, digits):
+    """Pair 0 of the default pool is (S_C, S_I): with the same seed its two references are f and g
+    exactly, and the reference audit gives the f/g audit's per-image scores (out - in)."""
+    from memlens.audit import run_audit
+    from memlens.train.run import load_encoder
+
+    wf, wr = load_encoder(refs / "f").state_dict(), load_encoder(refs / "pair-0").state_dict()
+    assert all(np.array_equal(wf[k].numpy(), wr[k].numpy()) for k in wf)
+    common = dict(splits=str(refs / "s.json"), views=4)
+    fg = run_audit(AuditConfig(f=[str(refs / "f")], g=[str(refs / "g")], **common), dataset=digits).points
+    rr = run_audit(AuditConfig(references=[str(refs / "pair-1"), str(refs / "pair-0")], **common),
+                   dataset=digits).points
+    fg, rr = fg.set_index("id"), rr.set_index("id").loc[fg["id"]]
+    c = fg.subset == "S_C"
+    assert np.allclose(rr.loc[c.values, "sslmem"], fg.loc[c, "sslmem"])
+    assert np.allclose(rr.loc[c.values, "mem_p"], fg.loc[c, "mem_p"])
+    i = fg.subset == "S_I"  # in g: memorization = align_f - align_g
+    assert np.allclose(rr.loc[i.values, "sslmem"], -fg.loc[i, "sslmem"])
+    assert rr.loc[(fg.subset.isin(["S_S", "S_E"])).values, "sslmem"].isna().all()
+
+
+def test_reference_audit_counts_training_randomness(refs, digits, tmp_path):
+    from memlens.audit import read_audit, run_audit, write_audit
+
+    res = run_audit(AuditConfig(references=[str(refs / f"ref-{i}") for i in (3, 1, 0, 2)], splits=str(refs / "s.json"),
+                                views=4), dataset=digits)
+    s = res.summary
+    assert s.design["kind"] == "references" and s.design["pairs"] == 2 and s.design["pool_images"] == 60
+    assert s.inference["training_randomness_counted"] and s.inference["pairs"] == 2
+    pts = res.points
+    pool = pts[pts.candidate]
+    assert set(pool.subset) == {"S_C", "S_I"} and len(pool) == 60
+    assert (pool.mem_ci_low <= pool.sslmem).all() and (pool.sslmem <= pool.mem_ci_high).all()
+    assert s.reliability_encoders["pairs"] == 2 and -1 <= s.reliability_encoders["split_half_r"] <= 1
+    # privacy: each reference the target in turn, against the other pair's references
+    p = s.privacy
+    assert p["design"] == "references" and p["references_per_target"] == [2, 2, 2, 2]
+    assert p["primary_score"] == "lira_loss" and {"lira_align", "rmia_loss", "loss_ref"} <= set(
+        p["canaries"]["metrics"])
+    assert p["canaries"]["n_in"] == p["canaries"]["n_out"] == 80  # 40 canaries x 4 targets, half in each
+    assert p["epsilon_lower_bound"]["targets"] == 4
+    table = res.canaries
+    assert len(table) == 160 and {"target", "included", "score_lira_loss"} <= set(table.columns)
+    write_audit(res, tmp_path / "a")
+    assert read_audit(tmp_path / "a").summary.design["pairs"] == 2
+    # a target: the release candidate, attacked with all references
+    tgt = run_audit(AuditConfig(references=[str(refs / f"ref-{i}") for i in range(4)], target=str(refs / "release"),
+                                splits=str(refs / "s.json"), views=4), dataset=digits)
+    tp = tgt.points
+    assert tp["target_member"].sum() == (tp.subset != "S_E").sum()
+    assert {"target_lira_loss", "target_rmia_align", "target_align"} <= set(tp.columns)
+    assert tgt.summary.privacy["targets"] == ["release"] and tgt.summary.model["units_encoder"] == "release"
+    with pytest.raises(MemlensError, match="not one complete design of 4"):
+        run_audit(AuditConfig(references=[str(refs / f"ref-{i}") for i in range(3)], splits=str(refs / "s.json"),
+                              views=4), dataset=digits)
