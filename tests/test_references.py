@@ -240,6 +240,6 @@ def test_reference_audit_counts_training_randomness(refs, digits, tmp_path):
     assert tp["target_member"].sum() == (tp.subset != "S_E").sum()
     assert {"target_lira_loss", "target_rmia_align", "target_align"} <= set(tp.columns)
     assert tgt.summary.privacy["targets"] == ["release"] and tgt.summary.model["units_encoder"] == "release"
-    with pytest.raises(MemlensError, match="not one complete design of 4"):
+    with pytest.raises(MemlensError, match="not whole pairs of the design of 4: missing \\[3\\]"):
         run_audit(AuditConfig(references=[str(refs / f"ref-{i}") for i in range(3)], splits=str(refs / "s.json"),
                               views=4), dataset=digits)

@@ -106,20 +106,23 @@ def references_design(refs: list[AuditEncoder], target: AuditEncoder | None) -> 
                            "one design")
     k, seed, pool, kind = params.pop()
     index = [r["index"] for r in records]
-    if sorted(index) != list(range(k)):
-        missing = sorted(set(range(k)) - set(index))
-        twice = sorted({i for i in index if index.count(i) > 1})
-        raise MemlensError(f"the references are not one complete design of {k}: "
-                           + (f"missing {missing}" if missing else "") + (f"; given twice {twice}" if twice else ""))
+    twice = sorted({i for i in index if index.count(i) > 1})
+    if twice:
+        raise MemlensError(f"references {twice} are given twice")
+    half = sorted({i ^ 1 for i in index} - set(index))  # the missing partner of a pair
+    if half:
+        raise MemlensError(f"the references are not whole pairs of the design of {k}: missing {half} (references "
+                           f"2j and 2j+1 share a seed and split the pool between them; give both)")
     order = sorted(range(len(refs)), key=lambda i: index[i])
     encoders = [refs[i] for i in order]
-    roles = ["ref"] * k
+    roles = ["ref"] * len(encoders)
     if target is not None:
         encoders.append(target)
         roles.append("target")
-    pairs = [(2 * j, 2 * j + 1) for j in range(k // 2)]
+    pairs = [(2 * j, 2 * j + 1) for j in range(len(order) // 2)]
     return Design("references", encoders, roles, pairs,
-                  reference={"k": k, "seed": seed, "pool": list(pool), "design": kind})
+                  reference={"k": k, "seed": seed, "pool": list(pool), "design": kind,
+                             "indices": sorted(index)})
 
 
 def membership(design: Design, points: Points, splits: Splits, cset) -> np.ndarray:
@@ -151,11 +154,12 @@ def _reference_rows(design: Design, points: Points, splits: Splits, cset) -> np.
     p = design.reference
     d = RefDesign(k=p["k"], seed=p["seed"], pool=tuple(p["pool"]))
     canary_ids = list(cset.ids) if cset is not None else []
-    out = np.zeros((d.k, len(points)), dtype=bool)
+    indices = p.get("indices", list(range(d.k)))
+    out = np.zeros((len(indices), len(points)), dtype=bool)
     nat, can = ~points.is_canary, points.is_canary
     ids = np.array(points.ids, dtype=object)
-    for k in range(d.k):
-        images, canaries = reference_members(splits, canary_ids, d, k)
+    for k, index in enumerate(indices):
+        images, canaries = reference_members(splits, canary_ids, d, index)
         rec = design.encoders[k].record
         digest = membership_digest(images, canaries)
         if rec.reference.get("membership_sha256") != digest:
