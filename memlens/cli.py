@@ -41,6 +41,11 @@ def command(fn, *, on=None):
             return fn(*args, **kwargs)
         except MemlensError as exc:
             _fail(str(exc))
+        except OSError as exc:  # a disk or permission problem met while writing: one line, not a traceback
+            if not isinstance(exc, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)) \
+                    and exc.errno not in (28, 30, 122):  # ENOSPC, EROFS, EDQUOT
+                raise
+            _fail(f"{exc.filename or 'an output'}: {exc.strerror or exc}")
         except KeyboardInterrupt:
             name = fn.__name__
             hint = {"train": "re-run the same command with --resume to continue from the last epoch",
@@ -92,8 +97,11 @@ def split(
 
     if out.exists() and not force:
         raise MemlensError(f"{out} already exists; pass --force to overwrite it")
+    check_writable(out, what="splits file")
+    written: Path | None = None  # the manifest this command writes, kept only if the splits are written too
     if members_f or members_g or manifest:
         from memlens.data.splits import (
+            check_duplicates,
             membership_subsets,
             read_path_list,
             splits_from_manifest,
@@ -111,10 +119,21 @@ def split(
                                          read_path_list(members_g, what="--members-g"),
                                          read_path_list(extra, what="--extra") if extra else [])
             manifest = Path(str(out.with_suffix("")) + ".manifest.csv")
-            write_manifest(manifest, subsets)
-        data = DataConfig(source="manifest", path=str(manifest.resolve()), resize=resize)
-        dataset = load(data, cache_dir=_cache_dir())
-        splits = splits_from_manifest(dataset, data)
+            if manifest.exists() and not force:
+                raise MemlensError(f"{manifest} already exists; pass --force to overwrite it")
+            written = manifest
+            manifest = write_manifest(manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp"), subsets)
+        try:
+            data = DataConfig(source="manifest", path=str(manifest.resolve()), resize=resize)
+            dataset = load(data, cache_dir=_cache_dir())
+            splits = splits_from_manifest(dataset, data)
+            check_duplicates(dataset, splits)
+            if written is not None:  # every check passed: the manifest takes its name
+                os.replace(manifest, written)
+                splits.data = DataConfig(source="manifest", path=str(written.resolve()), resize=resize)
+        finally:
+            if written is not None and manifest.exists() and manifest != written:
+                manifest.unlink(missing_ok=True)
     else:
         over = _overrides({"data.source": source, "data.path": path, "data.resize": resize, "split.seed": seed,
                            "split.candidates_file": str(candidates) if candidates else None})
@@ -207,7 +226,9 @@ def train(
         console.print(f"epoch {info.epoch}/{info.epochs}  loss {info.loss:.4f}  lr {info.lr:.2e}  "
                       f"{info.images_per_s:,.0f} img/s{extra}", highlight=False)
 
-    result = run_train(cfg, out, resume=resume, force=force, cache_dir=_cache_dir(), on_epoch=on_epoch)
+    check_writable(out, what="run directory")
+    with _writer(out):
+        result = run_train(cfg, out, resume=resume, force=force, cache_dir=_cache_dir(), on_epoch=on_epoch)
     rec = result.record
     if not dist.is_main():
         return
@@ -319,7 +340,9 @@ def sweep(
         eps = f"  epsilon {info.extra['epsilon']}" if "epsilon" in info.extra else ""
         console.print(f"  epoch {info.epoch}/{info.epochs}  loss {info.loss:.4f}{eps}", highlight=False)
 
-    results = run_sweep(cfg, out, force=force, cache_dir=_cache_dir(), on_run=on_run, on_epoch=on_epoch)
+    check_writable(out, what="sweep directory")
+    with _writer(out):
+        results = run_sweep(cfg, out, force=force, cache_dir=_cache_dir(), on_run=on_run, on_epoch=on_epoch)
     for run, what in results:
         if what.startswith("skipped"):
             console.print(f"{run.name}: {what}", highlight=False)
@@ -329,21 +352,48 @@ def sweep(
 # ----------------------------------------------------------------------------- audit
 
 
-def _encoder_specs(side: str, models: list[str], weights: list[str], common: dict[str, Any]) -> list[dict]:
-    """--f/--g values with their --f-weights/--g-weights, paired in order among timm:/py: specs."""
+def _encoder_specs(side: str, models: list[str], weights: list[str], common: dict[str, Any], *,
+                   allow_random_init: bool = False) -> list[dict]:
+    """--f/--g values with their --f-weights/--g-weights, paired in order among timm:/py: specs: one
+    weights file per timm:/py: encoder (or --allow-random-init for those without)."""
     external = [m for m in models if m.startswith(("timm:", "py:"))]
-    if len(weights) > len(external):
-        raise MemlensError(f"{len(weights)} --{side}-weights for {len(external)} timm:/py: --{side} encoder(s)")
+    if len(weights) > len(external) or (len(weights) < len(external) and not allow_random_init):
+        raise MemlensError(f"{len(weights)} --{side}-weights for {len(external)} timm:/py: --{side} encoder(s): give "
+                           f"one weights file per encoder, in order (or --allow-random-init to audit the encoders "
+                           f"without one at their random initialisation)")
     out, k = [], 0
     for m in models:
         spec: dict[str, Any] = {"model": m}
         if m.startswith(("timm:", "py:")):
-            if k < len(weights):
-                spec["weights"] = weights[k]
+            spec["weights"] = weights[k] if k < len(weights) else "none"
             k += 1
             spec.update({key: v for key, v in common.items() if v is not None})
         out.append(spec)
     return out
+
+
+def _writer(out: Path):
+    """One writer per output folder: process 0 holds its lock (the others write nothing)."""
+    import contextlib
+
+    from memlens import distributed as dist
+    from memlens.io import output_lock
+
+    return output_lock(out) if dist.is_main() else contextlib.nullcontext()
+
+
+def check_writable(path: Path, *, what: str) -> None:
+    from memlens.io import check_writable as _check
+
+    _check(path, what=what)
+
+
+def _signing_key(path: Optional[Path]):
+    """The private key to sign with: --sign-key, else $MEMLENS_SIGNING_KEY, else none."""
+    from memlens.integrity import load_private_key
+
+    chosen = path or (Path(os.environ["MEMLENS_SIGNING_KEY"]) if os.environ.get("MEMLENS_SIGNING_KEY") else None)
+    return load_private_key(chosen) if chosen else None
 
 
 def _expand_runs(values: list[str]) -> list[str]:
@@ -393,6 +443,9 @@ def audit(
                                                                             "e.g. '{\"img_size\": 32}'"),
     key_prefix: Optional[str] = typer.Option(None, "--key-prefix", help="checkpoint key prefix to select and strip"),
     no_strict: bool = typer.Option(False, "--no-strict", help="load weights even with missing/unexpected keys"),
+    allow_random_init: bool = typer.Option(False, "--allow-random-init", help="audit timm:/py: encoders without "
+                                                                             "--*-weights at their random "
+                                                                             "initialisation (the gate fails them)"),
     representation: Optional[str] = typer.Option(None, help="pooled, cls, mean, features, output or layer:NAME"),
     input_size: Optional[int] = typer.Option(None, help="input side of timm:/py: models (default: timm's data "
                                                         "config)"),
@@ -415,6 +468,8 @@ def audit(
                                                      "cores minus its workers)"),
     seed: Optional[int] = typer.Option(None),
     force: bool = typer.Option(False, "--force", help="overwrite an existing audit"),
+    sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="Ed25519 private key (PEM) signing audit.json "
+                                                                     "(default: $MEMLENS_SIGNING_KEY)"),
 ):
     """Measure memorization: SSLMem per point, LayerMem per layer, UnitMem per unit, and the tests."""
     from memlens import distributed as dist
@@ -426,9 +481,11 @@ def audit(
     common = {"kwargs": _json_option(model_kwargs, "--model-kwargs"), "key_prefix": key_prefix,
               "strict": False if no_strict else None, "input_size": input_size,
               "mean": _floats(mean, "--mean"), "std": _floats(std, "--std")}
-    over = _overrides({"f": _encoder_specs("f", f, f_weights, common) if f else None,
+    over = _overrides({"f": _encoder_specs("f", f, f_weights, common, allow_random_init=allow_random_init)
+                       if f else None,
                        "references": _expand_runs(references) if references else None, "target": target,
-                       "g": _encoder_specs("g", g, g_weights, common) if g else None,
+                       "g": _encoder_specs("g", g, g_weights, common, allow_random_init=allow_random_init)
+                       if g else None,
                        "splits": splits, "augment": augment, "pairing": pairing,
                        "views": (views if views == "auto" else _int_option(views, "--views")) if views else None,
                        "distance": distance, "max_per_subset": max_per_subset, "seed": seed,
@@ -441,18 +498,22 @@ def audit(
     if out.exists() and any(out.iterdir()) and not force:
         raise MemlensError(f"{out} already holds {'an audit' if (out / 'audit.json').exists() else 'other files'}; "
                            f"pass --force to overwrite it")
+    key = _signing_key(sign_key)
+    check_writable(out, what="audit directory")
     main = dist.is_main()
     if main and cfg.device == "auto":
         typer.echo(f"device: {resolve_device('auto')} (auto)", err=True)
     from rich.progress import Progress
 
-    with Progress(transient=True, disable=not main) as bar:
+    with _writer(out), Progress(transient=True, disable=not main) as bar:
         task = bar.add_task("scoring points", total=None)
         result = run_audit(cfg, cache_dir=_cache_dir(),
                            progress=lambda stage, done, total: bar.update(task, completed=done, total=total))
-    if not main:
-        return
-    write_audit(result, out, force=force)
+        if not main:
+            return
+        if out.exists() and any(out.iterdir()) and not force:  # written meanwhile by someone else
+            raise MemlensError(f"{out} was written by another process during this audit; pass --force to replace it")
+        write_audit(result, out, force=force, sign_key=key)
     s = result.summary
     typer.echo(f"wrote {out} ({s.timings['total']:.1f} s, {int(s.timings['images_forwarded']):,} images forwarded, "
                f"{s.views['count']} views per point, {s.environment['device']})")
@@ -515,6 +576,9 @@ def layers(
     from memlens.audit.encoders import resolve
     from memlens.config import EncoderSpec, validate
 
+    # Listing layers reads the architecture only: a timm:/py: spec without weights is fine here.
+    if weights is None and (model.startswith("timm:") or model.startswith("py:")):
+        weights = "none"
     spec = validate(EncoderSpec, _overrides({"model": model, "weights": weights, "input_size": input_size,
                                              "kwargs": _json_option(model_kwargs, "--model-kwargs")}), source="options")
     enc = resolve(spec)
@@ -540,6 +604,7 @@ def export(
 
     from memlens.train.export import export_run
 
+    check_writable(to, what="weights file")
     if to.exists() and not force:
         raise MemlensError(f"{to} already exists; pass --force to overwrite it")
     spec = export_run(run_dir, to)
@@ -573,6 +638,7 @@ def canaries(
 
     if out.exists() and any(out.iterdir()) and not force:
         raise MemlensError(f"{out} already holds files; pass --force to overwrite it")
+    check_writable(out, what="canary set directory")
     c = validate(CanaryConfig, {"m": m, "kinds": [k.strip() for k in kinds.split(",") if k.strip()], "seed": seed,
                                 "p_include": p_include}, source="options")
     exclude: set[str] = set()
@@ -594,6 +660,24 @@ def canaries(
                f"training data; sha256 {cset.manifest.sha256[:16]}")
 
 
+@command
+def keygen(
+    out: Path = typer.Option(..., "--out", "-o", help="private key file to write (PEM, mode 0600)"),
+):
+    """Make an Ed25519 key pair for signing audits; prints the public key to put in a policy."""
+    from memlens.integrity import generate_key
+
+    if out.exists():
+        raise MemlensError(f"{out} already exists; a key is never overwritten")
+    try:
+        public = generate_key(out)
+    except OSError as exc:
+        raise MemlensError(f"cannot write {out}: {exc.strerror or exc}") from None
+    typer.echo(f"wrote {out} (keep it secret: it signs audits)")
+    typer.echo(f"public key: {public}")
+    typer.echo(f"policy: rules: {{require_signature: {{public_key: \"{public}\"}}}}")
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -613,6 +697,9 @@ def report(
     from memlens.reports import render_report
 
     pol = load_policy(policy) if policy else None
+    for path, what in ((out, "report"), (html, "HTML report")):
+        if path is not None:
+            check_writable(path, what=what)
     r = render_report(audits, out_pdf=out, out_html=html, policy=pol, redact=redact, title=title,
                       cache_dir=_cache_dir(), baseline=baseline)
     typer.echo(f"wrote {out} ({r.pages} pages)" + (f" and {html}" if html else "")
@@ -643,6 +730,10 @@ def gate(
     from memlens.policy.gate import write_markdown
 
     pol = load_policy(policy)
+    # every output checked before the verdict: a passing gate must never exit 1 for want of a file
+    for path, what in ((junit, "JUnit report"), (markdown, "Markdown summary"), (json_out, "JSON verdict")):
+        if path is not None:
+            check_writable(path, what=what)
     base_path = baseline or (Path(pol.baseline.path) if pol.baseline and pol.baseline.path else None)
     base = read_audit(base_path) if base_path else None
     if base is not None and pol.baseline is None:
@@ -691,6 +782,8 @@ def card(
 
     if report is not None and not report.is_file():
         raise MemlensError(f"report not found: {report}")
+    if out is not None:
+        check_writable(out, what="model card")
     text = write_card(audits, out, policy=load_policy(policy) if policy else None, report=report)
     if out is None:
         typer.echo(text, nl=False)
@@ -715,6 +808,7 @@ def run(
     from memlens.pipeline import run_pipeline
 
     cfg = load_yaml(PipelineConfig, config)
+    check_writable(out, what="pipeline directory")
     console = _console()
     with Progress(TextColumn("{task.description:<22}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
@@ -725,8 +819,9 @@ def run(
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
-        result = run_pipeline(cfg, out, force=force, cache_dir=_cache_dir(), progress=progress,
-                              log=lambda msg: console.print(msg, highlight=False))
+        with _writer(out):
+            result = run_pipeline(cfg, out, force=force, cache_dir=_cache_dir(), progress=progress,
+                                  log=lambda msg: console.print(msg, highlight=False))
     console.print(f"\n[bold]pipeline complete[/] in {result.seconds:.0f} s: {out}", highlight=False)
     for stage, status in result.stages.items():
         console.print(f"  {stage:<7} {status}", highlight=False)

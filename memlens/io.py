@@ -159,3 +159,59 @@ def prepare_output_dir(path: str | os.PathLike, *, force: bool, resume: bool = F
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_writable(path: str | os.PathLike, *, what: str = "output") -> None:
+    """Refuse, before any work, an output path memlens could not write: the nearest existing
+    ancestor must be a directory this process may write into (and the path itself, if it exists).
+
+    Raises:
+        MemlensError: naming the path and why.
+    """
+    path = Path(path)
+    probe = path if path.is_dir() else path.parent
+    while not probe.exists():
+        probe = probe.parent
+    if path.exists() and not os.access(path, os.W_OK):
+        raise MemlensError(f"cannot write the {what} {path}: permission denied")
+    if not probe.is_dir():
+        raise MemlensError(f"cannot write the {what} {path}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise MemlensError(f"cannot write the {what} {path}: {probe} is not writable")
+
+
+class output_lock:  # noqa: N801 - a context manager used as a function
+    """One writer per output: an exclusive lock beside ``path`` for the duration of the block.
+
+    A second memlens writing the same output is refused at once (naming the holder's pid) instead of
+    silently replacing the first one's result.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path).resolve()
+        self.path = path
+        self.lock = path.parent / f".{path.name}.memlens-lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "output_lock":
+        import fcntl
+
+        self.lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "ignore").strip() or "?"
+            os.close(fd)
+            raise MemlensError(f"{self.path} is being written by another memlens (pid {holder}); wait for it to finish "
+                               f"or choose another output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            self.lock.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None

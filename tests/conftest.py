@@ -78,3 +78,21 @@ def write_jpeg_folder(root, n, *, seed=0, classes=("a", "b"), sizes=(24, 64), pa
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0)).save(p, quality=90)
             out.append(rel)
     return out
+
+
+def restamp(path, edit, *, drop_files=()):
+    """Rewrite a memlens record as memlens itself would after ``edit(doc)``: a new integrity stamp.
+
+    Tests use it to reach checks that sit behind the digest (a record written by memlens in a state
+    the test wants, e.g. an interrupted run), never to test the digest itself.
+    """
+    import json
+    from pathlib import Path
+
+    from memlens.integrity import FIELD, stamp
+
+    path = Path(path)
+    doc = json.loads(path.read_text())
+    files = {k: v for k, v in doc[FIELD]["files"].items() if k not in drop_files}
+    edit(doc)
+    path.write_text(json.dumps(stamp(doc, files=files), indent=2))

@@ -70,7 +70,26 @@ def noise(out: Path) -> None:
         save_file({"noise": torch.stack(draws)}, str(out / "noise.safetensors"))
 
 
-CASES = {"clipped_sum": clipped_sum, "noise": noise}
+def secret(out: Path) -> None:
+    """Secret DP randomness under torchrun: process 0's key reaches every process, so all draw the
+    same Poisson batches (a process with its own key would train on other batches)."""
+    from memlens.data import load
+    from memlens.dp.step import DPStep
+    from memlens.train.loop import make_optimizer, prepare
+
+    cfg, obj = _objective()
+    cfg = cfg.model_copy(update={"dp": cfg.dp.model_copy(update={"reproducible": False})})
+    prepared = prepare(cfg.model_copy(update={"subsets": "all"}), dataset=load())
+    step = DPStep(cfg, obj.train(), make_optimizer(cfg, obj), prepared, torch.device("cpu"))
+    rows = [b.rows.tolist() for b in list(step.plan_batches(0))[:3]]
+    everyone = [None] * dist.get_world_size() if dist.is_initialized() else [rows]
+    if dist.is_initialized():
+        dist.all_gather_object(everyone, rows)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (out / "secret.txt").write_text("same" if all(r == everyone[0] for r in everyone) else "differ")
+
+
+CASES = {"clipped_sum": clipped_sum, "noise": noise, "secret": secret}
 
 if __name__ == "__main__":
     case, out_dir = sys.argv[1], Path(sys.argv[2])

@@ -88,7 +88,7 @@ def test_distributed_dp_training_equals_single_process(recipe, tmp_path):
     root, base = recipe
     # a fixed noise multiplier (calibration is tested elsewhere and would only add waiting here)
     cfg = _write(tmp_path, "dp", {**base, "subsets": "f", "dp": {"epsilon": 50.0, "noise_multiplier": 1.2,
-                                                                  "physical_batch_size": 7}})
+                                                                  "physical_batch_size": 7, "reproducible": True}})
     single("-m", "memlens", "train", "--config", cfg, "--out", tmp_path / "one")
     torchrun("-m", "memlens", "train", "--config", cfg, "--out", tmp_path / "two")
     r1 = json.loads((tmp_path / "one" / "run.json").read_text())["dp"]
@@ -107,7 +107,8 @@ def test_distributed_dp_training_equals_single_process(recipe, tmp_path):
 
 def test_distributed_dp_step_clipped_sum_and_noise(tmp_path):
     single(HERE / "distributed_worker.py", "clipped_sum", tmp_path / "one")
-    torchrun(HERE / "distributed_worker.py", "clipped_sum,noise", tmp_path / "two")
+    torchrun(HERE / "distributed_worker.py", "clipped_sum,noise,secret", tmp_path / "two")
+    assert (tmp_path / "two" / "secret.txt").read_text() == "same"  # one secret key, the same batches everywhere
     # noise off: the released gradient is the clipped sum over the whole batch, as in one process
     a, b = load_file(str(tmp_path / "one" / "grads.safetensors")), load_file(str(tmp_path / "two" /
                                                                                   "grads.safetensors"))

@@ -243,7 +243,7 @@ def test_memoised_rdp_changes_no_epsilon(monkeypatch):
 
 
 def test_resume_restores_the_accountant(tmp_path, digits):
-    cfg = TrainConfig.model_validate({**DP_MAE, "epochs": 3, "dp": {"epsilon": 6.0}})
+    cfg = TrainConfig.model_validate({**DP_MAE, "epochs": 3, "dp": {"epsilon": 6.0, "reproducible": True}})
     straight = train(cfg, tmp_path / "a", dataset=digits).record
 
     def stop(info):

@@ -151,7 +151,7 @@ def test_plain_modules_through_the_api(bundle, digits):
 
 def test_bad_specs_are_one_line_errors(bundle, tmp_path):
     root = bundle
-    base = ["audit", "--splits", root / "s.json", "--out", tmp_path / "x"]
+    base = ["audit", "--splits", root / "s.json", "--out", tmp_path / "x", "--allow-random-init"]
     code, _, err = run(*base, "--f", "timm:vit_tiny_patch16_2244", "--g", "timm:vit_tiny_patch16_224")
     assert code == 2 and "unknown timm model 'vit_tiny_patch16_2244'; close matches: vit_tiny_patch16_224" in err
     # a checkpoint that needs pickle is refused, never unpickled
@@ -164,7 +164,7 @@ def test_bad_specs_are_one_line_errors(bundle, tmp_path):
     code, _, err = run(*base, "--f", "py:test_encoders:Tiny", "--f-weights", tmp_path / "nested.pth", "--g",
                        "py:test_encoders:Tiny")
     assert code == 2 and "2 missing" in err and "2 unexpected" in err
-    assert "match with key_prefix: 'state_dict.module.'" in err
+    assert "match with --key-prefix 'state_dict.module.'" in err
     code, _, err = run(*base, "--f", "py:test_encoders:Tiny", "--f-weights", tmp_path / "nested.pth",
                        "--key-prefix", "state_dict.module.", "--g", "py:test_encoders:Tiny", "--views", "2",
                        "--max-per-subset", "4", "--input-size", "8", "--mean", "0.3", "--std", "0.3", "--data",

@@ -121,7 +121,7 @@ def test_edited_weights_and_other_data_are_refused(tmp_path, splits, digits):
     save_file(tensors, str(weights))
     code, _, err = run("audit", "--f", tmp_path / "f", "--g", tmp_path / "g", "--splits", splits, "--out",
                        tmp_path / "a")
-    assert code == 2 and "is not the file this run wrote" in err
+    assert code == 2 and "model.safetensors was modified or replaced after run.json recorded it" in err
 
 
 def test_interrupted_run_and_sweep_name_a_hint_that_exists(tmp_path, monkeypatch, splits):

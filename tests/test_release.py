@@ -154,7 +154,7 @@ def test_tampered_tables_are_refused(releases, tmp_path):
     for cmd in (["gate", str(copy), "--policy", policy], ["report", str(copy), "--out", str(tmp_path / "r.pdf")],
                 ["card", str(copy)]):
         r = runner.invoke(app, cmd)
-        assert r.exit_code == 2 and "points.csv was modified after the audit wrote it" in r.stderr, cmd
+        assert r.exit_code == 2 and "points.csv was modified or replaced after audit.json recorded it" in r.stderr, cmd
     assert not (tmp_path / "r.pdf").exists()
     # a truncated copy written with the right hash but fewer rows would still need audit.json edited:
     # editing audit.json changes its sha256, which reports and model cards print

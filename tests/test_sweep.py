@@ -1,6 +1,5 @@
-import json
 
-from conftest import run
+from conftest import restamp, run
 
 from memlens.dp.sweep import sweep_runs
 from memlens.train import read_run
@@ -35,9 +34,7 @@ def test_sweep_layout_resume_and_privacy(tmp_path):
     assert read_run(tmp_path / "sw" / "eps-inf" / "g").dp is None
     # an interrupted run is resumed, finished ones are skipped
     rec_path = tmp_path / "sw" / "eps-8" / "g" / "run.json"
-    rec = json.loads(rec_path.read_text())
-    rec["status"] = "interrupted"
-    rec_path.write_text(json.dumps(rec))
+    restamp(rec_path, lambda rec: rec.update(status="interrupted"), drop_files=("model.safetensors",))
     (tmp_path / "sw" / "eps-8" / "g" / "model.safetensors").unlink()
     code, out, err = run("sweep", cfg, "--out", tmp_path / "sw")
     assert code == 0, err

@@ -9,7 +9,7 @@ from memlens.data import make_splits
 from memlens.errors import MemlensError
 from memlens.train import load_encoder, read_run, train
 from memlens.train.probe import probe_run
-from tests.conftest import small_train_config
+from tests.conftest import restamp, small_train_config
 
 MICRO_VIT = {"arch": "vit_micro", "depth": 2, "embed_dim": 32}
 CASES = {
@@ -99,9 +99,15 @@ def test_existing_run_needs_force(tmp_path, digits):
 
 def test_checkpoint_that_does_not_match_its_config(tmp_path, digits):
     train(small_train_config(epochs=1), tmp_path / "run", dataset=digits)
-    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    # an edit is refused by the record's digest; behind it, a consistent-looking record whose weights do
+    # not fit its architecture is refused too
+    path = tmp_path / "run" / "run.json"
+    rec = json.loads(path.read_text())
     rec["config"]["model"]["embed_dim"] = 48
-    (tmp_path / "run" / "run.json").write_text(json.dumps(rec))
+    path.write_text(json.dumps(rec))
+    with pytest.raises(MemlensError, match="run.json was modified after memlens wrote it"):
+        load_encoder(tmp_path / "run")
+    restamp(path, lambda doc: doc["config"]["model"].update(embed_dim=48))
     with pytest.raises(MemlensError, match="does not match the architecture in its run config"):
         load_encoder(tmp_path / "run")
 

@@ -405,7 +405,7 @@ def _encoder_input(enc, role: str) -> dict:
             "path": enc.info.get("path") or enc.info.get("weights"), "weights_sha256": enc.info.get("weights_sha256"),
             "run_json_sha256": enc.info.get("run_json_sha256"), "representation": enc.representation,
             "input_size": enc.input_size, "parameters": int(sum(p.numel() for p in enc.module.parameters())),
-            "load": enc.info.get("load")}
+            "load": enc.info.get("load"), "weights": "random-init" if enc.info.get("random_init") else "loaded"}
     rec = enc.record
     if rec is not None:
         d = rec.dp or {}
@@ -413,6 +413,7 @@ def _encoder_input(enc, role: str) -> dict:
                     noise_multiplier=d.get("noise_multiplier"), sample_rate=d.get("sample_rate"),
                     steps=d.get("steps_taken"), max_grad_norm=d.get("max_grad_norm"), accountant=d.get("accountant"),
                     poisson=d.get("poisson"), coupling=d.get("coupling"),
+                    dp_randomness=d.get("randomness", "reproducible") if d else None,
                     probe_accuracy=(rec.probe or {}).get("accuracy"), train_points=rec.train_points,
                     wall_seconds=rec.wall_seconds, reference=(rec.reference or {}).get("index"))
     elif enc.info.get("declared_dp"):

@@ -255,6 +255,7 @@ def check_design(design: Design, splits: Splits) -> list[str]:
     paths = [e.info.get("path") for e in design.encoders if e.info.get("path")]
     if len(set(paths)) != len(paths):
         raise MemlensError("the same run is given twice")
+    _check_distinct_weights(design)
     first = design.encoders[0]
     for enc in design.encoders:
         if (enc.input_size, enc.in_chans) != (first.input_size, first.in_chans):
@@ -262,6 +263,42 @@ def check_design(design: Design, splits: Splits) -> list[str]:
                                f"({first.in_chans}x{first.input_size}px vs {enc.in_chans}x{enc.input_size}px); the "
                                f"encoders of one audit must be the same architecture")
     return warnings
+
+
+def weights_digest(module) -> str:
+    """sha256 over a module's parameters and buffers (names, shapes, bytes): equal for equal weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_distinct_weights(design: Design) -> None:
+    """Refuse two encoders with identical weights: f and g that are the same model measure nothing
+    (every score 0, every p-value undefined), and a target that is one of its references is no
+    test of membership."""
+    seen: dict[str, str] = {}
+    for enc, role in zip(design.encoders, design.roles, strict=True):
+        d = weights_digest(enc.module)
+        if d in seen:
+            raise MemlensError(f"encoders {seen[d]} and {enc.label} ({role}) have identical weights: the audit would "
+                               f"compare a model with itself (every score 0); check that each encoder was given its "
+                               f"own weights")
+        seen[d] = enc.label
+
+
+def check_not_degenerate(dist: np.ndarray, labels: list[str]) -> None:
+    """Refuse views that do not differ: with every pair of views at distance 0 the alignment is 0 for
+    every encoder and SSLMem is 0 for every image, a pass on p = nan rather than a measurement."""
+    for e, label in enumerate(labels):
+        if dist.shape[-1] >= 2 and float(np.max(dist[e], initial=0.0)) <= 1e-12:
+            raise MemlensError(f"encoder {label} maps every view of every image to the same representation (all view "
+                               f"distances are 0): the views do not differ (augmentation 'none'?) or the encoder is "
+                               f"constant; audit with an augmentation that changes the views, e.g. --augment mae")
 
 
 def choose_points(splits: Splits, dataset: Dataset, cfg) -> Points:

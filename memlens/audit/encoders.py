@@ -215,11 +215,16 @@ def _guess_in_chans(module: nn.Module) -> int | None:
 
 
 def resolve(spec: EncoderSpec | nn.Module | str | AuditEncoder, *, default_rep: str | None = None,
-            device: torch.device | None = None) -> AuditEncoder:
+            device: torch.device | None = None, side: str = "") -> AuditEncoder:
     """Load one encoder of an audit and move it to ``device``.
 
+    Args:
+        side: the encoder's role in the audit ("f", "g", "reference", "target"), for messages.
+
     Raises:
-        MemlensError: unreadable run, unknown model, bad weights (see :mod:`memlens.models.external`).
+        MemlensError: unreadable run, unknown model, bad weights (see :mod:`memlens.models.external`),
+            or a timm:/py: encoder without weights (unless ``weights: none`` asks for its random
+            initialisation on purpose).
     """
     if isinstance(spec, AuditEncoder):
         enc = spec
@@ -228,13 +233,13 @@ def resolve(spec: EncoderSpec | nn.Module | str | AuditEncoder, *, default_rep: 
     else:
         if isinstance(spec, (str, Path)):
             spec = EncoderSpec(model=str(spec))
-        enc = _from_spec(spec, default_rep)
+        enc = _from_spec(spec, default_rep, side)
     if device is not None:
         enc.module.to(device)
     return enc
 
 
-def _from_spec(spec: EncoderSpec, default_rep: str | None) -> AuditEncoder:
+def _from_spec(spec: EncoderSpec, default_rep: str | None, side: str = "") -> AuditEncoder:
     rep = spec.representation or default_rep
     if spec.kind == "run":
         from memlens.train.run import MODEL_FILE, RUN_FILE, load_encoder
@@ -260,12 +265,20 @@ def _from_spec(spec: EncoderSpec, default_rep: str | None) -> AuditEncoder:
     else:
         module = factory_model(spec.model[3:], spec.kwargs)
     info: dict[str, Any] = {"spec": spec.model, "kwargs": spec.kwargs}
-    if spec.weights:
+    if spec.weights is None:
+        who = f"{side} encoder {spec.label()}" if side else f"encoder {spec.label()}"
+        named = f" ({spec.model})" if spec.label() != spec.model else ""
+        raise MemlensError(f"{who}{named} has no weights: it would be audited at its random initialisation, "
+                           f"which says nothing about a trained model; give its weights file (--{side or 'f'}-weights "
+                           f"on the command line, weights: in YAML), or weights: none / --allow-random-init to audit "
+                           f"the initialisation on purpose")
+    if spec.weights == "none":
+        info.update(weights=None, weights_sha256=None, random_init=True,
+                    note="weights: none: the model's own random initialisation, asked for explicitly")
+    else:
         report = load_into(module, spec.weights, key_prefix=spec.key_prefix, strict=spec.strict)
         info.update(weights=str(Path(spec.weights).resolve()), weights_sha256=sha256_file(spec.weights),
                     load=report.to_dict(), key_prefix=spec.key_prefix)
-    else:
-        info.update(weights=None, weights_sha256=None, note="no weights file: the model's own initialisation")
     if spec.dp is not None:
         info["declared_dp"] = spec.dp.model_dump()
     return from_module(module, input_size=spec.input_size, mean=spec.mean, std=spec.std, representation=rep,

@@ -43,6 +43,7 @@ from memlens.audit.design import (
     Points,
     check_data,
     check_design,
+    check_not_degenerate,
     choose_points,
     fg_design,
     membership,
@@ -80,8 +81,8 @@ class AuditResult:
     canaries: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
 
-    def save(self, out_dir: str | Path, *, force: bool = False) -> Path:
-        return write_audit(self, out_dir, force=force)
+    def save(self, out_dir: str | Path, *, force: bool = False, sign_key=None) -> Path:
+        return write_audit(self, out_dir, force=force, sign_key=sign_key)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         out = {"points": self.points, "layers": self.layers, "units": self.units, "tests": self.tests}
@@ -138,17 +139,21 @@ def run_audit(config: AuditConfig, *, cache_dir: str | Path | None = None, datas
     device = resolve_device(cfg.device)
     rep = cfg.representation
     if cfg.references:
-        refs = [resolve(e, default_rep=rep, device=device) for e in cfg.references]
-        target = resolve(cfg.target, default_rep=rep, device=device) if cfg.target is not None else None
+        refs = [resolve(e, default_rep=rep, device=device, side="reference") for e in cfg.references]
+        target = resolve(cfg.target, default_rep=rep, device=device, side="target") if cfg.target is not None \
+            else None
         design = references_design(refs, target)
     else:
-        f_enc = [resolve(e, default_rep=rep, device=device) for e in (f if f is not None else cfg.f)]
-        g_enc = [resolve(e, default_rep=rep, device=device) for e in (g if g is not None else cfg.g)]
+        f_enc = [resolve(e, default_rep=rep, device=device, side="f") for e in (f if f is not None else cfg.f)]
+        g_enc = [resolve(e, default_rep=rep, device=device, side="g") for e in (g if g is not None else cfg.g)]
         design = fg_design(f_enc, g_enc)
     dataset = dataset if dataset is not None else resolve_data(cfg, design.encoders, cfg.splits, cache_dir,
                                                                collective=D.active())
     check_data(design.encoders, dataset)  # before the splits: a run of other data is the run's problem
     splits = Splits.load(cfg.splits, dataset)
+    from memlens.data.splits import check_duplicates
+
+    check_duplicates(dataset, splits)
     warnings = check_design(design, splits)
     plan = resources.plan(lazy=dataset.lazy, workers=cfg.workers, threads=cfg.threads,
                           processes_per_node=D.local_world_size())
@@ -190,6 +195,7 @@ def _audit(cfg: AuditConfig, design: Design, splits: Splits, dataset: Dataset, d
     s = _setup(cfg, design, splits, dataset, device, progress, plan, warnings)
     s.timings["load"] = time.perf_counter() - t_start
     res, rel, freq, n_views = _score(s)
+    check_not_degenerate(res["dist"], design.labels())
     s.timings["pass"] = time.perf_counter() - t_start - s.timings["load"]
     t = time.perf_counter()
     unit_acc, class_acc, unit_views = _units(s, res, n_views)
@@ -199,6 +205,7 @@ def _audit(cfg: AuditConfig, design: Design, splits: Splits, dataset: Dataset, d
     losses, loss_name = _losses(s)
     s.timings["loss_pass"] = time.perf_counter() - t
     est = _estimate(s, res, align, n_views)
+    _check_scores(s, est)
     t = time.perf_counter()
     canary_table, privacy, attacks = mem.evaluate(
         design, s.points, align, losses, cset=s.cset, settings=cfg.privacy, loss_name=loss_name,
@@ -337,6 +344,14 @@ def _estimate(s: Setup, res: dict, align: np.ndarray, n_views: int) -> Estimates
     return Estimates(per, enc, view_var)
 
 
+def _check_scores(s: Setup, est: Estimates) -> None:
+    """Refuse constant candidate scores: no ranking, no test, nothing a gate could pass on."""
+    mem = est.per_image.mem[s.eligible]
+    if len(mem) >= 2 and np.isfinite(mem).all() and float(np.ptp(mem)) <= 1e-12:
+        raise MemlensError(f"every candidate has the same SSLMem ({mem[0]:.3g}): the encoders do not tell the "
+                           f"images apart (identical or constant encoders?); nothing can be ranked or tested")
+
+
 def _scored_pairs(design: Design) -> list[tuple[int, int]]:
     """The design's pairs, as indices among the scored encoders (the target is not in a pair)."""
     pos = {e: k for k, e in enumerate(design.scored)}
@@ -416,10 +431,16 @@ def _canary_set(cfg: AuditConfig, design: Design, dataset: Dataset):
     if path is None:
         return None
     cset = load_canaries(path, dataset=dataset)
+    from memlens.io import sha256_file
+
+    membership_now = sha256_file(Path(path) / "membership.json")
     for r in trained:
         rc = (r.record.canaries or {}) if r.record is not None else {}
         if rc and rc.get("sha256") != cset.manifest.sha256:
             raise MemlensError(f"run {r.label} trained with another canary set than {path}")
+        if rc.get("membership_sha256") and rc["membership_sha256"] != membership_now:
+            raise MemlensError(f"{Path(path) / 'membership.json'} is not the membership run {r.label} trained with "
+                               f"(its sha256 changed since): the canaries' labels would be wrong")
     return cset
 
 
@@ -458,12 +479,13 @@ def _coupled(design: Design) -> bool:
                for e in design.encoders if e.record is not None)
 
 
-def write_audit(result: AuditResult, out_dir: str | Path, *, force: bool = False) -> Path:
+def write_audit(result: AuditResult, out_dir: str | Path, *, force: bool = False, sign_key=None) -> Path:
     """Write audit.json and the CSV tables into ``out_dir`` as one atomic step.
 
     Everything is written into a temporary sibling directory which then replaces ``out_dir``,
     so readers never see a half-written audit. audit.json records each table's sha256 and row
-    count, which readers verify.
+    count and its own digest (:mod:`memlens.integrity`), which readers verify; with ``sign_key``
+    (an Ed25519 private key) the digest is signed.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
@@ -483,7 +505,12 @@ def write_audit(result: AuditResult, out_dir: str | Path, *, force: bool = False
         from memlens.audit.results import TableInfo
 
         result.summary.tables = {name: TableInfo(**info) for name, info in infos.items()}
-        atomic_write_text(tmp / AUDIT_FILE, dumps(result.summary) + "\n")
+        from memlens.integrity import stamp
+
+        doc = stamp(result.summary.model_dump(mode="json"),
+                    files={f"{name}.csv": info["sha256"] for name, info in infos.items()}, sign_key=sign_key)
+        result.summary.integrity = doc["integrity"]
+        atomic_write_text(tmp / AUDIT_FILE, dumps(doc) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -196,9 +196,12 @@ def per_image(align: np.ndarray, member: np.ndarray, pairs: list[tuple[int, int]
     d = pair_differences(align, member, pairs) if pairs else None
     paired = d is not None and bool(np.all(np.isfinite(d[:, has]))) and len(pairs) >= 1
     if paired:
-        mem = np.where(has, np.nanmean(d, axis=0) if d.shape[0] else np.nan, np.nan)
+        # Images without a contrast (shared data) have all-NaN columns: reduce only the others.
         p_count = d.shape[0]
-        s2 = np.nanvar(d, axis=0, ddof=1) if p_count >= 2 else np.full(n, np.nan)
+        mem, s2 = np.full(n, np.nan), np.full(n, np.nan)
+        mem[has] = d[:, has].mean(axis=0)
+        if p_count >= 2:
+            s2[has] = d[:, has].var(axis=0, ddof=1)
         resid_df = float(p_count - 1)
         scale = 1.0 / p_count
     else:

@@ -154,7 +154,11 @@ def evaluate(design: Design, points: Points, align: np.ndarray, losses: np.ndarr
                                             confidence=settings.confidence, seed=seed).to_dict()
         out["epsilon_lower_bound"], out["epsilon_lower_bound_other"] = _bounds(atk, can, primary, delta, settings,
                                                                                seed)
+    from memlens.io import sha256_file
+
     out["canaries"] = {"path": str(cset.path), "sha256": cset.manifest.sha256, "m": len(cset),
+                       "membership_sha256": sha256_file(cset.path / "membership.json"),
+                       "set_file_sha256": sha256_file(cset.path / "canaries.json"),
                        "kinds": cset.manifest.kinds, "n_in": int(labels.sum()), "n_out": int((~labels).sum()),
                        "targets": len(atk), "metrics": metrics}
     return table, out, atk

@@ -47,6 +47,8 @@ class EncoderInput(Model):
     accountant: str | None = None
     poisson: bool | None = None
     coupling: str | None = None
+    dp_randomness: str | None = None  # "secret" or "reproducible" (memlens runs under DP)
+    weights: str | None = None  # "loaded", or "random-init" (allowed explicitly, failed by the gate)
     probe_accuracy: float | None = None
     train_points: int | None = None
     wall_seconds: float | None = None
@@ -106,7 +108,7 @@ class TableInfo(Model):
 
 
 class AuditSummary(Model):
-    version: Literal[2, 3] = 3
+    version: Literal[3] = 3
     kind: Literal["memlens-audit"] = "memlens-audit"
     created: str
     memlens_version: str
@@ -138,6 +140,7 @@ class AuditSummary(Model):
     warnings: list[str] = []
     timings: dict[str, float]
     tables: dict[str, TableInfo] = {}
+    integrity: dict[str, Any] | None = None  # memlens.integrity: digests of the record and its tables
 
     @property
     def runs(self) -> list[EncoderInput]:
@@ -159,10 +162,13 @@ class AuditSummary(Model):
 
 
 class Audit:
-    """An audit directory read back: the summary and its tables (``canaries`` is None without canaries)."""
+    """An audit directory read back: the summary and its tables (``canaries`` is None without canaries).
+
+    ``sha256`` is the file's, ``digest`` the record's canonical digest (what a signature signs)."""
 
     def __init__(self, path: Path, summary: AuditSummary, tables: dict[str, pd.DataFrame], sha256: str):
         self.path, self.summary, self.sha256 = path, summary, sha256
+        self.digest = (summary.integrity or {}).get("sha256")
         self.points, self.layers, self.units, self.tests = (tables[t] for t in TABLES)
         self.canaries: pd.DataFrame | None = tables.get("canaries")
 
@@ -182,9 +188,12 @@ def read_audit(path: str | Path) -> Audit:
     raw = read_json(path / AUDIT_FILE, what="audit summary")
     if not isinstance(raw, dict) or raw.get("kind") != "memlens-audit":
         raise MemlensError(f"{path / AUDIT_FILE} is not a memlens audit summary")
-    if raw.get("version") not in (2, 3):
+    if raw.get("version") != 3:
         raise MemlensError(f"{path / AUDIT_FILE} has schema version {raw.get('version')}, written by another memlens "
                            f"version; re-run memlens audit to update it")
+    from memlens.integrity import verify
+
+    verify(raw, path / AUDIT_FILE)  # its own digest, its tables, its signature
     try:
         summary = AuditSummary.model_validate(raw)
     except ValidationError as exc:
@@ -209,4 +218,37 @@ def read_audit(path: str | Path) -> Audit:
             raise MemlensError(f"{f} is not a readable CSV table: {exc}") from None
         if len(tables[name]) != info.rows:
             raise MemlensError(f"{f} has {len(tables[name])} rows, {AUDIT_FILE} recorded {info.rows}")
+    verify_inputs(summary, path)
     return Audit(path, summary, tables, sha256_file(path / AUDIT_FILE))
+
+
+def verify_inputs(summary: AuditSummary, where: Path) -> None:
+    """The files an audit was computed from, wherever they are still present: every run record and its
+    weights, the splits and the canary set must be the ones the audit recorded (sha256).
+
+    Raises:
+        MemlensError: naming the file that changed since the audit.
+    """
+    def check(path: str | Path | None, digest: str | None, what: str) -> None:
+        if not path or not digest:
+            return
+        p = Path(path)
+        if p.is_file() and sha256_file(p) != digest:
+            raise MemlensError(f"{p} ({what}) changed after the audit {where} recorded it (sha256 differs); re-run "
+                               f"the audit")
+
+    for enc in summary.encoders:
+        if enc.source == "run" and enc.path:
+            check(Path(enc.path) / "run.json", enc.run_json_sha256, f"run record of {enc.label}")
+            check(Path(enc.path) / "model.safetensors", enc.weights_sha256, f"weights of {enc.label}")
+        elif enc.path:
+            check(enc.path, enc.weights_sha256, f"weights of {enc.label}")
+    check(summary.splits.get("path"), summary.splits.get("sha256"), "splits")
+    can = (summary.privacy or {}).get("canaries") or {}
+    if can.get("path"):
+        check(Path(can["path"]) / "membership.json", can.get("membership_sha256"), "canary membership")
+        check(Path(can["path"]) / "canaries.json", can.get("set_file_sha256"), "canary set")
+        if (Path(can["path"]) / "canaries.json").is_file():  # and the images and membership the set recorded
+            from memlens.integrity import read_verified
+
+            read_verified(Path(can["path"]) / "canaries.json", what="canary set")

@@ -41,7 +41,9 @@ class EncoderSpec(Strict):
     """An encoder to audit: a memlens run directory, ``timm:<model_name>`` or ``py:<module>:<factory>``."""
 
     model: str = Field(..., description="run directory, timm:<model_name> or py:<module.path>:<callable>")
-    weights: str | None = Field(None, description=".safetensors (preferred) or .pt/.pth holding only tensors")
+    weights: str | None = Field(None, description=".safetensors (preferred) or .pt/.pth holding only tensors; 'none': "
+                                                  "audit the random initialisation on purpose (failed by the gate "
+                                                  "unless the policy allows it)")
     kwargs: dict[str, Any] = Field({}, description="keyword arguments of timm.create_model or of the factory")
     key_prefix: str | None = Field(None, description="select and strip this prefix of the (flattened, dotted) "
                                                      "checkpoint keys, e.g. 'state_dict.module.'")

@@ -25,6 +25,7 @@ class SweepDP(Strict):
     grad_mode: Literal["ghost-bk", "opacus-hooks"] = "ghost-bk"
     noise_seed: int | Literal["random"] | None = None
     coupling: Literal["shared", "independent"] = "shared"
+    reproducible: bool = False
 
 
 class SweepConfig(Strict):

@@ -100,10 +100,22 @@ class DPConfig(Strict):
         "shared", description="shared: f and g of one seed draw the same DP noise (and the same initialisation, "
                               "order and augmentations), which keeps each expectation unbiased and lowers the "
                               "variance of f - g; independent: each side draws its own noise")
+    reproducible: bool = Field(
+        False, description="false (default): the noise and the Poisson sampling come from a secret key drawn from "
+                           "the OS and re-keyed every step, never recorded (DP's assumption); true: seeded from the "
+                           "run seed, so a rerun gives the same model, and the guarantee holds only while the run "
+                           "record stays private (recorded, and said by the report, card and memlens privacy)")
     noise_seed: int | Literal["random"] | None = Field(
-        None, description="seed of the noise generator. Default: derived from the run seed, so a rerun gives the "
-                          "same model. 'random': drawn from the OS and never written to run.json (the noise stays "
-                          "secret even from whoever reads the run record).")
+        None, description="with reproducible: true, the seed of the noise (default: derived from the run seed); "
+                          "'random' is the default secret randomness")
+
+    @model_validator(mode="after")
+    def _randomness(self) -> "DPConfig":
+        if isinstance(self.noise_seed, int) and not self.reproducible:
+            raise ValueError("noise_seed makes the noise replayable by whoever reads it; it needs reproducible: true")
+        if self.noise_seed == "random" and self.reproducible:
+            raise ValueError("noise_seed: random contradicts reproducible: true")
+        return self
 
     @field_validator("epsilon")
     @classmethod

@@ -54,6 +54,7 @@ class CanaryManifest(BaseModel):
     sha256: str
     p_include: float
     membership_seed: int
+    integrity: dict | None = None
 
 
 class Membership(BaseModel):
@@ -63,6 +64,7 @@ class Membership(BaseModel):
     set_sha256: str
     p_include: float
     included: list[str]
+    integrity: dict | None = None
 
 
 class CanarySet:
@@ -88,10 +90,13 @@ class CanarySet:
         return self.manifest.m
 
     def membership(self) -> Membership:
-        """Which canaries f trained on (read from ``membership.json``: for training and evaluation)."""
+        """Which canaries f trained on (read from ``membership.json`` and verified against its own digest and
+        the one ``canaries.json`` recorded: for training and evaluation)."""
+        from memlens.integrity import read_verified
+
         if self.path is None:
             raise MemlensError("this canary set has not been saved; its membership is not recorded")
-        raw = read_json(self.path / MEMBERSHIP_FILE, what="canary membership")
+        raw = read_verified(self.path / MEMBERSHIP_FILE, what="canary membership")
         mem = Membership.model_validate(raw)
         if mem.set_sha256 != self.manifest.sha256:
             raise MemlensError(f"{self.path / MEMBERSHIP_FILE} belongs to another canary set")
@@ -164,7 +169,10 @@ def make_canaries(dataset, *, m: int, kinds: list[str], seed: int = 0, p_include
     # synthetic canaries take the data's size (images of mixed sizes: the median shorter side)
     s = dataset.square_size or int(np.median(dataset.sizes().min(axis=1)))
     exclude = exclude_ids or set()
-    pool = [k for k, i in enumerate(dataset.ids) if i not in exclude]
+    # a copy of a training image is not a fresh canary: exclude images equal to an excluded one
+    digests = dataset.digests()
+    taken = {digests[k] for k, i in enumerate(dataset.ids) if i in exclude}
+    pool = [k for k, i in enumerate(dataset.ids) if i not in exclude and digests[k] not in taken]
     test = [k for k in pool if dataset.parts[k] == "test"]
     bases = test or pool
     if "marked" in kinds and not bases:
@@ -214,12 +222,17 @@ def save_canaries(canaries: CanarySet, out_dir: str | Path) -> Path:
     else:  # one array per canary (no pickle): images of their own sizes
         np.savez(buf, ids=np.array(man.ids), **{f"x{k:07d}": im for k, im in enumerate(canaries.images)})
     atomic_write_bytes(out / IMAGES_FILE, buf.getvalue())
+    from memlens.integrity import file_digests, stamp
+
     rng = np.random.default_rng([man.membership_seed, 0x1D])
     draws = rng.random(man.m) < man.p_include
     included = [i for i, d in zip(man.ids, draws, strict=True) if d]
-    write_json(out / MEMBERSHIP_FILE, Membership(set_sha256=man.sha256, p_include=man.p_include,
-                                                 included=included).model_dump())
-    write_json(out / SET_FILE, man.model_dump())
+    write_json(out / MEMBERSHIP_FILE, stamp(Membership(set_sha256=man.sha256, p_include=man.p_include,
+                                                       included=included).model_dump(mode="json")))
+    # the set records the digests of its images and of the membership draw: an edited or swapped
+    # membership.json (one canary's label flipped) is refused wherever the set is read
+    write_json(out / SET_FILE, stamp(man.model_dump(mode="json"), files=file_digests(out, [IMAGES_FILE,
+                                                                                          MEMBERSHIP_FILE])))
     canaries.path = out
     return out
 
@@ -230,10 +243,13 @@ def load_canaries(path: str | Path, *, dataset=None) -> CanarySet:
     Raises:
         MemlensError: missing or altered files, or a set made for other data.
     """
+    from memlens.integrity import verify
+
     path = Path(path)
     raw = read_json(path / SET_FILE, what="canary set")
     if not isinstance(raw, dict) or raw.get("kind") != "memlens-canaries":
         raise MemlensError(f"{path / SET_FILE} is not a memlens canary set")
+    verify(raw, path / SET_FILE)  # its digest, and the digests of canaries.npz and membership.json
     man = CanaryManifest.model_validate(raw)
     try:
         with np.load(path / IMAGES_FILE, allow_pickle=False) as z:

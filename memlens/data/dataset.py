@@ -336,6 +336,17 @@ class Dataset:
             h.update(np.ascontiguousarray(self.labels.astype(np.int64)).tobytes())
         return h.hexdigest()
 
+    def digests(self) -> list[str]:
+        """A content digest per image: the sha256 of its encoded bytes (lazy sources, from the index)
+        or of its decoded pixels (data held in memory). Equal digests = the same image."""
+        known = self.meta.get("digests")
+        if known is not None and len(known) == len(self):
+            return list(known)
+        if "_digests" not in self.__dict__:
+            self.__dict__["_digests"] = [hashlib.sha256(np.ascontiguousarray(self.pixels.read(i)).tobytes()).hexdigest()
+                                         for i in range(len(self))]
+        return self.__dict__["_digests"]
+
     @cached_property
     def _index(self) -> dict[str, int]:
         return {i: k for k, i in enumerate(self.ids)}

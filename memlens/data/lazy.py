@@ -60,7 +60,7 @@ def finish(index: Index, reader, config: DataConfig, *, source: str, cache_dir: 
     ids = tuple(index.ids)
     fingerprint = index.fingerprint(f"channels={channels};resize={resize}")
     pixels = LazyPixels(reader, ids, sizes, channels, resize)
-    meta = {**(meta or {}), **index.facts, "on_bad_image": config.on_bad_image,
+    meta = {**(meta or {}), **index.facts, "on_bad_image": config.on_bad_image, "digests": list(index.digests),
             **({"skipped": [{**x, "when": "index"} for x in skipped]} if skipped else {})}
     ds = Dataset(pixels=pixels, ids=ids, labels=labels, class_names=class_names, parts=np.array(index.parts),
                  source=source, meta=meta, content_fingerprint=fingerprint)

@@ -110,7 +110,15 @@ def _listed_lines(path: Path, *, missing: str, empty: str) -> list[str]:
     """The non-blank lines of a list file, '#' comments skipped; ``missing``/``empty``: error texts."""
     if not path.is_file():
         raise MemlensError(missing)
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    data = path.read_bytes()
+    if b"\0" in data[:8192]:
+        raise MemlensError(f"{path} is not a text list (one id or path per line): it holds binary data")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MemlensError(f"{path} is not a UTF-8 text list (one id or path per line): {exc.reason} at byte "
+                           f"{exc.start}") from None
+    lines = [ln.strip() for ln in text.splitlines()]
     items = [ln for ln in lines if ln and not ln.startswith("#")]
     if not items:
         raise MemlensError(empty)
@@ -176,8 +184,30 @@ def make_splits(dataset: Dataset, config: SplitConfig | None = None) -> Splits:
     ids = dataset.ids
     subsets = {name: [ids[r] for r in rows] for name, rows in
                (("S_S", s_rows), ("S_C", c_rows), ("S_I", i_rows), ("S_E", e_rows))}
+    subsets, dropped = _one_subset_per_image(dataset, subsets, set(requested))
+    settings = config.model_dump(mode="json")
+    if dropped:
+        settings["duplicates_dropped"] = dropped
     return Splits(fingerprint=dataset.fingerprint, source=dataset.source, seed=config.seed,
-                  settings=config.model_dump(mode="json"), requested=requested, subsets=subsets)
+                  settings=settings, requested=requested, subsets=subsets)
+
+
+def _one_subset_per_image(dataset: Dataset, subsets: dict[str, list[str]],
+                          requested: set[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Copies of one image (equal content digests) must not land in two subsets (a copy in S_E of a
+    trained image is not "never seen"): each group keeps the copies of its first subset in the order
+    S_S, S_C, S_I, S_E (a requested candidate's, when there is one) and drops the rest (recorded)."""
+    all_ids = [i for name in SUBSETS for i in subsets[name]]
+    groups = duplicate_groups(dataset, all_ids)
+    if not groups:
+        return subsets, []
+    where = {i: name for name in SUBSETS for i in subsets[name]}
+    drop: set[str] = set()
+    for group in groups:
+        keep = next((where[i] for i in group if i in requested), None) or min(
+            (where[i] for i in group), key=SUBSETS.index)
+        drop |= {i for i in group if where[i] != keep}
+    return {name: [i for i in subsets[name] if i not in drop] for name in SUBSETS}, sorted(drop)
 
 
 def file_hash(path: str | Path) -> str:
@@ -256,3 +286,37 @@ def splits_from_manifest(dataset: Dataset, data: DataConfig) -> Splits:
         raise MemlensError("the manifest lists no candidates (S_C: images f was trained on and g was not)")
     return Splits(fingerprint=dataset.fingerprint, source=dataset.source, seed=0,
                   settings={"from": "membership"}, subsets=subsets, data=data)
+
+
+def duplicate_groups(dataset: Dataset, ids: list[str]) -> list[list[str]]:
+    """Groups (of two or more) of ``ids`` whose images are byte-for-byte (or pixel-for-pixel) the same."""
+    digests = dataset.digests()
+    rows = dataset.indices(ids)
+    groups: dict[str, list[str]] = {}
+    for i, r in zip(ids, rows, strict=True):
+        groups.setdefault(digests[int(r)], []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def check_duplicates(dataset: Dataset, splits: "Splits") -> None:
+    """Refuse membership that copies of one image contradict: a copy never trained on (S_E) of an image
+    f or g trained on, or a copy in S_C (f only) of an image in S_I (g only). Only paths differ; the
+    encoders saw the same image.
+
+    Raises:
+        MemlensError: naming the first conflicting pair (and how many there are).
+    """
+    where = splits.subset_of()
+    conflicts = []
+    for group in duplicate_groups(dataset, splits.ids("S_S", "S_C", "S_I", "S_E")):
+        subs = {where[i] for i in group}
+        trained = subs & {"S_S", "S_C", "S_I"}
+        if ("S_E" in subs and trained) or {"S_C", "S_I"} <= subs:
+            a = next(i for i in group if where[i] in (trained or {"S_C"}))
+            b = next(i for i in group if i != a and where[i] != where[a])
+            conflicts.append((a, where[a], b, where[b]))
+    if conflicts:
+        a, sa, b, sb = conflicts[0]
+        more = f" ({len(conflicts)} such pairs)" if len(conflicts) > 1 else ""
+        raise MemlensError(f"'{b}' ({sb}) is the same image as '{a}' ({sa}){more}: an image cannot be both trained on "
+                           f"and not, or in f only and g only; remove the copies or list them together")

@@ -26,9 +26,23 @@ def train(config: TrainConfig | None, out_dir: str | Path, **kwargs: Any):
     if cfg is None and kwargs.get("resume") and (Path(out_dir) / RUN_FILE).is_file():
         cfg = read_run(out_dir).config
     if cfg is not None and cfg.dp is not None:
+        from memlens import distributed as D
+        from memlens.dp.secrets import pair_done, pair_key, pair_of
         from memlens.dp.step import DPStep
 
-        return loop_train(config, out_dir, step_factory=DPStep, **kwargs)
+        pair = pair_of(cfg)
+        where = Path(out_dir).resolve().parent
+        key = None
+        if pair is not None:  # f and g (references 2j, 2j+1) share their noise through a pair secret
+            key = pair_key(where, pair[0]) if D.is_main() else None
+
+        def factory(*args):
+            return DPStep(*args, key=key)
+
+        result = loop_train(config, out_dir, step_factory=factory, **kwargs)
+        if pair is not None and D.is_main() and result.record.status in ("complete", "stopped_budget"):
+            pair_done(where, *pair)
+        return result
     return loop_train(config, out_dir, **kwargs)
 
 

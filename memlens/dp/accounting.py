@@ -105,6 +105,7 @@ class PrivacyPlan:
     poisson: bool
     n: int
     calibrated: bool
+    randomness: str = "secret"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,6 +117,10 @@ class PrivacyPlan:
         if self.max_steps < self.planned_steps:
             s += (f"; with this noise the target epsilon {self.target_epsilon:g} is reached after {self.max_steps} "
                   f"steps and training will stop there")
+        if self.randomness == "reproducible":
+            from memlens.dp.guarantee import REPRODUCIBLE_WARNING
+
+            s += REPRODUCIBLE_WARNING
         return s
 
 

@@ -11,6 +11,10 @@ from memlens.dp.accounting import PrivacyPlan, epsilon_of_history, plan
 from memlens.errors import MemlensError
 from memlens.train.run import read_run
 
+REPRODUCIBLE_WARNING = ("; WARNING: trained with reproducible randomness (dp.reproducible: true), so the noise and "
+                        "sampling follow from the seed in the run record: the guarantee holds only while that record "
+                        "stays private")
+
 
 class Guarantee(BaseModel):
     private: bool
@@ -24,6 +28,7 @@ class Guarantee(BaseModel):
     poisson: bool | None = None
     training_points: int | None = None
     status: str | None = None
+    randomness: str | None = None  # "secret" or "reproducible"
 
     def sentence(self) -> str:
         if not self.private:
@@ -35,6 +40,8 @@ class Guarantee(BaseModel):
              f"sampling)")
         if not self.poisson:
             s += "; the accountant assumes Poisson sampling, so this epsilon is not a formal bound"
+        s += REPRODUCIBLE_WARNING if self.randomness == "reproducible" else (
+            "; noise and sampling from secret randomness" if self.randomness == "secret" else "")
         return s
 
 
@@ -49,7 +56,7 @@ def run_guarantee(run_dir: str | Path, *, recompute: bool = True) -> Guarantee:
     return Guarantee(private=True, epsilon=eps, delta=d["delta"], accountant=d["accountant"],
                      noise_multiplier=d["noise_multiplier"], sample_rate=d["sample_rate"], steps=d["steps_taken"],
                      max_grad_norm=d["max_grad_norm"], poisson=d["poisson"], training_points=d["n"],
-                     status=record.status)
+                     status=record.status, randomness=d.get("randomness", "reproducible"))
 
 
 def planned_guarantee(config: TrainConfig, *, cache_dir=None) -> PrivacyPlan:
@@ -59,4 +66,7 @@ def planned_guarantee(config: TrainConfig, *, cache_dir=None) -> PrivacyPlan:
     if config.dp is None:
         raise MemlensError("this config has no dp section: it trains without differential privacy")
     prepared = prepare(config, cache_dir=cache_dir)
-    return plan(config.dp, n=len(prepared.rows), batch_size=config.batch_size, epochs=config.epochs)
+    import dataclasses
+
+    out = plan(config.dp, n=len(prepared.rows), batch_size=config.batch_size, epochs=config.epochs)
+    return dataclasses.replace(out, randomness="reproducible" if config.dp.reproducible else "secret")

@@ -22,9 +22,13 @@ from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _mark_as_processed
 
 from memlens import distributed as D
+from memlens.dp.secrets import secure_normal
 
 
 class FusedDPOptimizer(DPOptimizerFastGradientClipping):
+    #: draw the noise with the floating-point-safe construction (memlens.dp.secrets.secure_normal)
+    secure: bool = False
+
     def accumulate(self) -> None:
         params = self.params
         if not params:
@@ -43,8 +47,9 @@ class FusedDPOptimizer(DPOptimizerFastGradientClipping):
         std = self.noise_std()
         sizes = [p.numel() for p in params]
         if std > 0 and D.rank() == 0:
-            flat = torch.normal(0.0, std, (sum(sizes),), generator=self.generator, dtype=params[0].summed_grad.dtype,
-                                device=params[0].summed_grad.device)
+            kw = dict(generator=self.generator, dtype=params[0].summed_grad.dtype, device=params[0].summed_grad.device)
+            flat = (secure_normal(std, sum(sizes), **kw) if self.secure else
+                    torch.normal(0.0, std, (sum(sizes),), **kw))
             noisy = torch._foreach_add([p.summed_grad for p in params],
                                        [n.view_as(p) for n, p in zip(flat.split(sizes), params, strict=True)])
         else:

@@ -24,7 +24,6 @@ The recorded training loss is computed on the private data and is not itself pri
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -38,9 +37,17 @@ from memlens.config import TrainConfig
 from memlens.dp.accounting import epsilon_for, epsilon_of_history, plan
 from memlens.dp.engine import GhostClipper
 from memlens.dp.optimizer import FusedDPOptimizer
+from memlens.dp.secrets import SecretStreams, new_key
 from memlens.errors import MemlensError
 from memlens.rng import derive_seed, generator
 from memlens.train.step import Batch, Step, StepStats
+
+RANDOMNESS_NOTES = {
+    "secret": ("noise and Poisson sampling from a 256-bit OS key, re-keyed every step, not recorded; noise drawn as "
+               "the sum of four Gaussians (Opacus's secure-mode construction)"),
+    "reproducible": ("noise and sampling seeded from the run seed (reproducible: true): the guarantee holds only while "
+                     "this run record stays private, since its seed regenerates both"),
+}
 
 ACCOUNTING_NOTE = ("the global batch of every step is a Poisson sample of the whole training set at rate q, whatever "
                    "the number of processes, and noise of standard deviation sigma C is added once per step: the "
@@ -60,11 +67,9 @@ def register_opacus_samplers() -> None:
 
 
 def noise_seed_for(config: TrainConfig) -> int:
-    """The seed of the DP noise (see ``dp.coupling``); ``random`` draws it from the OS."""
+    """The seed of the DP noise of a reproducible run (see ``dp.coupling``)."""
     dp = config.dp
-    if dp.noise_seed == "random":
-        return int.from_bytes(os.urandom(8), "little") >> 1
-    if dp.noise_seed is not None:
+    if isinstance(dp.noise_seed, int):
         return int(dp.noise_seed)
     if dp.coupling == "independent":
         side = (f"reference-{config.reference.index}" if config.reference is not None else
@@ -76,7 +81,8 @@ def noise_seed_for(config: TrainConfig) -> int:
 class DPStep(Step):
     """One logical DP-SGD step (see the module docstring)."""
 
-    def __init__(self, config: TrainConfig, objective, optimizer: torch.optim.Optimizer, prepared, device):
+    def __init__(self, config: TrainConfig, objective, optimizer: torch.optim.Optimizer, prepared, device, *,
+                 key: bytes | None = None):
         super().__init__(config, objective, optimizer, prepared, device)
         why = objective.why_not_dp()
         if why:
@@ -93,7 +99,12 @@ class DPStep(Step):
         self.steps_taken = 0
         self._eps_cache: tuple | None = None
         self.epsilon_every = max(1, math.ceil(config.epochs / 25))
-        self.noise_seed = noise_seed_for(config)
+        # secret randomness by default (memlens.dp.secrets): a key from the OS (or the coupled
+        # pair's), the same on every process; reproducible runs keep the seeded streams
+        self.secret: SecretStreams | None = None
+        if not dp.reproducible:  # process 0's key (its own, or the pair's), on every process
+            self.secret = SecretStreams(D.broadcast_object(key or new_key() if D.is_main() else None))
+        self.noise_seed = noise_seed_for(config) if dp.reproducible else None
         self.noise_gen = torch.Generator(device=device)
         common = dict(noise_multiplier=self.plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                       expected_batch_size=self.plan.expected_batch_size, loss_reduction="mean",
@@ -101,13 +112,14 @@ class DPStep(Step):
         if dp.grad_mode == "ghost-bk":
             self.clipper: GhostClipper | None = GhostClipper(objective)
             self.dp_optimizer = FusedDPOptimizer(optimizer, **common)
+            self.dp_optimizer.secure = self.secret is not None
         else:
             from opacus.grad_sample import GradSampleModule
 
             register_opacus_samplers()
             self.clipper = None
             self.gsm = GradSampleModule(objective, batch_first=True, loss_reduction="sum", strict=False)
-            self.dp_optimizer = DPOptimizer(optimizer, **common)
+            self.dp_optimizer = DPOptimizer(optimizer, **common, secure_mode=self.secret is not None)
         self.dp_optimizer.attach_step_hook(self._on_logical_step)
         self.physical = dp.physical_batch_size or max(config.batch_size, 1)
 
@@ -119,6 +131,9 @@ class DPStep(Step):
 
     def plan_batches(self, epoch: int) -> Iterator[Batch]:
         p = self.prepared
+        if self.secret is not None:
+            yield from self._secret_batches(epoch)
+            return
         if self.dp.poisson:
             sampler = UniformWithReplacementSampler(num_samples=len(p.rows), sample_rate=self.plan.sample_rate,
                                                     generator=generator(self.config.seed, "dp-sample", epoch))
@@ -130,8 +145,22 @@ class DPStep(Step):
         for k, idx in enumerate(source):
             yield Batch(p.rows[idx], k)
 
+    def _secret_batches(self, epoch: int) -> Iterator[Batch]:
+        """Poisson sampling, every example of every step with probability q (as Opacus's
+        ``UniformWithReplacementSampler``), each step from its own secretly keyed generator."""
+        p = self.prepared
+        n = len(p.rows)
+        for k in range(self.steps_per_epoch):
+            g = self.secret.generator("sample", epoch, k)
+            if self.dp.poisson:
+                idx = torch.nonzero(torch.rand(n, generator=g) < self.plan.sample_rate).reshape(-1).numpy()
+            else:
+                idx = torch.randperm(n, generator=g)[:self.batch].sort().values.numpy()
+            yield Batch(p.rows[idx], k)
+
     def batches(self, epoch: int) -> Iterator[Batch]:
-        self.noise_gen.manual_seed(derive_seed(self.noise_seed, "dp-noise", epoch))
+        if self.secret is None:
+            self.noise_gen.manual_seed(derive_seed(self.noise_seed, "dp-noise", epoch))
         for batch in super().batches(epoch):
             if self.steps_taken >= self.plan.max_steps:
                 # The last logical step ended the budget: any further batch starts a new one.
@@ -174,6 +203,8 @@ class DPStep(Step):
         if not examples:
             self._empty_batch()
         self.before_noise()
+        if self.secret is not None:  # this step's noise, from its own secretly keyed generator
+            self.dp_optimizer.generator = self.secret.generator("noise", epoch, batch.index, self.device)
         self.dp_optimizer.step()
         self.after_release()
         return stats
@@ -219,15 +250,15 @@ class DPStep(Step):
 
     def loop_state(self) -> dict[str, Any]:
         state = {"accountant_history": [list(h) for h in self.accountant.history], "steps_taken": self.steps_taken}
-        if self.dp.noise_seed == "random":
-            state["noise_seed"] = self.noise_seed  # lives only in the checkpoint, deleted when training ends
+        if self.secret is not None:
+            state["secret"] = self.secret.hex()  # lives only in the checkpoint, deleted when training ends
         return state
 
     def restore_loop_state(self, state: dict[str, Any]) -> None:
         self.accountant.history = [tuple(h) for h in state.get("accountant_history", [])]
         self.steps_taken = int(state.get("steps_taken", 0))
-        if "noise_seed" in state:
-            self.noise_seed = int(state["noise_seed"])
+        if "secret" in state and self.secret is not None:
+            self.secret = SecretStreams(bytes.fromhex(state["secret"]))
 
     def record(self, *, exact: bool = False) -> dict[str, Any]:
         """The guarantee for the run record. ``epsilon_spent`` is the accountant's epsilon after
@@ -245,7 +276,9 @@ class DPStep(Step):
             "grad_mode": self.dp.grad_mode,
             "physical_batch_size": self.physical,
             "coupling": self.dp.coupling,
-            "noise_seed": "random (not recorded)" if self.dp.noise_seed == "random" else self.noise_seed,
+            "randomness": "secret" if self.secret is not None else "reproducible",
+            "randomness_note": RANDOMNESS_NOTES["secret" if self.secret is not None else "reproducible"],
+            **({"noise_seed": self.noise_seed} if self.secret is None else {}),
             "world_size": D.world_size(),
             "distributed_accounting": ACCOUNTING_NOTE,
             "notes": ("the recorded training loss is computed on the private data and is not itself "

@@ -53,8 +53,9 @@ def factory_model(target: str, kwargs: dict[str, Any] | None = None) -> nn.Modul
         raise MemlensError(f"'py:{target}' must name a module and a callable: py:package.module:factory")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise MemlensError(f"cannot import '{module_name}' for py:{target}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's module at import is its problem
+        raise MemlensError(f"cannot import '{module_name}' for py:{target}: {type(exc).__name__}: "
+                           f"{_first_line(exc)}") from None
     fn: Any = module
     for part in attr.split("."):
         if not hasattr(fn, part):
@@ -65,10 +66,17 @@ def factory_model(target: str, kwargs: dict[str, Any] | None = None) -> nn.Modul
     try:
         model = fn(**(kwargs or {}))
     except TypeError as exc:
-        raise MemlensError(f"py:{target} rejected its arguments {kwargs or {}}: {exc}") from None
+        raise MemlensError(f"py:{target} rejected its arguments {kwargs or {}}: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - the factory's own failure, reported on one line
+        raise MemlensError(f"py:{target} raised {type(exc).__name__}: {_first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise MemlensError(f"py:{target} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def _flatten(obj: Any, prefix: str = "", out: dict[str, torch.Tensor] | None = None, *, skipped: list[str]) -> dict:
@@ -179,9 +187,10 @@ def load_into(model: nn.Module, path: str | Path, *, key_prefix: str | None = No
         hint = ""
         best = _best_prefix(list(state), set(expected)) if unexpected and missing else None
         if best:
-            hint = f"; the file's keys match with key_prefix: '{(key_prefix or '') + best}'"
-        raise MemlensError(f"{path} does not match the model: {'; '.join(parts)}{hint}; set strict: false to load "
-                           f"what matches")
+            hint = (f"; the file's keys match with --key-prefix '{(key_prefix or '') + best}' (key_prefix: in "
+                    f"YAML)")
+        raise MemlensError(f"{path} does not match the model: {'; '.join(parts)}{hint}; to load what matches, pass "
+                           f"--no-strict (strict: false in YAML)")
     if report.loaded == 0:
         raise MemlensError(f"{path}: no tensor matches the model's parameters")
     with torch.no_grad():

@@ -95,16 +95,35 @@ def _control(audit: Audit, pool: list[Audit]) -> Audit | None:
     return None
 
 
-def _membership(audit: Audit) -> tuple[str, dict] | None:
-    """(where, metrics) of the audit's primary membership score: canaries when there are, else natural."""
+def _membership(audit: Audit, basis: str | None = None) -> tuple[str, dict] | None:
+    """(where, metrics) of the audit's primary membership score: canaries when there are, else natural
+    (``basis`` "canaries" or "natural" asks for one)."""
     p = audit.summary.privacy or {}
     primary = p.get("primary_score", "sslmem")
     canary = (p.get("canaries") or {}).get("metrics") or {}
-    if primary in canary:
+    if primary in canary and basis in (None, "canaries"):
         return f"canaries, {primary}", canary[primary]
     natural = (p.get("natural") or {}).get("metrics") or {}
-    if primary in natural:
-        return f"S_C vs S_E, {primary}", natural[primary]
+    if primary in natural and basis in (None, "natural"):
+        nat = p.get("natural") or {}
+        return f"{nat.get('members', 'S_C')} vs {nat.get('non_members', 'S_E')}, {primary}", natural[primary]
+    return None
+
+
+def comparable_basis(audit: Audit, baseline: Audit) -> str | None:
+    """The membership figures two audits can be compared on: their canaries when both planted the same
+    set with the same primary score, else their natural images when both measured them alike, else
+    none (one audit's canary AUC is no baseline for another's natural AUC)."""
+    pa, pb = audit.summary.privacy or {}, baseline.summary.privacy or {}
+    if pa.get("primary_score") != pb.get("primary_score"):
+        return None
+    ca, cb = (pa.get("canaries") or {}), (pb.get("canaries") or {})
+    if ca.get("metrics") and cb.get("metrics") and ca.get("sha256") == cb.get("sha256"):
+        return "canaries"
+    na, nb = (pa.get("natural") or {}), (pb.get("natural") or {})
+    if na.get("metrics") and nb.get("metrics") and (na.get("members"), na.get("non_members")) == (
+            nb.get("members"), nb.get("non_members")):
+        return "natural"
     return None
 
 
@@ -138,10 +157,11 @@ def check_baseline(audit: Audit, baseline: Audit) -> None:
                            f"has {a.splits['hash'][:12]}); a baseline must score the same subsets")
 
 
-def _release_metrics(audit: Audit, score: str, at_risk: float, top_layer: str | None) -> dict[str, float | None]:
+def _release_metrics(audit: Audit, score: str, at_risk: float, top_layer: str | None,
+                     basis: str | None) -> dict[str, float | None]:
     cand = candidates(audit)
-    mm = _membership(audit)
-    bound = (audit.summary.privacy or {}).get("epsilon_lower_bound")
+    mm = _membership(audit, basis) if basis else None
+    bound = (audit.summary.privacy or {}).get("epsilon_lower_bound") if basis == "canaries" else None
     unit = None
     if top_layer is not None:
         sel = audit.units[audit.units["layer"] == top_layer]["unitmem"].dropna()
@@ -158,10 +178,13 @@ def compare(audit: Audit, baseline: Audit, *, score: str = "sslmem_sym_norm", at
     check_baseline(audit, baseline)
     ranked = baseline.units.dropna(subset=["unitmem"])
     top_layer = ranked.groupby("layer")["unitmem"].mean().idxmax() if len(ranked) else None
-    now = _release_metrics(audit, score, at_risk, top_layer)
-    before = _release_metrics(baseline, score, at_risk, top_layer)
+    basis = comparable_basis(audit, baseline)
+    now = _release_metrics(audit, score, at_risk, top_layer, basis)
+    before = _release_metrics(baseline, score, at_risk, top_layer, basis)
+    on = {"canaries": " (the same canaries)", "natural": " (natural images)"}.get(basis, " (not comparable: other "
+                                                                                         "canaries or scores)")
     names = {"mean_candidate_score": f"mean {score} of S_C", "at_risk_count": f"candidates above {at_risk:g}",
-             "membership_auc": "membership AUC", "empirical_epsilon": "empirical epsilon lower bound",
+             "membership_auc": f"membership AUC{on}", "empirical_epsilon": f"empirical epsilon lower bound{on}",
              "top_layer_unitmem": f"mean UnitMem of {top_layer}"}
     metrics = [{"metric": k, "name": names[k], "baseline": before[k], "current": now[k],
                 "change": None if before[k] is None or now[k] is None else now[k] - before[k]} for k in names]
@@ -198,6 +221,11 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
         def add(rule: str, threshold: str, observed: str, ok: bool, detail: str = "", name: str = name) -> None:
             rows.append(RuleResult(name, rule, threshold, observed, bool(ok), detail))
 
+        random_init = [e.label for e in s.encoders if e.weights == "random-init"]
+        if random_init and not policy.allow_random_init:
+            add("weights_loaded", "every encoder audited with its trained weights", f"random init: "
+                f"{', '.join(random_init)}", False, "an encoder at its random initialisation says nothing about a "
+                "trained model; give its weights (or set allow_random_init: true in the policy)")
         if r.require_power:
             ctrl = _control(audit, pool)
             if ctrl is None:
@@ -306,8 +334,21 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
                 thr += f", delta <= {r.require_dp.max_delta:g}"
                 ok = ok and max(d for d in deltas) <= r.require_dp.max_delta
             declared = any(run.dp_declared for run in s.attacked)
+            detail = ""
+            if r.require_dp.secret_randomness and private:
+                thr += ", secret randomness"
+                replayable = [run.label for run in s.attacked if run.dp_randomness != "secret" and not run.dp_declared]
+                if replayable:
+                    ok = False
+                    detail = (f"{', '.join(replayable)}: DP noise and sampling seeded from the recorded run seed "
+                              f"(dp.reproducible: true), so whoever holds the run record can replay them")
+                if declared:
+                    ok = False
+                    detail = "a declared guarantee says nothing of how its noise was drawn"
             add("require_dp", thr, "not private" if not private else
-                f"epsilon {worst:.3g}, delta {max(deltas):.3g}" + (" (declared)" if declared else ""), ok)
+                f"epsilon {worst:.3g}, delta {max(deltas):.3g}" + (" (declared)" if declared else ""), ok, detail)
+        if r.require_signature is not None:
+            _signature_rule(add, audit, r.require_signature.public_key)
         if baseline is not None and policy.baseline is not None:
             cmp = compare(audit, baseline, score=policy.score, at_risk=policy.baseline.at_risk_score)
             limits = policy.baseline.max_increase.model_dump(exclude_none=True)
@@ -344,6 +385,19 @@ def memorized_at(audit: Audit, fdr: float) -> tuple[list[str], int] | None:
     hit = q <= fdr
     ids = cand.loc[ok, "id"].to_numpy()[hit]
     return [str(i) for i in ids[np.argsort(q[hit], kind="stable")]], int(ok.sum())
+
+
+def _signature_rule(add, audit: Audit, public_key: str) -> None:
+    from memlens.integrity import parse_public_key, public_key_text, signed_by
+
+    block = audit.summary.integrity or {}
+    sig = block.get("signature")
+    want = public_key_text(parse_public_key(public_key))
+    ok = signed_by(block, public_key)  # the signature itself was verified when the audit was read
+    observed = "unsigned" if not sig else ("signed by the trusted key" if ok else
+                                           f"signed by another key ({sig.get('public_key', '?')[:12]}...)")
+    add("require_signature", f"signed by {want[:12]}...", observed, ok,
+        "" if ok else "only audits signed by the trusted job (memlens audit --sign-key) pass this policy")
 
 
 def _memorized_rule(add, audit: Audit, limit, fdr: float) -> None:

@@ -40,6 +40,24 @@ class UnitsAbove(Strict):
 class RequireDP(Strict):
     max_epsilon: float = Field(..., gt=0, description="every audited f encoder must be DP with at most this epsilon")
     max_delta: float | None = Field(None, gt=0, lt=1)
+    secret_randomness: bool = Field(False, description="the DP noise and sampling must be secret (not seeded from "
+                                                       "the recorded run seed: dp.reproducible false)")
+
+
+class RequireSignature(Strict):
+    public_key: str = Field(..., description="Ed25519 public key of the trusted audit job (base64 of 32 bytes, or "
+                                             "PEM text or file)")
+
+    @model_validator(mode="after")
+    def _key(self) -> "RequireSignature":
+        from memlens.errors import MemlensError
+        from memlens.integrity import parse_public_key
+
+        try:
+            parse_public_key(self.public_key)
+        except MemlensError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class MemorizedLimit(Strict):
@@ -70,6 +88,8 @@ class Rules(Strict):
     max_unitmem: UnitLimit | None = None
     max_fraction_units_above: UnitsAbove | None = None
     require_dp: RequireDP | None = None
+    require_signature: RequireSignature | None = Field(
+        None, description="accept only audits signed by this key (memlens audit --sign-key)")
     require_power: bool = Field(
         False, description="the audit must have had the power to see memorization: its positive control (canaries "
                            "detected in the non-private reference of the same recipe, or in the audit itself) must be "
@@ -114,11 +134,17 @@ class Policy(Strict):
                                                     "report's list)")
     rules: Rules
     baseline: Baseline | None = Field(None, description="rules on change against the previous release")
+    allow_random_init: bool = Field(False, description="let audits of encoders at their random initialisation "
+                                                       "(weights: none) pass; by default they fail")
 
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, data):
         rules = data.get("rules") if isinstance(data, dict) else None
+        for section in ("baseline", "score", "alpha", "fdr", "name"):
+            if isinstance(rules, dict) and section in rules:
+                raise ValueError(f"rules.{section}: {section} is a top-level setting of the policy, not a rule; move "
+                                 f"it out of rules (beside rules:)")
         if isinstance(rules, dict) and "require_signal" in rules:
             raise ValueError("rules.require_signal was replaced: require_power (the audit could see memorization: its "
                              "canary positive control is significant) is what a release gate needs; the old rule is "

@@ -101,8 +101,17 @@ def model_card_section(audits: list[Audit], *, gate: GateResult | None = None, p
                              + ("" if verdict else ": " + "; ".join(
                                  f"{r.rule} ({r.observed}, required {r.threshold})" for r in gate.results
                                  if r.audit == audit_label(audit) and not r.passed)) + ".")
-        lines.append(f"- Audit: `{audit.path.name}`, audit.json sha256 `{audit.sha256}`, data fingerprint "
-                     f"`{s.data['fingerprint'][:16]}`, splits hash `{s.splits['hash'][:16]}`.")
+        sig = (s.integrity or {}).get("signature")
+        lines.append(f"- Audit: `{audit.path.name}`, record digest `{audit.digest}`"
+                     + (f", **signed** (Ed25519) by `{sig['public_key']}`" if sig else ", not signed")
+                     + f"; audit.json sha256 `{audit.sha256}`, data fingerprint `{s.data['fingerprint'][:16]}`, "
+                       f"splits hash `{s.splits['hash'][:16]}`.")
+        if any(e.weights == "random-init" for e in s.encoders):
+            lines.append("- **Warning**: an encoder was audited at its random initialisation (weights: none).")
+        reproducible = [e.label for e in s.attacked if e.dp_randomness == "reproducible"]
+        if reproducible:
+            lines.append(f"- **Warning**: {', '.join(reproducible)} trained with reproducible DP randomness: the "
+                         f"guarantee holds only while the run records stay private.")
         lines.append("")
     if report_sha256:
         lines += [f"Compliance report sha256: `{report_sha256}`.", ""]

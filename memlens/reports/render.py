@@ -188,8 +188,15 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         (f"{unit_frac:.1%} of the encoder's units have UnitMem above 0.5, i.e. respond to one training image at "
          f"least three times more than to the others." if unit_frac is not None else ""),
         (f"The encoder was trained with differential privacy: ({_f(eps, 2)}, {f_runs[0].delta:.2g})-DP"
-         + (" (declared, not checked by memlens)." if any(r.dp_declared for r in f_runs) else ".")
+         + (" (declared, not checked by memlens)." if any(r.dp_declared for r in f_runs) else
+            "; WARNING: with reproducible randomness (dp.reproducible: true), so the guarantee holds only while the "
+            "run records stay private (their seed regenerates the noise and the sampling)."
+            if any(r.dp_randomness == "reproducible" for r in f_runs) else
+            ", its noise and sampling drawn from secret randomness.")
          if private else "The encoder was trained without differential privacy (epsilon = infinity)."),
+        ("WARNING: " + ", ".join(e.label for e in s.encoders if e.weights == "random-init")
+         + " audited at its random initialisation (weights: none): these numbers say nothing about a trained model."
+         if any(e.weights == "random-init" for e in s.encoders) else ""),
         priv.get("sentence", ""),
         _reliability_sentence(rel, rel_enc),
     ]
@@ -250,7 +257,8 @@ def _reliability_sentence(rel: dict, enc: dict) -> str:
 def _lead(words: list[str]) -> list[str]:
     """The summary bullets, the privacy findings first: the DP statement and the canaries, then the rest."""
     words = [w for w in words if w]
-    first = [w for w in words if w.startswith(("Canaries:", "Membership inference", "The encoder was trained"))]
+    lead = ("WARNING", "Canaries:", "Membership inference", "The encoder was trained")
+    first = [w for w in words if w.startswith(lead)]
     return first + [w for w in words if w not in first]
 
 

@@ -98,6 +98,7 @@ def prepare(config: TrainConfig, *, cache_dir: str | Path | None = None, dataset
             labels = np.concatenate([labels, canary_labels(cset, len(dataset.class_names))])
         rows = np.concatenate([rows, n + canary_rows])
         canaries = {"path": str(Path(config.canaries).resolve()), "sha256": cset.manifest.sha256,
+                    "membership_sha256": sha256_file(Path(config.canaries) / "membership.json"),
                     "m": len(cset), "members_trained": int(len(canary_rows)),
                     "membership": "the reference design's coins" if reference else "membership.json"}
     return Prepared(dataset=dataset, splits=splits, splits_path=config.splits, subsets=subsets, rows=rows,

@@ -57,6 +57,7 @@ class RunRecord(BaseModel):
     message: str | None = None
     created: str
     updated: str
+    integrity: dict[str, Any] | None = None  # memlens.integrity: digests of the record and its files
 
     @property
     def side(self) -> str | None:
@@ -79,19 +80,37 @@ def now() -> str:
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
+    """Read and verify a run record: its own digest, the files it recorded (the weights, the heads) and
+    its signature when it has one.
+
+    Raises:
+        MemlensError: a missing, unreadable or edited record, or files replaced since.
+    """
+    from memlens.integrity import verify
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MemlensError(f"run directory not found: {run_dir}")
     raw = read_json(run_dir / RUN_FILE, what="run record")
+    if not isinstance(raw, dict):
+        raise MemlensError(f"{run_dir / RUN_FILE} is not a memlens run record")
+    verify(raw, run_dir / RUN_FILE)
     try:
         return RunRecord.model_validate(raw)
     except ValidationError as exc:
         raise MemlensError(format_validation_error(exc, source=str(run_dir / RUN_FILE))) from None
 
 
-def write_run(run_dir: str | Path, record: RunRecord) -> None:
+def write_run(run_dir: str | Path, record: RunRecord, *, sign_key=None) -> None:
+    """Write run.json with its integrity block (the record's digest and its weights' and heads')."""
+    from memlens.integrity import file_digests, stamp
+
+    run_dir = Path(run_dir)
     record.updated = now()
-    write_json(Path(run_dir) / RUN_FILE, record.model_dump(mode="json"))
+    doc = stamp(record.model_dump(mode="json"), files=file_digests(run_dir, [MODEL_FILE, HEADS_FILE]),
+                sign_key=sign_key)
+    record.integrity = doc["integrity"]
+    write_json(run_dir / RUN_FILE, doc)
 
 
 # ----------------------------------------------------------------------------- weights

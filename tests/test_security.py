@@ -1,0 +1,374 @@
+"""Security and integrity: secret DP randomness, verifiable and signed artefacts, and the fault sweep's holes."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from memlens.config import TrainConfig
+from memlens.dp import train
+from tests.conftest import run
+
+DP = {"framework": "mae", "subsets": "all", "epochs": 2, "batch_size": 64,
+      "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "mae": {"decoder_dim": 16},
+      "dp": {"epsilon": 8.0, "noise_multiplier": 1.0}}
+
+
+def _weights(run_dir):
+    return load_file(str(Path(run_dir) / "model.safetensors"))
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _all_text(root: Path) -> str:
+    """Every byte under ``root``, as text where it decodes (run records, checkpoints' metadata...)."""
+    out = []
+    for p in root.rglob("*"):
+        if p.is_file():
+            out.append(p.read_bytes().decode("latin-1"))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- DP randomness
+
+
+def test_dp_noise_and_sampling_are_secret_by_default(tmp_path, digits, monkeypatch):
+    import memlens.dp.step as step_mod
+    from memlens.dp.secrets import SecretStreams
+
+    keys = []
+    real = step_mod.new_key
+
+    def spy():
+        keys.append(real())
+        return keys[-1]
+
+    monkeypatch.setattr(step_mod, "new_key", spy)
+    cfg = TrainConfig.model_validate(DP)
+    a = train(cfg, tmp_path / "a", dataset=digits).record
+    train(cfg, tmp_path / "b", dataset=digits)
+    assert not _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))  # the same config, other noise
+    assert a.dp["randomness"] == "secret" and "noise_seed" not in a.dp and len(keys) == 2 and keys[0] != keys[1]
+    # nothing written holds the key, nor the seeds derived from it for the first steps
+    text = _all_text(tmp_path / "a")
+    streams = SecretStreams(keys[0])
+    assert keys[0].hex() not in text
+    for purpose in ("noise", "sample"):
+        for k in range(3):
+            assert str(streams.seed(purpose, 0, k)) not in text
+    assert not (tmp_path / "a" / "checkpoint.safetensors").exists()
+    # reproducible: the old, seeded behaviour, recorded as such
+    rep = TrainConfig.model_validate({**DP, "dp": {**DP["dp"], "reproducible": True}})
+    train(rep, tmp_path / "c", dataset=digits)
+    r = train(rep, tmp_path / "d", dataset=digits).record
+    assert _same(_weights(tmp_path / "c"), _weights(tmp_path / "d")) and r.dp["randomness"] == "reproducible"
+    code, out, _ = run("privacy", tmp_path / "d")
+    assert code == 0 and "holds only while that record stays private" in out
+    code, out, _ = run("privacy", tmp_path / "a")
+    assert code == 0 and "secret randomness" in out and "WARNING" not in out
+
+
+def test_interrupted_secret_run_resumes_and_forgets_its_key(tmp_path, digits):
+    from safetensors import safe_open
+
+    cfg = TrainConfig.model_validate({**DP, "epochs": 3})
+
+    def stop(info):
+        if info.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "r", dataset=digits, on_epoch=stop)
+    with safe_open(str(tmp_path / "r" / "checkpoint.safetensors"), framework="pt") as fh:
+        state = json.loads(fh.metadata()["memlens"])["state"]["loop"]
+    key = state["secret"]
+    assert len(key) == 64 and key not in (tmp_path / "r" / "run.json").read_text()
+    rec = train(None, tmp_path / "r", resume=True, dataset=digits).record
+    assert rec.status == "complete" and rec.epochs_done == 3
+    assert not (tmp_path / "r" / "checkpoint.safetensors").exists() and key not in _all_text(tmp_path / "r")
+
+
+def test_coupled_pair_shares_a_secret_only_while_it_trains(tmp_path, digits, monkeypatch):
+    """f and g of one seed share their noise through a pair secret beside them, deleted when the
+    second finishes; with coupling: independent each draws its own key."""
+    import memlens.dp.step as step_mod
+    from memlens.config import SplitConfig, SplitSizes
+    from memlens.data import make_splits
+    from memlens.dp.secrets import PAIR_PREFIX
+
+    used = []
+    real = step_mod.SecretStreams
+
+    class Spy(real):
+        def __init__(self, key):
+            used.append(bytes(key))
+            super().__init__(key)
+
+    monkeypatch.setattr(step_mod, "SecretStreams", Spy)
+    make_splits(digits, SplitConfig(sizes=SplitSizes(S_S=400, S_C=100, S_I=100, S_E=100))).save(tmp_path / "s.json")
+    base = {**DP, "splits": str(tmp_path / "s.json")}
+    train(TrainConfig.model_validate({**base, "subsets": "f"}), tmp_path / "pair" / "f", dataset=digits)
+    secrets_left = list((tmp_path / "pair").glob(f"{PAIR_PREFIX}*"))
+    assert len(secrets_left) == 1 and oct(secrets_left[0].stat().st_mode & 0o777) == "0o600"
+    train(TrainConfig.model_validate({**base, "subsets": "g"}), tmp_path / "pair" / "g", dataset=digits)
+    assert not list((tmp_path / "pair").glob(f"{PAIR_PREFIX}*"))  # gone with the second run
+    assert len(used) == 2 and used[0] == used[1]
+    alone = {**base, "dp": {**DP["dp"], "coupling": "independent"}}
+    for side in ("f", "g"):
+        train(TrainConfig.model_validate({**alone, "subsets": side}), tmp_path / "solo" / side, dataset=digits)
+    assert used[2] != used[3] and not list((tmp_path / "solo").glob(f"{PAIR_PREFIX}*"))
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, digits):
+    """A small f/g pair trained with canaries, its audit, and a signing key pair."""
+    from memlens.config import SplitConfig, SplitSizes
+    from memlens.data import make_splits
+    from memlens.data.canaries import make_canaries, save_canaries
+
+    root = tmp_path_factory.mktemp("world")
+    from memlens.config import DataConfig
+
+    splits = make_splits(digits, SplitConfig(sizes=SplitSizes(S_S=100, S_C=40, S_I=40, S_E=40), seed=2))
+    splits.data = DataConfig()  # the digits: what an audit of encoders from elsewhere reads
+    splits.save(root / "s.json")
+    cset = make_canaries(digits, m=40, kinds=["natural"], seed=3,
+                         exclude_ids=set(splits.ids("S_S", "S_C", "S_I", "S_E")))
+    save_canaries(cset, root / "canaries")
+    base = {"framework": "mae", "splits": str(root / "s.json"), "epochs": 2, "batch_size": 32,
+            "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "mae": {"decoder_dim": 16},
+            "canaries": str(root / "canaries")}
+    for side in ("f", "g"):
+        train(TrainConfig.model_validate({**base, "subsets": side}), root / side, dataset=digits)
+    code, out, err = run("keygen", "--out", root / "key.pem")
+    assert code == 0, err
+    public = out.split("public key: ")[1].split()[0]
+    args = ["audit", "--f", root / "f", "--g", root / "g", "--splits", root / "s.json", "--views", "2",
+            "--max-per-subset", "20"]
+    assert run(*args, "--out", root / "audit")[0] == 0
+    assert run(*args, "--out", root / "signed", "--sign-key", root / "key.pem")[0] == 0
+    (root / "policy.yaml").write_text("rules: {max_point_score: 0.99}\n")
+    (root / "signed.yaml").write_text(f"rules: {{require_signature: {{public_key: \"{public}\"}}}}\n")
+    return root, public
+
+
+def _edit(path: Path) -> bytes:
+    """Change one character of a file in place (a digit of a number where there is one); return the original."""
+    data = path.read_bytes()
+    if path.suffix in (".json", ".csv"):
+        text = data.decode()
+        for k in range(len(text) - 1, 0, -1):
+            if text[k].isdigit() and text[k - 1].isdigit():
+                new = text[:k] + str((int(text[k]) + 1) % 10) + text[k + 1:]
+                path.write_text(new)
+                return data
+    edited = bytearray(data)
+    edited[-3] ^= 0x01
+    path.write_bytes(bytes(edited))
+    return data
+
+
+@pytest.mark.parametrize("target", ["f/run.json", "f/model.safetensors", "audit/audit.json", "audit/points.csv",
+                                    "canaries/membership.json", "canaries/canaries.npz", "s.json"])
+def test_any_edit_is_refused_by_gate_report_and_card(world, target):
+    root, _ = world
+    path = root / target
+    original = _edit(path)
+    try:
+        for args in (("gate", root / "audit", "--policy", root / "policy.yaml"),
+                     ("report", root / "audit", "--out", root / "r.pdf"),
+                     ("card", root / "audit")):
+            code, _, err = run(*args)
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("memlens: error: "), (args, err)
+            assert path.name in lines[0], (args, lines[0])
+    finally:
+        path.write_bytes(original)
+    assert run("gate", root / "audit", "--policy", root / "policy.yaml")[0] == 0  # restored: verifies again
+    assert not (root / "r.pdf").exists()
+
+
+def test_signed_audits_verify_with_their_key_only(world, tmp_path):
+    import shutil
+
+    from memlens.integrity import generate_key
+
+    root, public = world
+    assert run("gate", root / "signed", "--policy", root / "signed.yaml")[0] == 0
+    def verdict(audit, policy):
+        code, _, err = run("gate", audit, "--policy", policy, "--json", tmp_path / "v.json")
+        assert code in (0, 1), err
+        rows = json.loads((tmp_path / "v.json").read_text())["results"]
+        return code, next(r["observed"] for r in rows if r["rule"] == "require_signature")
+
+    assert verdict(root / "audit", root / "signed.yaml") == (1, "unsigned")
+    other = generate_key(tmp_path / "other.pem")
+    (tmp_path / "other.yaml").write_text(f"rules: {{require_signature: {{public_key: \"{other}\"}}}}\n")
+    code, observed = verdict(root / "signed", tmp_path / "other.yaml")
+    assert code == 1 and observed.startswith("signed by another key")
+    # a forger who edits a number and recomputes the digest cannot re-sign: the signature breaks
+    from memlens.integrity import stamp
+
+    copy = tmp_path / "forged"
+    shutil.copytree(root / "signed", copy)
+    doc = json.loads((copy / "audit.json").read_text())
+    doc["subsets"]["S_C"]["mean"] = -1.0
+    sig = doc["integrity"]["signature"]
+    doc = stamp(doc, files=doc["integrity"]["files"])
+    doc["integrity"]["signature"] = sig
+    (copy / "audit.json").write_text(json.dumps(doc))
+    code, _, err = run("gate", copy, "--policy", root / "signed.yaml")
+    assert code == 2 and "signature does not verify" in err
+    card = run("card", root / "signed")[1]
+    assert public in card and "signed" in card
+
+
+def test_an_edited_run_record_is_refused_by_the_audit(world, tmp_path):
+    """A non-DP run given a DP run's dp block (a naive edit) no longer passes as DP."""
+    import shutil
+
+    root, _ = world
+    shutil.copytree(root / "f", tmp_path / "f")
+    rec = json.loads((tmp_path / "f" / "run.json").read_text())
+    rec["dp"] = {"epsilon_spent": 7.99, "delta": 1e-5}
+    (tmp_path / "f" / "run.json").write_text(json.dumps(rec))
+    code, _, err = run("audit", "--f", tmp_path / "f", "--g", root / "g", "--splits", root / "s.json", "--views", "2",
+                       "--out", tmp_path / "a")
+    assert code == 2 and "run.json was modified" in err and not (tmp_path / "a").exists()
+    code, _, err = run("privacy", tmp_path / "f")
+    assert code == 2 and "run.json was modified" in err
+
+
+# ----------------------------------------------------------------------------- encoders and degenerate audits
+
+
+def test_an_encoder_without_weights_is_refused_unless_asked_for(world, tmp_path):
+    from safetensors.torch import save_file
+
+    from memlens.models.external import timm_model
+
+    root, _ = world
+    kw = '{"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 0, ' \
+         '"in_chans": 1}'
+    torch.manual_seed(0)
+    save_file(timm_model("vit_tiny_patch16_224", json.loads(kw)).state_dict(), str(tmp_path / "g.safetensors"))
+    common = ["--splits", root / "s.json", "--views", "2", "--model-kwargs", kw, "--input-size", "8",
+              "--mean", "0.5", "--std", "0.5", "--max-per-subset", "10"]
+    code, _, err = run("audit", "--f", "timm:vit_tiny_patch16_224", "--g", "timm:vit_tiny_patch16_224",
+                       "--g-weights", tmp_path / "g.safetensors", *common, "--out", tmp_path / "a")
+    assert code == 2 and "0 --f-weights for 1 timm:/py: --f encoder" in err and not (tmp_path / "a").exists()
+    code, _, err = run("audit", "--f", "timm:vit_tiny_patch16_224", "--f", "timm:vit_tiny_patch16_224",
+                       "--f-weights", tmp_path / "g.safetensors", "--g", "timm:vit_tiny_patch16_224",
+                       "--g-weights", tmp_path / "g.safetensors", *common, "--out", tmp_path / "a")
+    assert code == 2 and "1 --f-weights for 2" in err
+    code, _, err = run("audit", "--f", "timm:vit_tiny_patch16_224", "--allow-random-init", "--g",
+                       "timm:vit_tiny_patch16_224", "--g-weights", tmp_path / "g.safetensors", *common,
+                       "--out", tmp_path / "a")
+    assert code == 0, err
+    code, out, _ = run("gate", tmp_path / "a", "--policy", root / "policy.yaml")
+    assert code == 1 and "weights_loaded" in out and "random init" in out
+
+
+def test_degenerate_audits_are_errors(world, tmp_path):
+    from safetensors.torch import save_file
+
+    from memlens.models.external import timm_model
+
+    root, _ = world
+    common = ["--splits", root / "s.json", "--views", "2", "--max-per-subset", "10"]
+    kw = {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 0,
+          "in_chans": 1}
+    save_file(timm_model("vit_tiny_patch16_224", kw).state_dict(), str(tmp_path / "w.safetensors"))
+    copy = tmp_path / "w-copy.safetensors"
+    copy.write_bytes((tmp_path / "w.safetensors").read_bytes())  # the same weights under another name
+    timm = ["--model-kwargs", json.dumps(kw), "--input-size", "8", "--mean", "0.5", "--std", "0.5"]
+    code, _, err = run("audit", "--f", "timm:vit_tiny_patch16_224", "--f-weights", tmp_path / "w.safetensors", "--g",
+                       "timm:vit_tiny_patch16_224", "--g-weights", copy, *timm, *common, "--out", tmp_path / "a")
+    assert code == 2 and "identical weights" in err and not (tmp_path / "a").exists()
+    code, _, err = run("audit", "--f", root / "f", "--g", root / "g", "--augment", "none", *common,
+                       "--out", tmp_path / "b")
+    assert code == 2 and "all view distances are 0" in err and "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if ln.startswith("memlens: error:")]) == 1
+
+
+# ----------------------------------------------------------------------------- the smaller holes
+
+
+def _lists(tmp_path, n=30):
+    from tests.conftest import write_png_folder
+
+    paths = write_png_folder(tmp_path / "imgs", [f"{i:03d}.png" for i in range(n)], seed=4)
+    (tmp_path / "f.txt").write_text("\n".join(str(p) for p in paths[:15]))
+    (tmp_path / "g.txt").write_text("\n".join(str(p) for p in paths[5:20]))
+    (tmp_path / "e.txt").write_text("\n".join(str(p) for p in paths[20:]))
+    return paths
+
+
+def test_a_refused_split_changes_nothing(tmp_path):
+    paths = _lists(tmp_path)
+    args = ["split", "--members-f", tmp_path / "f.txt", "--members-g", tmp_path / "g.txt", "--extra",
+            tmp_path / "e.txt", "--out", tmp_path / "s.json"]
+    assert run(*args)[0] == 0
+    manifest, splits = (tmp_path / "s.manifest.csv").read_bytes(), (tmp_path / "s.json").read_bytes()
+    # a copy of a trained image listed as never seen: refused naming both, the good files untouched
+    import shutil
+
+    shutil.copy(paths[0], tmp_path / "imgs" / "copy.png")
+    (tmp_path / "e2.txt").write_text((tmp_path / "e.txt").read_text() + f"\n{tmp_path / 'imgs' / 'copy.png'}")
+    code, _, err = run(*args[:5], "--extra", tmp_path / "e2.txt", "--out", tmp_path / "s.json", "--force")
+    assert code == 2 and "copy.png" in err and "000.png" in err and "same image" in err
+    assert (tmp_path / "s.manifest.csv").read_bytes() == manifest and (tmp_path / "s.json").read_bytes() == splits
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".s.")) == []
+    # an existing manifest is not overwritten without --force, and nothing is left behind
+    (tmp_path / "s.json").unlink()
+    code, _, err = run(*args)
+    assert code == 2 and "s.manifest.csv already exists" in err and not (tmp_path / "s.json").exists()
+    assert (tmp_path / "s.manifest.csv").read_bytes() == manifest
+
+
+def test_bad_lists_factories_and_policies_are_one_line(tmp_path):
+    _lists(tmp_path)
+    (tmp_path / "bin.txt").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0binary")
+    code, _, err = run("split", "--members-f", tmp_path / "bin.txt", "--members-g", tmp_path / "g.txt", "--out",
+                       tmp_path / "s.json")
+    assert code == 2 and "not a text list" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "broken_mod.py").write_text("raise RuntimeError('cannot build here')\n")
+    (tmp_path / "raising_mod.py").write_text("def make():\n    raise ValueError('no such backbone')\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        for spec, want in (("py:broken_mod:make", "RuntimeError: cannot build here"),
+                           ("py:raising_mod:make", "ValueError: no such backbone")):
+            code, _, err = run("layers", spec, "--input-size", "8")
+            assert code == 2 and want in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        sys.path.remove(str(tmp_path))
+    (tmp_path / "p.yaml").write_text("rules:\n  max_point_score: 0.5\n  baseline: {path: old}\n")
+    code, _, err = run("gate", tmp_path, "--policy", tmp_path / "p.yaml")
+    assert code == 2 and "baseline is a top-level setting of the policy" in err
+
+
+def test_one_writer_per_output_and_unwritable_outputs_fail_first(world, tmp_path):
+    from memlens.io import output_lock
+
+    root, _ = world
+    args = ["audit", "--f", root / "f", "--g", root / "g", "--splits", root / "s.json", "--views", "2",
+            "--max-per-subset", "10"]
+    with output_lock(tmp_path / "busy"):
+        code, _, err = run(*args, "--out", tmp_path / "busy")
+    assert code == 2 and "being written by another memlens" in err and not (tmp_path / "busy").exists()
+    (tmp_path / "file").write_text("not a folder")
+    code, _, err = run(*args, "--out", tmp_path / "file" / "audit")
+    assert code == 2 and "cannot write the audit directory" in err
+    # a passing gate whose JSON verdict cannot be written exits 2 before judging, never 1
+    code, out, err = run("gate", root / "audit", "--policy", root / "policy.yaml", "--json",
+                         tmp_path / "file" / "g.json")
+    assert code == 2 and "cannot write the JSON verdict" in err and "PASSED" not in out
