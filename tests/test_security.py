@@ -3,12 +3,14 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from memlens.config import TrainConfig
 from memlens.dp import train
+from memlens.errors import MemlensError
 from tests.conftest import run
 
 DP = {"framework": "mae", "subsets": "all", "epochs": 2, "batch_size": 64,
@@ -372,3 +374,79 @@ def test_one_writer_per_output_and_unwritable_outputs_fail_first(world, tmp_path
     code, out, err = run("gate", root / "audit", "--policy", root / "policy.yaml", "--json",
                          tmp_path / "file" / "g.json")
     assert code == 2 and "cannot write the JSON verdict" in err and "PASSED" not in out
+
+
+def test_copies_are_found_by_content_across_subsets_and_canaries(tmp_path):
+    """Only the paths of copies differ: splits keep every copy of an image in one subset, canaries are
+    never copies of a training image, and an audit refuses membership the copies contradict."""
+    from memlens.config import DataConfig, SplitConfig, SplitSizes
+    from memlens.data import load, make_splits
+    from memlens.data.canaries import make_canaries
+    from memlens.data.splits import check_duplicates
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (120, 8, 8, 1), dtype=np.uint8)
+    x[100:110] = x[0:10]  # ten byte-identical copies under other ids
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(120, dtype=np.int64))
+    ds = load(DataConfig(source="npz", path=str(tmp_path / "d.npz")))
+    copies = [(ds.ids[k], ds.ids[100 + k]) for k in range(10)]
+    sp = make_splits(ds, SplitConfig(sizes=SplitSizes(S_S=40, S_C=20, S_I=20, S_E=20), seed=0))
+    where = sp.subset_of()
+    assert sp.settings["duplicates_dropped"]
+    for a, b in copies:
+        assert where.get(a) == where.get(b) or a not in where or b not in where
+    check_duplicates(ds, sp)  # consistent membership passes
+    trained = set(sp.ids("S_S", "S_C", "S_I"))
+    cset = make_canaries(ds, m=10, kinds=["natural"], seed=1, exclude_ids=set(sp.ids("S_S", "S_C", "S_I", "S_E")))
+    trained_pixels = {x[r].tobytes() for r in ds.indices(sorted(trained))}
+    assert not trained_pixels & {im.tobytes() for im in cset.images}
+    # a copy of a trained image put in S_E by hand: refused, naming both
+    a, b = next((a, b) for a, b in copies if a in trained or b in trained)
+    kept, other = (a, b) if a in trained else (b, a)
+    sp.subsets = {k: [i for i in v if i != other] for k, v in sp.subsets.items()}
+    sp.subsets["S_E"].append(other)
+    with pytest.raises(MemlensError, match=f"'{other}' \\(S_E\\) is the same image as '{kept}'"):
+        check_duplicates(ds, sp)
+
+
+def test_a_baseline_with_other_canaries_is_compared_like_for_like(world, tmp_path):
+    """Two releases audited with different canary sets: their canary AUCs are not a like-for-like
+    change, so the rule compares what both measured alike (natural S_C against S_E) and says so."""
+    from memlens.data.canaries import make_canaries, save_canaries
+    from memlens.data.splits import Splits
+
+    from memlens.config import DataConfig
+    from memlens.data import load
+
+    root, _ = world
+    digits = load(DataConfig())
+    splits = Splits.load(root / "s.json")
+    other = make_canaries(digits, m=40, kinds=["natural"], seed=9,
+                          exclude_ids=set(splits.ids("S_S", "S_C", "S_I", "S_E")))
+    save_canaries(other, tmp_path / "canaries")
+    base = {"framework": "mae", "splits": str(root / "s.json"), "epochs": 2, "batch_size": 32,
+            "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "mae": {"decoder_dim": 16},
+            "canaries": str(tmp_path / "canaries")}
+    for side in ("f", "g"):
+        train(TrainConfig.model_validate({**base, "subsets": side}), tmp_path / side, dataset=digits)
+    code, _, err = run("audit", "--f", tmp_path / "f", "--g", tmp_path / "g", "--splits", root / "s.json", "--views",
+                       "2", "--max-per-subset", "20", "--out", tmp_path / "new")
+    assert code == 0, err
+    (tmp_path / "p.yaml").write_text("rules: {}\nbaseline: {max_increase: {membership_auc: 0.5}}\n")
+
+    def row(audit):
+        code, _, err = run("gate", audit, "--policy", tmp_path / "p.yaml", "--baseline", root / "audit", "--json",
+                           tmp_path / "v.json")
+        assert code == 0, err
+        (r,) = json.loads((tmp_path / "v.json").read_text())["results"]
+        return r
+
+    assert row(tmp_path / "new")["detail"] == "membership AUC (natural images)"
+    assert row(root / "signed")["detail"] == "membership AUC (the same canaries)"
+    from memlens.audit.results import read_audit
+    from memlens.policy.gate import comparable_basis
+
+    new, old = read_audit(tmp_path / "new"), read_audit(root / "audit")
+    assert comparable_basis(new, old) == "natural" and comparable_basis(old, old) == "canaries"
+    new.summary.privacy["primary_score"] = "other"
+    assert comparable_basis(new, old) is None  # nothing measured alike: the rule fails (see gate.evaluate)

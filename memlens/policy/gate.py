@@ -363,7 +363,8 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
                 ok = m["change"] <= limit + 1e-12
                 add(f"baseline.{m['metric']}", f"increase <= {limit:g}",
                     f"{_fmt(m['baseline'])} -> {_fmt(m['current'])} ({m['change']:+.4g})", ok,
-                    "" if ok else f"{m['name']} rose by {m['change']:+.4g} since the previous release"
+                    (m["name"] if m["metric"] in ("membership_auc", "empirical_epsilon") else "") if ok else
+                    f"{m['name']} rose by {m['change']:+.4g} since the previous release"
                                   + (f"; newly at risk: {', '.join(p['id'] for p in cmp.newly_at_risk[:5])}"
                                      if m["metric"] == "at_risk_count" and cmp.newly_at_risk else ""))
     return GateResult(policy.name, rows)

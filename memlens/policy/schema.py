@@ -153,8 +153,9 @@ class Policy(Strict):
 
     @model_validator(mode="after")
     def _something(self) -> "Policy":
-        if not self.rules.model_dump(exclude_none=True, exclude_defaults=True):
-            raise ValueError("the policy has no rules")
+        changes = self.baseline is not None and self.baseline.max_increase.model_dump(exclude_none=True)
+        if not self.rules.model_dump(exclude_none=True, exclude_defaults=True) and not changes:
+            raise ValueError("the policy has no rules (neither rules: nor baseline.max_increase:)")
         return self
 
 
