@@ -207,6 +207,8 @@ def test_k2_complementary_halves_is_the_f_and_g_audit(refs, digits):
     i = fg.subset == "S_I"  # in g: memorization = align_f - align_g
     assert np.allclose(rr.loc[i.values, "sslmem"], -fg.loc[i, "sslmem"])
     assert rr.loc[(fg.subset.isin(["S_S", "S_E"])).values, "sslmem"].isna().all()
+    # one pair: the loss estimate has no spread over seeds to test against, and says so
+    assert rr.loc[c.values, "lossmem"].notna().all() and rr["lossmem_p"].isna().all()
 
 
 def test_reference_audit_counts_training_randomness(refs, digits, tmp_path):
@@ -222,6 +224,13 @@ def test_reference_audit_counts_training_randomness(refs, digits, tmp_path):
     assert set(pool.subset) == {"S_C", "S_I"} and len(pool) == 60
     assert (pool.mem_ci_low <= pool.sslmem).all() and (pool.sslmem <= pool.mem_ci_high).all()
     assert s.reliability_encoders["pairs"] == 2 and -1 <= s.reliability_encoders["split_half_r"] <= 1
+    # the same estimator on MAE's reconstruction loss: out minus in, with its own inference and list
+    assert np.allclose(pool.lossmem, pool.loss_out - pool.loss_in)
+    assert (pool.lossmem_ci_low <= pool.lossmem).all() and pool.lossmem_q.notna().all()
+    lm = s.loss_memorization
+    assert lm["loss"] == "MAE reconstruction loss" and lm["reliability_encoders"]["pairs"] == 2
+    assert lm["inference"]["at_risk"] == int(pool.lossmem_at_risk.sum()) == len(lm["at_risk_points"])
+    assert pts.loc[~pts.candidate, "lossmem"].isna().all()
     # privacy: each reference the target in turn, against the other pair's references
     p = s.privacy
     assert p["design"] == "references" and p["references_per_target"] == [2, 2, 2, 2]

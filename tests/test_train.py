@@ -125,3 +125,29 @@ def test_supervised_needs_labels(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((20, 8, 8), np.uint8))
     with pytest.raises(MemlensError, match="needs labelled data"):
         train(cfg, tmp_path / "run")
+
+
+def test_average_of_the_last_epochs_is_their_mean_and_resumes(small_splits, tmp_path):
+    """optim.average_epochs: 2 ends with the mean of the weights after epochs 2 and 3 (read from an
+    interrupted run's checkpoint and from a plain run), also across an interruption."""
+    from safetensors import safe_open
+
+    base = {"framework": "mae", "splits": small_splits, "subsets": "g", "epochs": 3, "batch_size": 64,
+            **CASES["mae"]}
+    plain = TrainConfig.model_validate(base)
+    averaged = TrainConfig.model_validate({**base, "optim": {"average_epochs": 2}})
+    train(plain, tmp_path / "plain")  # the weights after epoch 3
+    with pytest.raises(KeyboardInterrupt):
+        train(averaged, tmp_path / "avg", on_epoch=_interrupt_after(2))
+    with safe_open(str(tmp_path / "avg" / "checkpoint.safetensors"), framework="pt") as fh:
+        after2 = {k.removeprefix("model.encoder."): fh.get_tensor(k) for k in fh.keys()
+                  if k.startswith("model.encoder.")}
+        assert any(k.startswith("average.") for k in fh.keys())
+    rec = train(None, tmp_path / "avg", resume=True).record
+    assert rec.averaged_epochs == 2
+    last, avg = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "avg" / "model.safetensors")
+    assert avg.keys() == last.keys() and set(after2) >= set(avg)
+    for k in avg:
+        if avg[k].is_floating_point():
+            torch.testing.assert_close(avg[k], (after2[k].double() + last[k].double()).div(2).to(avg[k].dtype))
+    assert not all(torch.equal(avg[k], last[k]) for k in avg)

@@ -52,7 +52,7 @@ def assemble(s, *, res, align, losses, loss_name, est, rel, freq, n_views, unit_
     s.timings["stats"] = time.perf_counter() - t
     summary = summary_of(s, points=points, layers=layers, units=units, tests=tests, consistency=consistency,
                          subsets=subsets, est=est, rel=rel, n_views=n_views, unit_views=unit_views, groups=groups,
-                         privacy=privacy, lm=lm, t_start=t_start)
+                         privacy=privacy, lm=lm, t_start=t_start, loss_name=loss_name)
     tests_df = pd.DataFrame([x.to_dict() for x in tests],
                             columns=["name", "hypothesis", "statistic", "p_value", "effect_size", "method", "n_a",
                                      "n_b", "p_holm"])
@@ -99,6 +99,13 @@ def points_table(s, align: np.ndarray, losses: np.ndarray | None, est, freq: np.
             lo = losses[design.scored][:, :n]
             with np.errstate(invalid="ignore"):
                 table.update(loss_in=(lo * m).sum(0) / m.sum(0), loss_out=(lo * ~m).sum(0) / (~m).sum(0))
+    lp = est.loss_per_image
+    if lp is not None:
+        # the same in/out estimator on the training loss (higher out than in: memorized)
+        for col, values in (("lossmem", lp.mem), ("lossmem_se", lp.se), ("lossmem_ci_low", lp.ci_low),
+                            ("lossmem_ci_high", lp.ci_high), ("lossmem_p", lp.p), ("lossmem_q", lp.q)):
+            table[col] = np.where(elig, values[:n], np.nan)
+        table["lossmem_at_risk"] = lp.at_risk[:n]
     out = pd.DataFrame(table)
     out["rank"] = out.groupby("subset")["sslmem"].rank(ascending=False, method="first", na_option="bottom")
     out["rank"] = out["rank"].fillna(0).astype(int)
@@ -286,7 +293,7 @@ def _pair_consistency(s, align: np.ndarray) -> list[dict]:
 
 
 def summary_of(s, *, points, layers, units, tests, consistency, subsets, est, rel, n_views, unit_views, groups,
-               privacy, lm, t_start) -> AuditSummary:
+               privacy, lm, t_start, loss_name=None) -> AuditSummary:
     cfg, design, ds, specs = s.cfg, s.design, s.dataset, s.ctx.specs
     ranked_um = units["unitmem"].dropna().to_numpy()
     vit_rows = [r.__dict__ for r in vit_block_table(lm, specs)] if any(sp.kind == "resblock_attn" for sp in specs) \
@@ -329,6 +336,7 @@ def summary_of(s, *, points, layers, units, tests, consistency, subsets, est, re
         reliability=rel.to_dict(),
         reliability_encoders=est.encoders.to_dict() if est.encoders is not None else None,
         inference={**est.per_image.facts, "method": _method_note(est.per_image.facts)},
+        loss_memorization=_loss_memorization(est, points, loss_name),
         subsets=subsets, layers=layers.attrs["rows"], vit_blocks=vit_rows,
         units={"n": int(len(units)), "ranked": int(len(ranked_um)), "set_aside": set_aside,
                "min_activation": cfg.unitmem.min_activation, "signed": cfg.unitmem.signed,
@@ -347,6 +355,22 @@ def summary_of(s, *, points, layers, units, tests, consistency, subsets, est, re
         warnings=list(s.warnings),
         timings={**{k: round(v, 3) for k, v in s.timings.items()}, "total": round(time.perf_counter() - t_start, 3),
                  "images_forwarded": float(s.ctx.forwards)})
+
+
+def _loss_memorization(est, points: pd.DataFrame, loss_name: str | None) -> dict | None:
+    """Per-image memorization on the training loss: its reliability, inference facts and at-risk list."""
+    lp = est.loss_per_image
+    if lp is None:
+        return None
+    listed = points[points["lossmem_at_risk"]].sort_values(["lossmem_q", "lossmem"], ascending=[True, False],
+                                                          kind="stable")
+    keep = ["id", "subset", "label", "lossmem", "lossmem_ci_low", "lossmem_ci_high", "lossmem_q"]
+    method = _method_note(lp.facts) if lp.facts.get("training_randomness_counted") else (
+        "one encoder pair: no per-image interval or p-value on the loss (its spread over training seeds needs two "
+        "pairs or more)")
+    return {"loss": loss_name, "inference": {**lp.facts, "method": method},
+            "reliability_encoders": est.loss_encoders.to_dict() if est.loss_encoders is not None else None,
+            "at_risk_points": listed[keep].to_dict(orient="records")}
 
 
 def _method_note(facts: dict) -> str:

@@ -204,7 +204,7 @@ def _audit(cfg: AuditConfig, design: Design, splits: Splits, dataset: Dataset, d
     t = time.perf_counter()
     losses, loss_name = _losses(s)
     s.timings["loss_pass"] = time.perf_counter() - t
-    est = _estimate(s, res, align, n_views)
+    est = _estimate(s, res, align, n_views, losses)
     _check_scores(s, est)
     t = time.perf_counter()
     canary_table, privacy, attacks = mem.evaluate(
@@ -327,21 +327,36 @@ class Estimates:
     per_image: inference.PerImage
     encoders: inference.EncoderReliability | None
     view_var: np.ndarray
+    loss_per_image: inference.PerImage | None = None
+    loss_encoders: inference.EncoderReliability | None = None
 
 
-def _estimate(s: Setup, res: dict, align: np.ndarray, n_views: int) -> Estimates:
+def _estimate(s: Setup, res: dict, align: np.ndarray, n_views: int, losses: np.ndarray | None) -> Estimates:
+    """Per-image memorization on alignment (SSLMem), and on the training loss where the objective has
+    a per-example one (MAE reconstruction, cross-entropy): the same in/out estimator and inference."""
     cfg, design = s.cfg, s.design
     scored = design.scored
     member = design.member[scored]
     a = align[scored]
     view_var = inference.view_jackknife(res["dist"][scored], member, cfg.pairing)
     pairs = _scored_pairs(design)
-    per = inference.per_image(a, member, pairs, view_var=view_var, fdr=cfg.inference.fdr,
-                              confidence=cfg.confidence, moderated=cfg.inference.moderated, eligible=s.eligible)
+    common = {"fdr": cfg.inference.fdr, "confidence": cfg.confidence}
+    per = inference.per_image(a, member, pairs, view_var=view_var, moderated=cfg.inference.moderated,
+                              eligible=s.eligible, **common)
     enc = inference.encoder_reliability(a, member, pairs, view_var=view_var, views=n_views, eligible=s.eligible,
-                                        target=cfg.reliability.target, fdr=cfg.inference.fdr,
-                                        confidence=cfg.confidence)
-    return Estimates(per, enc, view_var)
+                                        target=cfg.reliability.target, **common)
+    est = Estimates(per, enc, view_var)
+    if losses is not None:
+        # The loss is averaged over fixed mask draws shared by every encoder (common random numbers):
+        # its draw noise is in the pair differences, and there is no separate view term to measure
+        # (NaN: with one pair nothing is measured, and the p-values say so by being undefined).
+        lo, none = losses[scored], np.full(a.shape[1], np.nan)
+        est.loss_per_image = inference.per_image(lo, member, pairs, view_var=none, moderated=cfg.inference.moderated,
+                                                 eligible=s.eligible, **common)
+        est.loss_encoders = inference.encoder_reliability(lo, member, pairs, view_var=none, views=1,
+                                                          eligible=s.eligible, target=cfg.reliability.target,
+                                                          **common)
+    return est
 
 
 def _check_scores(s: Setup, est: Estimates) -> None:

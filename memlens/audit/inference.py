@@ -320,7 +320,8 @@ def _project(out: EncoderReliability, align: np.ndarray, member: np.ndarray, pai
     reliability of a score from P pairs and V views is true / (true + pair / P + view / V)."""
     d = pair_differences(align, member, pairs)[:, eligible]
     pair_var = float(np.nanmean(np.nanvar(d, axis=0, ddof=1)))
-    view_unit = float(np.nanmean(view_var[eligible])) * views
+    vv = view_var[eligible]
+    view_unit = float(np.nanmean(vv)) * views if np.isfinite(vv).any() else 0.0
     mem = np.nanmean(d, axis=0)
     total = float(np.nanvar(mem, ddof=1))
     true = max(total - pair_var / len(pairs) - view_unit / views, 0.0)

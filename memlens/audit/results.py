@@ -126,6 +126,7 @@ class AuditSummary(Model):
     reliability: dict[str, Any] | None
     reliability_encoders: dict[str, Any] | None = None
     inference: dict[str, Any] = {}
+    loss_memorization: dict[str, Any] | None = None
     subsets: dict[str, SubsetStats]
     layers: list[LayerRow]
     vit_blocks: list[dict[str, Any]] | None = None

@@ -51,6 +51,9 @@ class OptimConfig(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     warmup_epochs: float = Field(1.0, ge=0)
     min_lr: float = Field(0.0, ge=0)
+    average_epochs: int = Field(0, ge=0, description="final weights: the mean of the weights at the end of each of "
+                                                     "the last N epochs (stochastic weight averaging; 0: the last "
+                                                     "weights)")
 
 
 class MAEConfig(Strict):

@@ -215,6 +215,7 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         "consistency": consistency, "seed_consistency": s.consistency.get("seeds", []),
         "f_runs": f_runs, "g_runs": [r for r in s.runs if r.side == "g"], "recipe": recipe,
         "privacy": priv, "reliability": rel, "reliability_encoders": rel_enc, "inference": inf, "design": design,
+        "loss": s.loss_memorization,
         "fdr": fdr, "at_risk_count": len(at_risk_ids), "family": found[1] if found else None,
         "listed_at_risk": bool(listed),
         "set_aside": [(r["layer"], r.get("units_silent"), r.get("units")) for r in layer_rows

@@ -31,6 +31,7 @@ from memlens.io import prepare_output_dir, sha256_file
 from memlens.models import build_encoder, parameter_count
 from memlens.resources import ResourcePlan
 from memlens.rng import derive_seed
+from memlens.train.average import WeightAverage
 from memlens.train.objectives import Objective, build_objective
 from memlens.train.run import (
     CHECKPOINT_FILE,
@@ -244,6 +245,7 @@ class _Built:
     optimizer: torch.optim.Optimizer
     step: Step
     input_size: int
+    average: WeightAverage | None = None
 
 
 def _build(config: TrainConfig, prepared: Prepared, device: torch.device, resources: ResourcePlan,
@@ -268,7 +270,8 @@ def _build(config: TrainConfig, prepared: Prepared, device: torch.device, resour
                                if mode == "cut" else None, resources.workers, config.data.on_bad_image, augmenter)
     optimizer = make_optimizer(config, objective)
     step = (step_factory or PlainStep)(config, objective, optimizer, prepared, device)
-    return _Built(encoder, objective, optimizer, step, size)
+    average = WeightAverage(config.optim.average_epochs, config.epochs) if config.optim.average_epochs else None
+    return _Built(encoder, objective, optimizer, step, size, average)
 
 
 def _check_start(config: TrainConfig | None, out: Path, *, resume: bool, force: bool,
@@ -351,6 +354,8 @@ def _open_record(out: Path, config: TrainConfig, prepared: Prepared, built: _Bui
                                 device=device)
         start_epoch, step = state["epoch"], state["step"]
         built.step.restore_loop_state(state.get("loop", {}))
+        if built.average is not None:
+            built.average.restore(state.get("average", {}), state.get("extra", {}))
         record.history = record.history[:start_epoch]
         record.epochs_done = start_epoch
         record.environment = {**record.environment, "world_size": D.world_size(), "backend": D.backend(),
@@ -397,9 +402,14 @@ def _epochs(out: Path, config: TrainConfig, built: _Built, record: RunRecord, *,
             record.wall_seconds = round(time.perf_counter() - wall0, 3)
             record.dp = step_obj.record()
             _record_skipped(record, step_obj)
+            average = built.average
+            if average is not None and average.wants(epoch):
+                average.update(objective)
             if main:
                 save_checkpoint(out / CHECKPOINT_FILE, objective=objective, optimizer=optimizer,
-                                state={"epoch": epoch + 1, "step": step, "loop": step_obj.loop_state()})
+                                state={"epoch": epoch + 1, "step": step, "loop": step_obj.loop_state(),
+                                       **({"average": average.state()} if average is not None else {})},
+                                extra=average.tensors() if average is not None else None)
                 write_run(out, record)
             D.barrier()
             if on_epoch and main:
@@ -426,6 +436,9 @@ def _epochs(out: Path, config: TrainConfig, built: _Built, record: RunRecord, *,
     if record.status != "stopped_budget":
         record.status = "complete"
     record.wall_seconds = round(time.perf_counter() - wall0, 3)
+    if built.average is not None and built.average.count:
+        built.average.apply(objective)  # post-processing of weights the run produced (DP unchanged)
+        record.averaged_epochs = built.average.count
     if main:
         save_weights(out / MODEL_FILE, built.encoder, metadata={"arch": config.model.arch,
                                                                 "format": "memlens-encoder-1"})

@@ -46,6 +46,7 @@ class RunRecord(BaseModel):
     epochs_done: int = 0
     images_per_s: float | None = None
     wall_seconds: float = 0.0
+    averaged_epochs: int | None = None  # the final weights average this many epochs' (optim.average_epochs)
     versions: dict[str, str]
     environment: dict[str, Any] = {}
     warnings: list[str] = []
@@ -176,11 +177,13 @@ def load_weights(module: nn.Module, path: str | Path, *, what: str) -> None:
 
 
 def save_checkpoint(path: str | Path, *, objective: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any]) -> None:
+                    state: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> None:
     """One file holding the objective's weights, the optimizer state and the loop state (JSON in
-    the safetensors metadata), written atomically: a crash leaves the previous epoch's file."""
+    the safetensors metadata), written atomically: a crash leaves the previous epoch's file.
+    ``extra`` tensors (a weight average) are stored under their own names."""
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().contiguous().clone()
                                         for k, v in objective.state_dict().items()}
+    tensors.update({k: v.detach().contiguous().clone() for k, v in (extra or {}).items()})
     opt = optimizer.state_dict()
     scalars: dict[str, Any] = {}
     for pid, pstate in opt["state"].items():
@@ -219,7 +222,7 @@ def load_checkpoint(path: str | Path, *, objective: nn.Module, optimizer: torch.
         pid, name = key.split(".", 1)
         opt_state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-    return meta["state"]
+    return {**meta["state"], "extra": {k: v for k, v in tensors.items() if not k.startswith(("model.", "optim."))}}
 
 
 # ----------------------------------------------------------------------------- loading encoders
