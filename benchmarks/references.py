@@ -130,7 +130,8 @@ def main() -> None:
     seconds = _train_designs(cfg, data, splits, canaries, out, kmax)
     t = cfg.train
     print(f"recipe {args.pipeline} + {args.override}: {t.get('framework')} {t.get('model', {}).get('arch')}, "
-          f"{t.get('epochs')} epochs, batch {t.get('batch_size')}; S_S {len(json.loads(splits[0].read_text())['subsets']['S_S'])}, "
+          f"{t.get('epochs')} epochs, batch {t.get('batch_size')}; "
+          f"S_S {len(json.loads(splits[0].read_text())['subsets']['S_S'])}, "
           f"pool {len(pool_ids(splits[0]))}; {cfg.canaries.m if cfg.canaries else 0} canaries; {args.views} views, "
           f"{args.masks} MAE masks")
     head = (f"{'K':>3} {'score':<6} {'rel(enc)':>8} {'rho(repl)':>9} {'top10':>6} {'FDR J':>6} {'at risk':>9} "
@@ -165,7 +166,8 @@ def main() -> None:
                   f"{jac:>6.2f} {na:>4}/{nb:<4} "
                   f"{s0.reliability['reliability'] if name == 'align' else float('nan'):>10.2f} "
                   f"{m.get('auc', float('nan')):>6.3f} {tpr:>7.3f} "
-                  f"{met.get(lira, {}).get('auc', float('nan')):>6.3f} {met.get(rmia, {}).get('auc', float('nan')):>6.3f} "
+                  f"{met.get(lira, {}).get('auc', float('nan')):>6.3f} "
+                  f"{met.get(rmia, {}).get('auc', float('nan')):>6.3f} "
                   f"{train_s:>8.0f} {results[0][1]:>8.0f}")
             last[name] = enc
     for name, enc in last.items():

@@ -412,11 +412,10 @@ def test_copies_are_found_by_content_across_subsets_and_canaries(tmp_path):
 def test_a_baseline_with_other_canaries_is_compared_like_for_like(world, tmp_path):
     """Two releases audited with different canary sets: their canary AUCs are not a like-for-like
     change, so the rule compares what both measured alike (natural S_C against S_E) and says so."""
-    from memlens.data.canaries import make_canaries, save_canaries
-    from memlens.data.splits import Splits
-
     from memlens.config import DataConfig
     from memlens.data import load
+    from memlens.data.canaries import make_canaries, save_canaries
+    from memlens.data.splits import Splits
 
     root, _ = world
     digits = load(DataConfig())
