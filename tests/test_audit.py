@@ -131,7 +131,9 @@ def test_outputs_and_schema(pair, tmp_path):
     a = read_audit(out)
     assert list(a.points.columns) == ["id", "subset", "label", "candidate", "align_f", "align_g", "sslmem",
                                       "sslmem_range_norm", "sslmem_sym_norm", "mem_se", "mem_ci_low", "mem_ci_high",
-                                      "mem_p", "mem_q", "at_risk", "loss_f", "loss_g", "rank", "requested",
+                                      "mem_p", "mem_q", "at_risk", "loss_f", "loss_g", "lossmem", "lossmem_se",
+                                      "lossmem_ci_low", "lossmem_ci_high", "lossmem_p", "lossmem_q",
+                                      "lossmem_at_risk", "rank", "requested",
                                       "topk_freq"]
     # one pair: the per-image inference covers the views only, and says so
     assert not a.summary.inference["training_randomness_counted"] and "views only" in a.summary.inference["method"]
@@ -140,6 +142,10 @@ def test_outputs_and_schema(pair, tmp_path):
     assert a.points.loc[~a.points.candidate, "mem_q"].isna().all()
     # MAE runs keep their decoder: the reconstruction loss on fixed masks under f and under g
     assert (a.points["loss_f"] > 0).all() and (a.points["loss_g"] > 0).all()
+    # loss memorization of a candidate (in f, out of g): loss out minus loss in, one pair so p is undefined
+    # the table keeps 5-6 digits
+    np.testing.assert_allclose(cand["lossmem"], cand["loss_g"] - cand["loss_f"], atol=2e-5)
+    assert cand["lossmem_p"].isna().all() and not a.points["lossmem_at_risk"].any()
     assert a.summary.privacy["primary_score"] == "loss_ref" and "natural" in a.summary.privacy
     assert len(a.points) == 240 and a.points.groupby("subset").size().to_dict() == {"S_C": 40, "S_E": 40,
                                                                                    "S_I": 40, "S_S": 120}

@@ -25,10 +25,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+# The augmentation sets of memlens.data.augment (named here so that validating a config never imports torch).
+AUGMENTATIONS = ("weak", "normal", "strong", "independent", "mae", "none")
+
+
 def check_augmentation(name: str | None) -> str | None:
     """Field validator: None or the name of an augmentation set."""
-    from memlens.data.augment import AUGMENTATIONS
-
     if name is not None and name not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation set '{name}'; valid: {', '.join(AUGMENTATIONS)}")
     return name

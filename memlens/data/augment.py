@@ -38,10 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from memlens.config.base import AUGMENTATIONS  # noqa: F401  (named in config: validated without torch)
 from memlens.errors import MemlensError
 from memlens.rng import Draws, RowStreams, as_draws
-
-AUGMENTATIONS = ("weak", "normal", "strong", "independent", "mae", "none")
 
 
 def _apply_where(x: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor:

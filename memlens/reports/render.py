@@ -55,8 +55,8 @@ def _audit_data(audit: Audit, cache_dir: str | Path | None):
     """The audit's images, found the way the audit found them (None when they are not reachable)."""
     from memlens.config import DataConfig, validate
     from memlens.data import load
+    from memlens.integrity import read_verified
     from memlens.io import read_json
-    from memlens.train.run import read_run
 
     s = audit.summary
     try:
@@ -64,7 +64,10 @@ def _audit_data(audit: Audit, cache_dir: str | Path | None):
             return load(s.settings.data, cache_dir=cache_dir)
         run = next((r for r in s.encoders if r.source == "run" and r.path), None)
         if run is not None:
-            return load(read_run(run.path).config.data, cache_dir=cache_dir)
+            # the run record's data section only: reading it through memlens.train would import the encoders
+            record = read_verified(Path(run.path) / "run.json", what="run record")
+            return load(validate(DataConfig, record.get("config", {}).get("data", {}), source="run data"),
+                        cache_dir=cache_dir)
         raw = read_json(s.splits["path"], what="splits file")
         if isinstance(raw, dict) and raw.get("data"):
             return load(validate(DataConfig, raw["data"], source="splits data"), cache_dir=cache_dir)
