@@ -325,6 +325,8 @@ def sweep(
     config: Path = typer.Argument(..., help="sweep YAML (train:, epsilons:, dp:, extra_seeds:)"),
     out: Path = typer.Option(..., "--out", "-o", help="sweep directory"),
     force: bool = typer.Option(False, "--force", help="delete the sweep directory and start again"),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="runs trained at once, each in its own process with "
+                                                          "its share of the CPU threads (not under torchrun)"),
 ):
     """Train f and g at every epsilon of a sweep (finished runs are skipped, interrupted ones resumed)."""
     from memlens.config import SweepConfig, load_yaml
@@ -342,7 +344,8 @@ def sweep(
 
     check_writable(out, what="sweep directory")
     with _writer(out):
-        results = run_sweep(cfg, out, force=force, cache_dir=_cache_dir(), on_run=on_run, on_epoch=on_epoch)
+        results = run_sweep(cfg, out, force=force, cache_dir=_cache_dir(), on_run=on_run, on_epoch=on_epoch,
+                            jobs=jobs)
     for run, what in results:
         if what.startswith("skipped"):
             console.print(f"{run.name}: {what}", highlight=False)
@@ -800,6 +803,8 @@ def run(
     out: Path = typer.Option(..., "--out", "-o", help="output directory"),
     force: bool = typer.Option(False, "--force", help="delete the output directory and start again"),
     fail_on_gate: bool = typer.Option(False, "--fail-on-gate", help="exit 1 when the policy gate fails"),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="encoders trained at once, each in its own process "
+                                                          "with its share of the CPU threads (not under torchrun)"),
 ):
     """Split, train f and g per epsilon, probe, audit, report and gate, in one resumable command."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -821,7 +826,7 @@ def run(
 
         with _writer(out):
             result = run_pipeline(cfg, out, force=force, cache_dir=_cache_dir(), progress=progress,
-                                  log=lambda msg: console.print(msg, highlight=False))
+                                  log=lambda msg: console.print(msg, highlight=False), jobs=jobs)
     console.print(f"\n[bold]pipeline complete[/] in {result.seconds:.0f} s: {out}", highlight=False)
     for stage, status in result.stages.items():
         console.print(f"  {stage:<7} {status}", highlight=False)

@@ -42,12 +42,13 @@ Progress = Callable[[str, int, int], None]
 
 def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = False,
                  cache_dir: str | Path | None = None, progress: Progress | None = None,
-                 log: Callable[[str], None] | None = None) -> PipelineResult:
+                 log: Callable[[str], None] | None = None, jobs: int = 1) -> PipelineResult:
     """Run (or resume) the whole pipeline into ``out_dir``.
 
     Args:
         progress: progress(stage, done, total) for long stages.
         log: one line per stage event.
+        jobs: encoders trained at once in separate processes (see :func:`memlens.dp.sweep.run_sweep`).
     """
     from memlens.audit import run_audit, write_audit
     from memlens.audit.results import AUDIT_FILE, read_audit
@@ -120,7 +121,12 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
     done_epochs = 0
 
     def on_run(run, what):
+        nonlocal done_epochs
         say(f"train {run.name}: {what}")
+        if what == "done":  # a run trained in another process: its epochs at once
+            done_epochs += run.config.epochs
+            if progress:
+                progress("training", done_epochs, total_epochs)
 
     def on_epoch(info):
         nonlocal done_epochs
@@ -128,7 +134,8 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
         if progress:
             progress("training", done_epochs, total_epochs)
 
-    outcomes = run_sweep(sweep_cfg, sweep_dir, cache_dir=cache_dir, dataset=dataset, on_run=on_run, on_epoch=on_epoch)
+    outcomes = run_sweep(sweep_cfg, sweep_dir, cache_dir=cache_dir, dataset=dataset, on_run=on_run, on_epoch=on_epoch,
+                         jobs=jobs)
     result.stages["train"] = ", ".join(sorted({w for _, w in outcomes}))
 
     # 3. linear probes

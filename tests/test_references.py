@@ -234,7 +234,7 @@ def test_reference_audit_counts_training_randomness(refs, digits, tmp_path):
     # privacy: each reference the target in turn, against the other pair's references
     p = s.privacy
     assert p["design"] == "references" and p["references_per_target"] == [2, 2, 2, 2]
-    assert p["primary_score"] == "lira_loss" and {"lira_align", "rmia_loss", "loss_ref"} <= set(
+    assert p["primary_score"] == "rmia_loss" and {"lira_align", "lira_loss", "loss_ref"} <= set(
         p["canaries"]["metrics"])
     assert p["canaries"]["n_in"] == p["canaries"]["n_out"] == 80  # 40 canaries x 4 targets, half in each
     assert p["epsilon_lower_bound"]["targets"] == 4
@@ -242,6 +242,14 @@ def test_reference_audit_counts_training_randomness(refs, digits, tmp_path):
     assert len(table) == 160 and {"target", "included", "score_lira_loss"} <= set(table.columns)
     write_audit(res, tmp_path / "a")
     assert read_audit(tmp_path / "a").summary.design["pairs"] == 2
+    # the report's first page gives both at-risk counts and both reliabilities
+    from memlens.reports import build_context, render_html
+
+    html = render_html(build_context([read_audit(tmp_path / "a")], redact=True))
+    n_align, n_loss = s.inference["at_risk"], lm["inference"]["at_risk"]
+    assert f"{n_align} of 60 images are memorized at a false discovery rate of 0.1" in html
+    assert f"By the training loss (MAE reconstruction loss): {n_loss} of 60 images memorized" in html
+    assert "Over encoders (two halves of the 2 pairs" in html and "By the training loss" in html
     # a target: the release candidate, attacked with all references
     tgt = run_audit(AuditConfig(references=[str(refs / f"ref-{i}") for i in range(4)], target=str(refs / "release"),
                                 splits=str(refs / "s.json"), views=4), dataset=digits)
@@ -252,3 +260,27 @@ def test_reference_audit_counts_training_randomness(refs, digits, tmp_path):
     with pytest.raises(MemlensError, match="not whole pairs of the design of 4: missing \\[3\\]"):
         run_audit(AuditConfig(references=[str(refs / f"ref-{i}") for i in range(3)], splits=str(refs / "s.json"),
                               views=4), dataset=digits)
+
+
+def test_auto_primary_score_follows_the_number_of_references():
+    """``privacy.primary: auto`` is fixed by the design before any score is seen: RMIA below 16
+    references per target, LiRA from 16, the mean-reference difference with one reference."""
+    from types import SimpleNamespace
+
+    from memlens.audit.membership import LIRA_MIN_REFERENCES, primary_score
+    from memlens.errors import MemlensError
+
+    refs, auto = SimpleNamespace(kind="references"), SimpleNamespace(primary="auto")
+
+    def attacks(n, names=()):
+        return [SimpleNamespace(refs=list(range(n)), scores=dict.fromkeys(names, 0))] * 3
+
+    assert primary_score(refs, auto, True, attacks(1)) == "loss_ref"
+    assert primary_score(refs, auto, True, attacks(6)) == "rmia_loss"
+    assert primary_score(refs, auto, False, attacks(LIRA_MIN_REFERENCES - 1)) == "rmia_align"
+    assert primary_score(refs, auto, True, attacks(LIRA_MIN_REFERENCES)) == "lira_loss"
+    assert primary_score(SimpleNamespace(kind="fg"), auto, False, attacks(1)) == "sslmem"
+    named = SimpleNamespace(primary="lira_loss")
+    assert primary_score(refs, named, True, attacks(2, ["lira_loss"])) == "lira_loss"
+    with pytest.raises(MemlensError, match="not a score of this audit"):
+        primary_score(refs, named, True, attacks(2, ["rmia_loss"]))

@@ -82,3 +82,28 @@ def test_dp_bad_input_exit_codes(tmp_path):
     assert code == 0 and "training will stop there" in out
     code, _, err = run("privacy")
     assert code == 2 and "either a run directory or --config" in err
+
+
+def test_runs_trained_side_by_side_equal_one_at_a_time(tmp_path):
+    """``--jobs 2`` trains the runs in two spawned processes: the weights of one at a time, and the DP
+    pairs' shared secrets (created by whichever member starts first) are gone when both have finished."""
+    import torch
+    from safetensors.torch import load_file
+
+    refs = "references: {k: 2}"
+    two = _write_sweep(tmp_path, epsilons="[inf, 8]", extra=refs)
+    code, out, err = run("sweep", two, "--out", tmp_path / "two", "--jobs", "2")
+    assert code == 0, err
+    assert out.count(": done") == 4 and "eps-8/ref-01: training" in out
+    one = tmp_path / "one.yaml"
+    one.write_text(two.read_text().replace("epsilons: [inf, 8]", "epsilons: [inf]"))
+    assert run("sweep", one, "--out", tmp_path / "one")[0] == 0
+    for i in range(2):
+        a = load_file(tmp_path / "two" / "eps-inf" / f"ref-{i:02d}" / "model.safetensors")
+        b = load_file(tmp_path / "one" / "eps-inf" / f"ref-{i:02d}" / "model.safetensors")
+        # to float rounding: a worker has its share of the threads, which can change a reduction's order
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), i
+        assert read_run(tmp_path / "two" / "eps-8" / f"ref-{i:02d}").status == "complete"
+    assert not list((tmp_path / "two").rglob(".memlens-dp-secret-*"))
+    code, _, err = run("sweep", two, "--out", tmp_path / "two", "--jobs", "0")
+    assert code == 2 and "--jobs" in err

@@ -19,8 +19,9 @@ per-example objectives ``loss_ref`` (loss_g - loss_f) and ``neg_loss_f``. Refere
 ``neg_align`` (- the target's alignment), ``align_ref`` (the references' mean alignment minus
 the target's), ``lira_align`` and ``rmia_align`` (:mod:`memlens.audit.mia` on minus the
 alignment), and the same four on the loss. The score the gate and the epsilon bound use is named
-before the results are seen (``privacy.primary``; ``auto``: LiRA on the loss where the objective
-has one, else on the alignment; f/g: ``loss_ref``, else ``sslmem``), never chosen afterwards.
+before the results are seen (``privacy.primary``; ``auto``: on the loss where the objective has
+one, else on the alignment, RMIA below 16 references per target and LiRA from 16 on; f/g:
+``loss_ref``, else ``sslmem``), never chosen afterwards.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ REF_SCORES = {"neg_align": "-alignment of the target (no reference)",
               "neg_loss": "-{loss} of the target (no reference)", "loss_ref": "mean {loss} of the references - the "
                                                                           "target's",
               "lira_loss": "LiRA on -{loss}", "rmia_loss": "RMIA on -{loss}"}
+
+# from this many references per target, ``primary: auto`` takes LiRA rather than RMIA
+LIRA_MIN_REFERENCES = 16
 
 
 @dataclass
@@ -71,10 +75,15 @@ def primary_score(design: Design, settings, has_loss: bool, attacks: list[Attack
         return settings.primary
     if design.kind == "fg":
         return "loss_ref" if has_loss else "sslmem"
-    lira_ok = all(len(a.refs) >= 2 for a in attacks)
-    if lira_ok:
-        return "lira_loss" if has_loss else "lira_align"
-    return "loss_ref" if has_loss else "align_ref"
+    stat = "loss" if has_loss else "align"
+    n_refs = min(len(a.refs) for a in attacks)
+    if n_refs < 2:
+        return f"{stat}_ref"
+    # Which attack is strongest depends on how many references calibrate it, decided here from the design,
+    # never from the results: LiRA's per-side Gaussian fits need many references (Carlini et al. use 64 and
+    # more), RMIA is built to work with few (Zarifzadeh et al., ICML 2024). Measured on the demo's recipe
+    # (benchmarks/references.py): RMIA >= LiRA on canaries at 2 and 6 references per target.
+    return f"lira_{stat}" if n_refs >= LIRA_MIN_REFERENCES else f"rmia_{stat}"
 
 
 def attacks(design: Design, points: Points, align: np.ndarray, losses: np.ndarray | None, settings) -> list[Attack]:

@@ -95,8 +95,9 @@ class PrivacySettings(Strict):
     mae_masks: int = Field(4, ge=1, description="fixed masks per image for MAE reconstruction scores")
     primary: str = Field(
         "auto", description="the membership score the AUC rules, TPR rules and the epsilon bound use, named before "
-                            "seeing results. auto: with references, LiRA on the loss where the objective has one, "
-                            "else LiRA on the alignment; with f and g, the loss against g, else SSLMem")
+                            "seeing results. auto: with references, on the loss where the objective has one, "
+                            "else the alignment, by RMIA below 16 references per target and LiRA from 16; "
+                            "with f and g, the loss against g, else SSLMem")
     lira_variance: Literal["auto", "global", "per_example"] = Field(
         "auto", description="LiRA's Gaussian widths: global (one per side, pooled over points: Carlini et al.'s "
                             "choice with few references) or per example; auto: global below 16 references per side")

@@ -71,17 +71,27 @@ def plan_runs(config: SweepConfig, out_dir: str | Path) -> list[SweepRun]:
 
 def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, cache_dir: str | Path | None = None,
               dataset: Dataset | None = None, on_run: Callable[[SweepRun, str], None] | None = None,
-              on_epoch: Callable[[EpochInfo], None] | None = None) -> list[tuple[SweepRun, str]]:
+              on_epoch: Callable[[EpochInfo], None] | None = None, jobs: int = 1) -> list[tuple[SweepRun, str]]:
     """Train every run of the sweep that is not finished yet.
 
     Args:
         dataset: the already-loaded data of ``config.train.data`` (skips loading it again).
-        on_run: called before each run that trains, with "training" or "resuming".
-        on_epoch: called after every epoch of every run.
+        on_run: called before each run that trains, with "training" or "resuming", and (with
+            ``jobs`` > 1) after it, with "done".
+        on_epoch: called after every epoch of every run (in this process only: not with ``jobs`` > 1).
+        jobs: runs trained at once, each in its own process with its share of the CPU threads. The
+            runs of a sweep are independent jobs (a coupled pair shares its DP secret through a locked
+            file, whoever starts first); several small models train faster side by side than one with
+            every thread. Under torchrun every process already works on each run: jobs must be 1.
 
     Returns:
-        (run, what happened) pairs: "trained", "resumed" or "skipped (finished)".
+        (run, what happened) pairs, in the sweep's order: "trained", "resumed" or "skipped (finished)".
     """
+    if jobs < 1:
+        raise MemlensError(f"jobs must be at least 1, got {jobs}")
+    if jobs > 1 and D.active():
+        raise MemlensError("jobs > 1 trains runs in separate processes; under torchrun every process already "
+                           "trains each run: use jobs 1")
     out = Path(out_dir)
     if dataset is None:
         dataset = load(config.train.data, cache_dir=cache_dir, collective=D.active())
@@ -90,20 +100,64 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
     if D.is_main():
         claim_resumable_dir(out, marker=SWEEP_FILE, config=config, what="sweep", force=force)
     D.barrier()
-    done = []
+    what: dict[str, str] = {}
+    pending = []
     for run in runs:
-        status = None
-        if (run.run_dir / RUN_FILE).is_file():
-            status = read_run(run.run_dir).status
+        status = read_run(run.run_dir).status if (run.run_dir / RUN_FILE).is_file() else None
         if status in ("complete", "stopped_budget"):
-            what = "skipped (finished)"
+            what[run.name] = "skipped (finished)"
         else:
-            what = "resumed" if status else "trained"
+            what[run.name] = "resumed" if status else "trained"
+            pending.append((run, status is not None))
+    if jobs > 1 and len(pending) > 1:
+        _train_side_by_side(pending, jobs=jobs, cache_dir=cache_dir, on_run=on_run)
+    else:
+        for run, resume in pending:
             if on_run:  # before the run starts: what is about to happen
-                on_run(run, "resuming" if status else "training")
-            train(run.config, run.run_dir, resume=status is not None, dataset=dataset, on_epoch=on_epoch)
-        done.append((run, what))
-    return done
+                on_run(run, "resuming" if resume else "training")
+            train(run.config, run.run_dir, resume=resume, dataset=dataset, on_epoch=on_epoch)
+    return [(run, what[run.name]) for run in runs]
+
+
+def _train_side_by_side(pending: list[tuple[SweepRun, bool]], *, jobs: int, cache_dir: str | Path | None,
+                        on_run: Callable[[SweepRun, str], None] | None) -> None:
+    """Train runs in ``jobs`` worker processes (spawned: no state of this process is shared); the first
+    failure cancels what has not started and is raised here."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from memlens.resources import available_cores
+
+    threads = max(1, available_cores() // jobs)
+    with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_threads, initargs=(threads,)) as pool:
+        futures = {}
+        for run, resume in pending:
+            if on_run:
+                on_run(run, "resuming" if resume else "training")
+            futures[pool.submit(_train_job, run.config.model_dump(mode="json"), str(run.run_dir), resume,
+                                None if cache_dir is None else str(cache_dir))] = run
+        left = set(futures)
+        while left:
+            finished, left = wait(left, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                if fut.exception() is not None:
+                    for other in left:
+                        other.cancel()
+                    raise fut.exception()
+                if on_run:
+                    on_run(futures[fut], "done")
+
+
+def _worker_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _train_job(config: dict, run_dir: str, resume: bool, cache_dir: str | None) -> None:
+    """One run in a worker process (module-level: spawned workers import it by name)."""
+    train(TrainConfig.model_validate(config), Path(run_dir), resume=resume, cache_dir=cache_dir)
 
 
 def check_sweep(runs: list[SweepRun], *, dataset: Dataset, cache_dir: str | Path | None = None) -> None:

@@ -185,6 +185,9 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
          + ("." if inf.get("training_randomness_counted") else
             "; with one encoder pair only the views' noise is counted, so a retrain could change this list.")
          if found else ""),
+        (f"By the training loss ({lm['loss']}): {lm['inference']['at_risk']} of {lm['inference']['family']} "
+         f"images memorized at the same false discovery rate."
+         if (lm := s.loss_memorization or {}).get("inference", {}).get("training_randomness_counted") else ""),
         f"{frac_above:.1%} of the candidates score above {threshold:g} ({score}).",
         (f"The layer with the highest LayerMem is {best_layer['layer']} ({_f(best_layer['layermem'], 3)})."
          if best_layer is not None else ""),
