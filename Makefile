@@ -25,7 +25,7 @@ demo: $(BIN)/.installed
 	$(BIN)/memlens run pipelines/demo.yaml --out runs/demo --jobs 2
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=15
+	$(BIN)/python -m pytest -n 2 --durations=15
 
 benchmarks: $(BIN)/.installed
 	$(BIN)/python benchmarks/train_throughput.py

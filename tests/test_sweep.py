@@ -85,25 +85,32 @@ def test_dp_bad_input_exit_codes(tmp_path):
 
 
 def test_runs_trained_side_by_side_equal_one_at_a_time(tmp_path):
-    """``--jobs 2`` trains the runs in two spawned processes: the weights of one at a time, and the DP
-    pairs' shared secrets (created by whichever member starts first) are gone when both have finished."""
+    """``--jobs 2`` trains the runs in two spawned processes: the weights of one at a time; a DP pair's
+    shared secret (created by whichever member starts first) is gone when both have finished."""
     import torch
     from safetensors.torch import load_file
 
-    refs = "references: {k: 2}"
-    two = _write_sweep(tmp_path, epsilons="[inf, 8]", extra=refs)
+    two = _write_sweep(tmp_path, epsilons="[inf, 8]", extra="references: {k: 2}")
     code, out, err = run("sweep", two, "--out", tmp_path / "two", "--jobs", "2")
     assert code == 0, err
     assert out.count(": done") == 4 and "eps-8/ref-01: training" in out
-    one = tmp_path / "one.yaml"
-    one.write_text(two.read_text().replace("epsilons: [inf, 8]", "epsilons: [inf]"))
-    assert run("sweep", one, "--out", tmp_path / "one")[0] == 0
     for i in range(2):
-        a = load_file(tmp_path / "two" / "eps-inf" / f"ref-{i:02d}" / "model.safetensors")
-        b = load_file(tmp_path / "one" / "eps-inf" / f"ref-{i:02d}" / "model.safetensors")
+        ref = tmp_path / "two" / "eps-inf" / f"ref-{i:02d}"
+        # one at a time, in this process: the same recipe and seed
+        rec = read_run(ref)
+        assert run("train", "--config", _config_file(tmp_path, rec.config, i), "--out", tmp_path / f"one-{i}")[0] == 0
+        a, b = load_file(ref / "model.safetensors"), load_file(tmp_path / f"one-{i}" / "model.safetensors")
         # to float rounding: a worker has its share of the threads, which can change a reduction's order
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), i
         assert read_run(tmp_path / "two" / "eps-8" / f"ref-{i:02d}").status == "complete"
     assert not list((tmp_path / "two").rglob(".memlens-dp-secret-*"))
     code, _, err = run("sweep", two, "--out", tmp_path / "two", "--jobs", "0")
     assert code == 2 and "--jobs" in err
+
+
+def _config_file(tmp_path, config, i):
+    import yaml
+
+    path = tmp_path / f"ref-{i}.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True)))
+    return path
