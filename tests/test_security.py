@@ -128,6 +128,15 @@ def test_coupled_pair_shares_a_secret_only_while_it_trains(tmp_path, digits, mon
 # ----------------------------------------------------------------------------- provenance
 
 
+def _train_pair(out, splits, canaries, digits):
+    """A tiny MAE f/g pair on ``splits`` with ``canaries`` planted, in ``out``/f and ``out``/g."""
+    base = {"framework": "mae", "splits": str(splits), "epochs": 2, "batch_size": 32,
+            "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "mae": {"decoder_dim": 16},
+            "canaries": str(canaries)}
+    for side in ("f", "g"):
+        train(TrainConfig.model_validate({**base, "subsets": side}), out / side, dataset=digits)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, digits):
     """A small f/g pair trained with canaries, its audit, and a signing key pair."""
@@ -144,11 +153,7 @@ def world(tmp_path_factory, digits):
     cset = make_canaries(digits, m=40, kinds=["natural"], seed=3,
                          exclude_ids=set(splits.ids("S_S", "S_C", "S_I", "S_E")))
     save_canaries(cset, root / "canaries")
-    base = {"framework": "mae", "splits": str(root / "s.json"), "epochs": 2, "batch_size": 32,
-            "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "mae": {"decoder_dim": 16},
-            "canaries": str(root / "canaries")}
-    for side in ("f", "g"):
-        train(TrainConfig.model_validate({**base, "subsets": side}), root / side, dataset=digits)
+    _train_pair(root, root / "s.json", root / "canaries", digits)
     code, out, err = run("keygen", "--out", root / "key.pem")
     assert code == 0, err
     public = out.split("public key: ")[1].split()[0]
@@ -423,11 +428,7 @@ def test_a_baseline_with_other_canaries_is_compared_like_for_like(world, tmp_pat
     other = make_canaries(digits, m=40, kinds=["natural"], seed=9,
                           exclude_ids=set(splits.ids("S_S", "S_C", "S_I", "S_E")))
     save_canaries(other, tmp_path / "canaries")
-    base = {"framework": "mae", "splits": str(root / "s.json"), "epochs": 2, "batch_size": 32,
-            "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "mae": {"decoder_dim": 16},
-            "canaries": str(tmp_path / "canaries")}
-    for side in ("f", "g"):
-        train(TrainConfig.model_validate({**base, "subsets": side}), tmp_path / side, dataset=digits)
+    _train_pair(tmp_path, root / "s.json", tmp_path / "canaries", digits)
     code, _, err = run("audit", "--f", tmp_path / "f", "--g", tmp_path / "g", "--splits", root / "s.json", "--views",
                        "2", "--max-per-subset", "20", "--out", tmp_path / "new")
     assert code == 0, err
