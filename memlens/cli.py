@@ -524,9 +524,14 @@ def audit(
         typer.echo(f"  {name}: mean SSLMem {st.mean:+.4f} (95% CI {st.ci_low:+.4f} .. {st.ci_high:+.4f}, n={st.n})")
     inf = s.inference or {}
     if inf.get("family"):
-        typer.echo(f"  memorized at FDR {inf['fdr']:g}: {inf['at_risk']} of {inf['family']} images"
+        from memlens.audit.results import calibration_sentence
+
+        typer.echo(f"  {calibration_sentence(inf, 'SSLMem')}")
+        withheld = (inf.get("null") or {}).get("withheld")
+        typer.echo(f"  no at-risk list: {withheld}" if withheld else
+                   f"  memorized at FDR {inf['fdr']:g}: {inf['at_risk']} of {inf['family']} images"
                    + ("" if inf.get("training_randomness_counted") else
-                      " (one encoder pair: intervals cover the views only; training randomness not counted)"))
+                      " (one encoder pair, no controls: training randomness not counted)"))
     rel = s.reliability or {}
     if rel.get("reliability") is not None:
         typer.echo(f"  ranking reliability over views (split-half, Spearman-Brown): {rel['reliability']:.2f}"

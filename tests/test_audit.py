@@ -130,22 +130,29 @@ def test_outputs_and_schema(pair, tmp_path):
     out = write_audit(result, tmp_path / "audit")
     a = read_audit(out)
     assert list(a.points.columns) == ["id", "subset", "label", "candidate", "align_f", "align_g", "sslmem",
-                                      "sslmem_range_norm", "sslmem_sym_norm", "mem_se", "mem_ci_low", "mem_ci_high",
-                                      "mem_p", "mem_q", "at_risk", "loss_f", "loss_g", "lossmem", "lossmem_se",
-                                      "lossmem_ci_low", "lossmem_ci_high", "lossmem_p", "lossmem_q",
-                                      "lossmem_at_risk", "rank", "requested",
-                                      "topk_freq"]
-    # one pair: the per-image inference covers the views only, and says so
-    assert not a.summary.inference["training_randomness_counted"] and "views only" in a.summary.inference["method"]
+                                      "sslmem_range_norm", "sslmem_sym_norm", "mem", "mem_se", "mem_ci_low",
+                                      "mem_ci_high", "mem_p", "mem_q", "mem_p_model", "at_risk", "control", "loss_f",
+                                      "loss_g", "lossmem", "lossmem_se", "lossmem_ci_low", "lossmem_ci_high",
+                                      "lossmem_p", "lossmem_q", "lossmem_p_model", "lossmem_at_risk", "rank",
+                                      "requested", "topk_freq"]
+    # one pair: p-values from the control images (they carry the training noise); intervals cover the views only
+    inf = a.summary.inference
+    assert inf["training_randomness_counted"] and not inf["interval_counts_training"]
+    assert "views' jackknife only" in inf["method"] and inf["null"]["controls"] == 160
     cand = a.points[a.points.candidate]
     assert (cand.subset == "S_C").all() and len(cand) == 40 and cand["mem_p"].between(0, 1).all()
     assert a.points.loc[~a.points.candidate, "mem_q"].isna().all()
+    assert set(a.points.loc[a.points.control, "subset"]) == {"S_S", "S_E"}
     # MAE runs keep their decoder: the reconstruction loss on fixed masks under f and under g
     assert (a.points["loss_f"] > 0).all() and (a.points["loss_g"] > 0).all()
-    # loss memorization of a candidate (in f, out of g): loss out minus loss in, one pair so p is undefined
-    # the table keeps 5-6 digits
-    np.testing.assert_allclose(cand["lossmem"], cand["loss_g"] - cand["loss_f"], atol=2e-5)
-    assert cand["lossmem_p"].isna().all() and not a.points["lossmem_at_risk"].any()
+    # loss memorization of a candidate (in f, out of g): loss out minus loss in, less the same difference on the
+    # control images (offset-free); its p-value ranks it among the controls' differences (table: 5-6 digits)
+    ctrl = a.points[a.points.control]
+    offset = (ctrl["loss_g"] - ctrl["loss_f"]).mean()
+    np.testing.assert_allclose(cand["lossmem"], cand["loss_g"] - cand["loss_f"] - offset, atol=2e-5)
+    null = (ctrl["loss_g"] - ctrl["loss_f"]).to_numpy()
+    expect = [(1 + (null >= x - 1e-5).sum()) / (1 + len(null)) for x in cand["loss_g"] - cand["loss_f"]]
+    np.testing.assert_allclose(cand["lossmem_p"], expect, atol=1 / len(null) + 1e-9)
     assert a.summary.privacy["primary_score"] == "loss_ref" and "natural" in a.summary.privacy
     assert len(a.points) == 240 and a.points.groupby("subset").size().to_dict() == {"S_C": 40, "S_E": 40,
                                                                                    "S_I": 40, "S_S": 120}
@@ -153,10 +160,14 @@ def test_outputs_and_schema(pair, tmp_path):
                                                                 "layermem_least"} <= set(a.layers.columns)
     assert len(a.layers) == len(load_encoder(cfg.f[0].model).layer_specs())
     assert list(a.units.columns) == ["layer", "unit", "unitmem", "mu_max", "mu_rest", "argmax_id", "active_frac",
-                                     "classmem"]
+                                     "classmem", "unitmem_p", "flagged"]
+    ranked = a.units.dropna(subset=["unitmem"])
+    assert ranked["unitmem_p"].between(1 / 201, 1).all() and (a.units.flagged == (a.units.unitmem_p <= 0.05)).all()
+    assert a.summary.units["null"]["members"] == 40 and a.summary.units["tested"] == len(ranked)
     assert len(a.units) == a.summary.model["units_total"]
     assert list(a.tests.columns[:6]) == ["name", "hypothesis", "statistic", "p_value", "effect_size", "method"]
-    assert {"C>S", "C>E", "S>I", "E>I", "C>0", "I<0", "S=0"} <= set(a.tests["name"])
+    assert {"C>S", "C>E", "S>I", "E>I", "C>ctrl", "I<ctrl"} == set(a.tests["name"]) - {
+        n for n in a.tests["name"] if n.startswith("unitmem")}
     s = a.summary
     assert s.encoders[0].side == "f" and len(s.encoders[0].weights_sha256) == 64 and s.splits["hash"]
     assert s.reliability["views"] == 4 and -1 <= s.reliability["split_half_r"] <= 1

@@ -207,8 +207,11 @@ def test_k2_complementary_halves_is_the_f_and_g_audit(refs, digits):
     i = fg.subset == "S_I"  # in g: memorization = align_f - align_g
     assert np.allclose(rr.loc[i.values, "sslmem"], -fg.loc[i, "sslmem"])
     assert rr.loc[(fg.subset.isin(["S_S", "S_E"])).values, "sslmem"].isna().all()
-    # one pair: the loss estimate has no spread over seeds to test against, and says so
-    assert rr.loc[c.values, "lossmem"].notna().all() and rr["lossmem_p"].isna().all()
+    # one pair: the loss estimate has no spread over seeds of its own; its p-values come from the
+    # control images (S_S, S_E) scored under the same labelling, the same as under f and g
+    assert rr.loc[c.values, "lossmem"].notna().all() and rr.loc[c.values, "lossmem_p"].between(0, 1).all()
+    assert np.allclose(rr.loc[c.values, "lossmem_p"], fg.loc[c, "lossmem_p"])
+    assert rr.loc[~c.values & ~i.values, "lossmem_p"].isna().all()
 
 
 def test_reference_audit_counts_training_randomness(refs, digits, tmp_path):
@@ -224,8 +227,23 @@ def test_reference_audit_counts_training_randomness(refs, digits, tmp_path):
     assert set(pool.subset) == {"S_C", "S_I"} and len(pool) == 60
     assert (pool.mem_ci_low <= pool.sslmem).all() and (pool.sslmem <= pool.mem_ci_high).all()
     assert s.reliability_encoders["pairs"] == 2 and -1 <= s.reliability_encoders["split_half_r"] <= 1
-    # the same estimator on MAE's reconstruction loss: out minus in, with its own inference and list
-    assert np.allclose(pool.lossmem, pool.loss_out - pool.loss_in)
+    # the same estimator on MAE's reconstruction loss: out minus in of each encoder's loss centred on
+    # its control images (S_S, S_E), recomputed here by hand from the saved per-encoder signals
+    write_audit(res, tmp_path / "sig")
+    from memlens.audit import read_signals
+
+    sig = read_signals(tmp_path / "sig")
+    ids = list(pts["id"])
+    by = {(r.encoder_index, r.id): r for r in sig.itertuples()}
+    enc = sorted(sig.encoder_index.unique())
+    ctrl_ids = [i for i, c in zip(pts["id"], pts["control"], strict=True) if c]
+    assert ctrl_ids and set(pts.loc[pts.control, "subset"]) == {"S_S", "S_E"}
+    centre = {e: np.mean([by[(e, i)].loss for i in ctrl_ids]) for e in enc}
+    for row in pool.itertuples():
+        ins = [by[(e, row.id)].loss - centre[e] for e in enc if by[(e, row.id)].member]
+        outs = [by[(e, row.id)].loss - centre[e] for e in enc if not by[(e, row.id)].member]
+        assert row.lossmem == pytest.approx(np.mean(outs) - np.mean(ins), abs=1e-6)
+    assert len(ids) == len(set(ids))
     assert (pool.lossmem_ci_low <= pool.lossmem).all() and pool.lossmem_q.notna().all()
     lm = s.loss_memorization
     assert lm["loss"] == "MAE reconstruction loss" and lm["reliability_encoders"]["pairs"] == 2
@@ -249,7 +267,11 @@ def test_reference_audit_counts_training_randomness(refs, digits, tmp_path):
     n_align, n_loss = s.inference["at_risk"], lm["inference"]["at_risk"]
     assert f"{n_align} of 60 images are memorized at a false discovery rate of 0.1" in html
     assert f"By the training loss (MAE reconstruction loss): {n_loss} of 60 images memorized" in html
-    assert "Over encoders (two halves of the 2 pairs" in html and "By the training loss" in html
+    assert "over encoders (two halves of the 2 pairs" in html and "By the training loss" in html
+    # the retrain reliability comes before any list, and the calibration self-check is on the first page
+    section = html[html.index("Training images most at risk"):]
+    assert section.index("over encoders (two halves") < section.index("memorized at a false discovery rate")
+    assert "Calibration self-check on 90 control images (60 in every encoder, 30 in none)" in html
     # a target: the release candidate, attacked with all references
     tgt = run_audit(AuditConfig(references=[str(refs / f"ref-{i}") for i in range(4)], target=str(refs / "release"),
                                 splits=str(refs / "s.json"), views=4), dataset=digits)

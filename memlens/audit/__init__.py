@@ -12,7 +12,7 @@ import sys
 import types
 
 _WHERE = {"audit": "api", "AuditResult": "engine", "run_audit": "engine", "write_audit": "engine",
-          "Audit": "results", "AuditSummary": "results", "read_audit": "results"}
+          "Audit": "results", "AuditSummary": "results", "read_audit": "results", "read_signals": "signals"}
 
 __all__ = sorted(_WHERE)
 

@@ -21,16 +21,17 @@ import torch
 
 import memlens
 from memlens import distributed as D
-from memlens.audit.inference import pair_differences
+from memlens.audit import nulls
+from memlens.audit.inference import group_means, pair_differences
 from memlens.audit.layermem import delta_layermem, vit_block_table
 from memlens.audit.results import AuditSummary
+from memlens.audit.signals import signals_table
 from memlens.audit.sslmem import range_normalize, symmetric_normalize
 from memlens.audit.stats import (
     bootstrap_ci,
     holm,
-    one_sample_t,
+    mann_whitney,
     ranking_consistency,
-    signed_rank,
     sslmem_tests,
     welch,
 )
@@ -42,21 +43,32 @@ from memlens.rng import derive_seed
 
 
 def assemble(s, *, res, align, losses, loss_name, est, rel, freq, n_views, unit_acc, class_acc, unit_views, groups,
-             privacy, attacks, canary_table, t_start):
+             privacy, attacks, canary_table, t_start, unit_null=None):
     from memlens.audit.engine import AuditResult
 
     t = time.perf_counter()
     points = points_table(s, align, losses, est, freq, attacks)
-    layers, units, tests_extra, prime, lm = layers_units(s, res, unit_acc, class_acc, groups)
-    tests, consistency, subsets = statistics(s, points, prime, tests_extra, align)
+    layers, units, tests_extra, prime, lm = layers_units(s, res, unit_acc, class_acc, groups, unit_null, est)
+    tests, consistency, subsets = statistics(s, points, prime, tests_extra, align, est)
     s.timings["stats"] = time.perf_counter() - t
     summary = summary_of(s, points=points, layers=layers, units=units, tests=tests, consistency=consistency,
                          subsets=subsets, est=est, rel=rel, n_views=n_views, unit_views=unit_views, groups=groups,
-                         privacy=privacy, lm=lm, t_start=t_start, loss_name=loss_name)
+                         privacy=privacy, lm=lm, t_start=t_start, loss_name=loss_name, unit_null=unit_null)
     tests_df = pd.DataFrame([x.to_dict() for x in tests],
                             columns=["name", "hypothesis", "statistic", "p_value", "effect_size", "method", "n_a",
                                      "n_b", "p_holm"])
-    return AuditResult(summary, points, layers, units, tests_df, canaries=canary_table, notes=list(s.warnings))
+    return AuditResult(summary, points, layers, units, tests_df, canaries=canary_table, notes=list(s.warnings),
+                       signals=_signals(s, est, align, losses, res))
+
+
+def _signals(s, est, align: np.ndarray, losses: np.ndarray | None, res: dict) -> pd.DataFrame:
+    """Every encoder's score of every point, with the membership (memlens.audit.signals)."""
+    design, pts = s.design, s.points
+    where = s.ctx.layer_points
+    layers = {sp.name: np.where(where[None, :], res["layer"][:, li, :], np.nan) for li, sp in enumerate(s.ctx.specs)}
+    controls = est.controls if est.controls is not None else np.zeros(len(pts), bool)
+    return signals_table(labels=design.labels(), roles=design.roles, ids=pts.ids, subset_of=pts.subset_of,
+                         member=design.member, controls=controls, align=align, losses=losses, layers=layers)
 
 
 # ----------------------------------------------------------------------------- points
@@ -78,7 +90,8 @@ def points_table(s, align: np.ndarray, losses: np.ndarray | None, est, freq: np.
         a_in, a_out = align[f].mean(0)[:n], align[g].mean(0)[:n]  # f is "in" for the candidates
         table.update(align_f=a_in, align_g=a_out)
     else:
-        a_in, a_out = per.align_in[:n], per.align_out[:n]
+        # the raw alignments (the estimator works on scores centred on the controls)
+        a_in, a_out = (x[:n] for x in group_means(align[design.scored], design.member[design.scored]))
         table.update(align_in=a_in, align_out=a_out)
     raw = a_out - a_in
     defined = np.isfinite(raw)
@@ -87,10 +100,14 @@ def points_table(s, align: np.ndarray, losses: np.ndarray | None, est, freq: np.
     table.update(sslmem=raw, sslmem_range_norm=norm,
                  sslmem_sym_norm=symmetric_normalize(torch.from_numpy(a_in), torch.from_numpy(a_out)).numpy())
     elig = s.eligible[:n]
-    for col, values in (("mem_se", per.se), ("mem_ci_low", per.ci_low), ("mem_ci_high", per.ci_high),
-                        ("mem_p", per.p), ("mem_q", per.q)):
+    # mem: the offset-free estimate (out - in of scores centred on the control images), with its
+    # interval, the controls' null p-value behind the list, and the moderated t's own p (p_model)
+    for col, values in (("mem", per.mem), ("mem_se", per.se), ("mem_ci_low", per.ci_low),
+                        ("mem_ci_high", per.ci_high), ("mem_p", per.p), ("mem_q", per.q),
+                        ("mem_p_model", per.p_model)):
         table[col] = np.where(elig, values[:n], np.nan)
     table["at_risk"] = per.at_risk[:n]
+    table["control"] = (est.controls if est.controls is not None else np.zeros(len(pts), bool))[:n]
     if losses is not None:
         if design.kind == "fg":
             table.update(loss_f=losses[f].mean(0)[:n], loss_g=losses[g].mean(0)[:n])
@@ -103,7 +120,8 @@ def points_table(s, align: np.ndarray, losses: np.ndarray | None, est, freq: np.
     if lp is not None:
         # the same in/out estimator on the training loss (higher out than in: memorized)
         for col, values in (("lossmem", lp.mem), ("lossmem_se", lp.se), ("lossmem_ci_low", lp.ci_low),
-                            ("lossmem_ci_high", lp.ci_high), ("lossmem_p", lp.p), ("lossmem_q", lp.q)):
+                            ("lossmem_ci_high", lp.ci_high), ("lossmem_p", lp.p), ("lossmem_q", lp.q),
+                            ("lossmem_p_model", lp.p_model)):
             table[col] = np.where(elig, values[:n], np.nan)
         table["lossmem_at_risk"] = lp.at_risk[:n]
     out = pd.DataFrame(table)
@@ -130,12 +148,13 @@ def _target_columns(out: pd.DataFrame, design, attack, align, losses, n: int) ->
 # ----------------------------------------------------------------------------- layers and units
 
 
-def layers_units(s, res, unit_acc, class_acc, groups):
+def layers_units(s, res, unit_acc, class_acc, groups, unit_null=None, est=None):
     """The layers and units tables, Table 11's tests, per-layer SSLMem' and LayerMem."""
     specs = s.ctx.specs
     names = [sp.name for sp in specs]
     design = s.design
-    pts = np.flatnonzero(s.ctx.layer_points)
+    pts = np.flatnonzero(s.ctx.layer_points & ~s.controls)  # the paper's LayerMem: the candidates'
+    offset_free = _layer_null(s, res, est) if est is not None else {}
     member = design.member[design.scored][:, pts]
     layer = res["layer"][design.scored][:, :, pts]  # (E, L, m)
     with np.errstate(invalid="ignore"):
@@ -160,15 +179,82 @@ def layers_units(s, res, unit_acc, class_acc, groups):
         row = {"layer": sp.name, "kind": sp.kind, "depth": sp.depth, "block": sp.block, "units": sp.units,
                "unit_kind": sp.unit_kind, "layermem": lm[sp.name], "delta_layermem": delta[sp.name],
                "layermem_top": lm_top[sp.name], "layermem_least": lm_least[sp.name],
-               "delta_layermem_top": delta_top[sp.name], "units_measured": sp.name in s.ctx.unit_layers}
+               "delta_layermem_top": delta_top[sp.name], "units_measured": sp.name in s.ctx.unit_layers,
+               **offset_free.get(sp.name, {})}
         if sp.name in s.ctx.unit_layers and d_size >= 2:
             row.update(_unit_rows(s, sp, unit_acc, class_acc, groups, dprime_ids, d_size, unit_rows, tests_extra))
         layer_rows.append(row)
     units = pd.DataFrame(unit_rows, columns=["layer", "unit", "unitmem", "mu_max", "mu_rest", "argmax_id",
                                              "active_frac", "classmem"])
+    _flag_units(units, unit_null)
+    if unit_null is not None:
+        for row in layer_rows:
+            sel = units[(units["layer"] == row["layer"]) & units["unitmem_p"].notna()]
+            row["frac_units_flagged"] = float(sel["flagged"].mean()) if len(sel) else None
     layers = pd.DataFrame(layer_rows)
     layers.attrs["rows"] = layer_rows  # the summary keeps each layer's own fields (no NaN fill-ins)
     return layers, units, tests_extra, prime, lm
+
+
+def _layer_null(s, res, est) -> dict[str, dict]:
+    """Offset-free LayerMem per layer: the candidates' out - in layer alignment (each encoder's layer centred
+    on the control images) against the control images' under the same labellings, in units of the controls'
+    spread, with a one-sided Welch test, Holm across layers.
+
+    The localizing paper's LayerMem (Eq. 3) averages SSLMem' = (out - in) / (out + in) per layer; an
+    encoder whose layer aligns every image better moves it for every image. Centring removes such a shift
+    exactly, and the controls' spread (shift-free) puts the layers on one scale.
+    """
+    per = est.per_image
+    if per.control_member is None or not s.controls.any():
+        return {}
+    design = s.design
+    cand = np.flatnonzero(s.ctx.layer_points & ~s.controls & s.eligible)
+    ctrl = np.flatnonzero(s.controls)
+    member = per.control_member  # (E_scored, n): the controls relabelled as pool images
+    out, ps = {}, []
+    for li, sp in enumerate(s.ctx.specs):
+        values = nulls.centre_on_controls(res["layer"][design.scored][:, li, :], s.controls)
+        m_in, m_out = group_means(values, member)
+        d = m_out - m_in
+        dc, dn = d[cand], d[ctrl]
+        spread = float(np.std(dn, ddof=1)) if len(dn) > 1 else float("nan")
+        test = welch(dc, dn, alternative="greater", name="", hypothesis="")
+        out[sp.name] = {"layermem_excess": float(np.mean(dc) - np.mean(dn)) if len(dc) else None,
+                        "layermem_z": float((np.mean(dc) - np.mean(dn)) / spread) if spread > 0 else None,
+                        "layermem_p": test.p_value}
+        ps.append(test.p_value)
+    for name, p in zip(out, holm(ps), strict=True):
+        out[name]["layermem_p_holm"] = p
+    return out
+
+
+def _flag_units(units: pd.DataFrame, unit_null) -> None:
+    """units.csv's null columns: each unit's permutation p-value and whether it is flagged (p <= alpha)."""
+    p = np.full(len(units), np.nan)
+    if unit_null is not None:
+        for name, values in unit_null.p.items():
+            rows = np.flatnonzero((units["layer"] == name).to_numpy())
+            p[rows] = values[units["unit"].to_numpy()[rows]]
+    units["unitmem_p"] = p
+    units["flagged"] = np.nan_to_num(p, nan=np.inf) <= (unit_null.alpha if unit_null is not None else -1.0)
+
+
+def _units_null_summary(units: pd.DataFrame, unit_null) -> dict:
+    """The units' flag rate beside what chance gives on an encoder that memorized nothing."""
+    if unit_null is None:
+        return {"null": None}
+    from scipy import stats as sps
+
+    tested = int(units["unitmem_p"].notna().sum())
+    flagged = int(units["flagged"].sum())
+    lo, hi = (sps.binom.ppf([0.025, 0.975], tested, unit_null.alpha) / tested) if tested else (np.nan, np.nan)
+    excess = float(sps.binomtest(flagged, tested, unit_null.alpha, alternative="greater").pvalue) if tested else None
+    return {"null": {"method": "permutation over members and non-members of the units encoder",
+                     "members": unit_null.members, "non_members": unit_null.non_members,
+                     "permutations": unit_null.permutations, "alpha": unit_null.alpha},
+            "tested": tested, "flagged": flagged, "frac_flagged": flagged / tested if tested else None,
+            "chance_interval": [float(lo), float(hi)], "excess_p": excess}
 
 
 def _unit_rows(s, sp, unit_acc, class_acc, groups, dprime_ids, d_size, unit_rows, tests_extra) -> dict:
@@ -212,30 +298,49 @@ def _unit_rows(s, sp, unit_acc, class_acc, groups, dprime_ids, d_size, unit_rows
 # ----------------------------------------------------------------------------- statistics
 
 
-def reference_tests(scores: dict[str, np.ndarray]) -> list:
-    """References: each pool subset's memorization (out - in) is above 0, both methods, Holm per method."""
+def subset_tests(s, est, points: pd.DataFrame, scores: dict[str, np.ndarray]) -> list:
+    """The subset tests, offset-free: the SSLMem paper's (f and g; its "above 0" read as "above the
+    control images'"), or each pool subset against the controls (references)."""
+    per = est.per_image
+    ctrl = per.control_mem[:s.points.n_nat] if per.control_mem is not None else None
+    controls = ctrl[np.isfinite(ctrl)] if ctrl is not None else np.array([])
+    if s.design.kind == "fg":
+        if est.controls is not None and est.controls.any():
+            # f and g: SSLMem of the controls (g - f) is their difference under the candidates' labelling
+            controls = points.loc[points["control"].to_numpy(), "sslmem"].to_numpy()
+            controls = controls[np.isfinite(controls)]
+        return sslmem_tests({**scores, **({"controls": controls} if len(controls) else {})})
+    mem = points["mem"].to_numpy()
+    sub = points["subset"].to_numpy()
+    pool = {name: mem[(sub == name) & np.isfinite(mem)] for name in SUBSETS}
+    return reference_tests({k: v for k, v in pool.items() if len(v)}, controls)
+
+
+def reference_tests(pool: dict[str, np.ndarray], controls: np.ndarray) -> list:
+    """References: each pool subset's memorization (out - in, centred on the controls) above the control
+    images' under the same labellings; Welch and Mann-Whitney, Holm per method. No controls, no test."""
     out = []
-    for method in (one_sample_t, signed_rank):
-        family = [method(x, alternative="greater", name=f"{name[2]}>0",
-                         hypothesis=f"mean memorization (out - in alignment) of {name} is above 0")
-                  for name, x in scores.items() if len(x)]
+    if len(controls) < 2:
+        return out
+    for method in (welch, mann_whitney):
+        family = [method(x, controls, alternative="greater", name=f"{name[2]}>ctrl",
+                         hypothesis=f"mean memorization (out - in alignment) of {name} exceeds the control images' "
+                                    f"(S_S/S_E, scored under the pool's labellings)")
+                  for name, x in pool.items() if len(x) >= 2]
         for t, p in zip(family, holm([t.p_value for t in family]), strict=True):
             t.p_holm = p
         out += family
     return out
 
 
-def statistics(s, points: pd.DataFrame, prime: np.ndarray, tests_extra: list, align: np.ndarray):
+def statistics(s, points: pd.DataFrame, prime: np.ndarray, tests_extra: list, align: np.ndarray, est):
     """Tests, ranking consistency (layers, encoder pairs) and per-subset statistics."""
     cfg, design, specs = s.cfg, s.design, s.ctx.specs
     names = [sp.name for sp in specs]
     raw = points["sslmem"].to_numpy()
     sub = points["subset"].to_numpy()
     scores = {name: raw[(sub == name) & np.isfinite(raw)] for name in SUBSETS if name in cfg.subsets}
-    if design.kind == "fg":
-        tests = sslmem_tests(scores) + tests_extra
-    else:
-        tests = reference_tests({k: v for k, v in scores.items() if len(v)}) + tests_extra
+    tests = subset_tests(s, est, points, scores) + tests_extra
     ranking_layers = [sp for sp in specs if sp.kind in ("conv", "block", "stage")] or [sp for sp in specs
                                                                                      if sp.is_unit_layer]
     cons_layers = []
@@ -293,7 +398,7 @@ def _pair_consistency(s, align: np.ndarray) -> list[dict]:
 
 
 def summary_of(s, *, points, layers, units, tests, consistency, subsets, est, rel, n_views, unit_views, groups,
-               privacy, lm, t_start, loss_name=None) -> AuditSummary:
+               privacy, lm, t_start, loss_name=None, unit_null=None) -> AuditSummary:
     cfg, design, ds, specs = s.cfg, s.design, s.dataset, s.ctx.specs
     ranked_um = units["unitmem"].dropna().to_numpy()
     vit_rows = [r.__dict__ for r in vit_block_table(lm, specs)] if any(sp.kind == "resblock_attn" for sp in specs) \
@@ -346,7 +451,7 @@ def summary_of(s, *, points, layers, units, tests, consistency, subsets, est, re
                "frac_above_half": float(np.mean(ranked_um > 0.5)) if len(ranked_um) else None,
                "max": float(ranked_um.max()) if len(ranked_um) else None,
                "classmem_mean": float(units["classmem"].mean()) if len(units) and units["classmem"].notna().any()
-               else None, "top_least_k": groups["k"]},
+               else None, "top_least_k": groups["k"], **_units_null_summary(units, unit_null)},
         top_units=_top_units(units),
         top_points=order.head(groups["k"]).to_dict(orient="records"),
         at_risk_points=at_risk[keep].to_dict(orient="records"),
@@ -366,20 +471,28 @@ def _loss_memorization(est, points: pd.DataFrame, loss_name: str | None) -> dict
                                                           kind="stable")
     keep = ["id", "subset", "label", "lossmem", "lossmem_ci_low", "lossmem_ci_high", "lossmem_q"]
     method = _method_note(lp.facts) if lp.facts.get("training_randomness_counted") else (
-        "one encoder pair: no per-image interval or p-value on the loss (its spread over training seeds needs two "
-        "pairs or more)")
+        "one encoder pair and no control images: no per-image p-value on the loss (its spread over training seeds "
+        "needs two pairs, or control images scored beside the pool)")
     return {"loss": loss_name, "inference": {**lp.facts, "method": method},
             "reliability_encoders": est.loss_encoders.to_dict() if est.loss_encoders is not None else None,
             "at_risk_points": listed[keep].to_dict(orient="records")}
 
 
 def _method_note(facts: dict) -> str:
-    if facts.get("training_randomness_counted"):
-        return (f"per-image paired differences over {facts['pairs']} encoder pairs, moderated t (Smyth 2004) plus "
-                f"the views' jackknife, one-sided; Benjamini-Hochberg at FDR {facts['fdr']:g}")
-    return ("one encoder pair: the interval and p-value cover the views only (the jackknife over views); training "
+    null = facts.get("null") or {}
+    stat = (f"paired differences over {facts['pairs']} encoder pairs, moderated t (Smyth 2004) plus the views' "
+            f"jackknife" if facts.get("interval_counts_training") else
+            "the difference out - in of one encoder pair (intervals: the views' jackknife only)")
+    if null.get("method") == "controls":
+        return (f"per-image {stat}, on scores centred on the {null['controls']} control images (offset-free); "
+                f"p-value: the image's statistic ranked among the control images' under the same labelling "
+                f"(conformal, ties counted against the image); Benjamini-Hochberg at FDR {facts['fdr']:g}")
+    if facts.get("interval_counts_training"):
+        return f"per-image {stat}, one-sided t p-values (not calibrated on controls); Benjamini-Hochberg at FDR " \
+               f"{facts['fdr']:g}"
+    return ("one encoder pair, no control images: the interval and p-value cover the views only; training "
             f"randomness is not measured, so the list at FDR {facts['fdr']:g} would change with the training seed. "
-            "Audit more pairs (extra seeds, or references) to count it")
+            "Score S_S or S_E images beside the candidates, or audit more pairs, to count it")
 
 
 def _design_summary(design, s) -> dict:

@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from memlens import distributed as D
 from memlens import resources
-from memlens.audit import inference
+from memlens.audit import inference, nulls
 from memlens.audit.design import (
     Design,
     Points,
@@ -55,6 +55,7 @@ from memlens.audit.passes import Ctx, gather, loss_pass, merge_passes, scoring_p
 from memlens.audit.reliability import ranking_reliability
 from memlens.audit.results import AUDIT_FILE, AuditSummary
 from memlens.audit.sslmem import alignment_from_distances
+from memlens.audit.unitmem import unitmem_null_p
 from memlens.config import AuditConfig, EncoderSpec
 from memlens.data import Augmenter, Dataset, Splits, load
 from memlens.data.augment import EvalTransform
@@ -80,6 +81,7 @@ class AuditResult:
     tests: pd.DataFrame
     canaries: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
+    signals: pd.DataFrame | None = None  # every encoder's score of every point (memlens.audit.signals)
 
     def save(self, out_dir: str | Path, *, force: bool = False, sign_key=None) -> Path:
         return write_audit(self, out_dir, force=force, sign_key=sign_key)
@@ -183,6 +185,7 @@ class Setup:
     unreadable: list[dict]
     plan: resources.ResourcePlan
     warnings: list[str]
+    controls: np.ndarray  # natural points with the same membership in every scored encoder (the null's)
     timings: dict = field(default_factory=dict)
 
 
@@ -199,6 +202,7 @@ def _audit(cfg: AuditConfig, design: Design, splits: Splits, dataset: Dataset, d
     s.timings["pass"] = time.perf_counter() - t_start - s.timings["load"]
     t = time.perf_counter()
     unit_acc, class_acc, unit_views = _units(s, res, n_views)
+    unit_null = _unit_null(s, unit_acc, unit_views)
     s.timings["unit_pass"] = time.perf_counter() - t
     align = _alignments(res["dist"], cfg.pairing)
     t = time.perf_counter()
@@ -217,7 +221,8 @@ def _audit(cfg: AuditConfig, design: Design, splits: Splits, dataset: Dataset, d
     s.timings["top_least_pass"] = time.perf_counter() - t
     return assemble(s, res=res, align=align, losses=losses, loss_name=loss_name, est=est, rel=rel, freq=freq,
                     n_views=n_views, unit_acc=unit_acc, class_acc=class_acc, unit_views=unit_views, groups=groups,
-                    privacy=privacy, attacks=attacks, canary_table=canary_table, t_start=t_start)
+                    privacy=privacy, attacks=attacks, canary_table=canary_table, t_start=t_start,
+                    unit_null=unit_null)
 
 
 def _setup(cfg: AuditConfig, design: Design, splits: Splits, dataset: Dataset, device: torch.device,
@@ -241,7 +246,10 @@ def _setup(cfg: AuditConfig, design: Design, splits: Splits, dataset: Dataset, d
     if design.kind == "fg":
         eligible &= points.subset_of == "S_C"  # the candidates, as the papers rank them
     dprime = np.isin(points.subset_of, cfg.unitmem.subsets)
-    layer_points = (points.subset_of == "S_C") if design.kind == "fg" else eligible
+    controls = nulls.control_images(scored, ~points.is_canary) if cfg.inference.null == "controls" else \
+        np.zeros(len(points), dtype=bool)
+    # per-layer alignments: the candidates (the paper's LayerMem), and the controls (its offset-free null)
+    layer_points = ((points.subset_of == "S_C") if design.kind == "fg" else eligible) | controls
     pixels = ConcatPixels([dataset.pixels, cset.pixels]) if cset is not None else dataset.pixels
     ctx = Ctx(cfg=cfg, dataset=dataset, pixels=pixels, rows=points.rows, ids=points.ids, encoders=design.encoders,
               unit_encoder=design.units_encoder, specs=specs, unit_layers=unit_layers, device=device,
@@ -249,7 +257,7 @@ def _setup(cfg: AuditConfig, design: Design, splits: Splits, dataset: Dataset, d
               workers=plan.workers, modules={id(e): dict(e.module.named_modules()) for e in design.encoders},
               class_labels=_class_labels(dataset, points, cset))
     return Setup(cfg, design, splits, dataset, points, cset, ctx, augmenter, unit_augmenter, aug_name, unit_aug_name,
-                 eligible, unreadable, plan, warnings)
+                 eligible, unreadable, plan, warnings, controls)
 
 
 def _score(s: Setup):
@@ -297,6 +305,47 @@ def _units(s: Setup, res: dict, n_views: int) -> tuple[dict, dict, int]:
     return merged["unit_acc"], merged["class_acc"], unit_views
 
 
+@dataclass
+class UnitNull:
+    """Each unit's permutation p-value against its own UnitMem on non-members (layer -> (U,))."""
+
+    p: dict[str, np.ndarray]
+    members: int
+    non_members: int
+    permutations: int
+    alpha: float
+
+
+def _unit_null(s: Setup, unit_acc: dict, unit_views: int) -> UnitNull | None:
+    """The units' null (:func:`memlens.audit.unitmem.unitmem_null_p`): the units encoder's responses
+    on the D' images it trained on and on up to twice as many natural images it did not train on."""
+    cfg, design = s.cfg, s.design
+    if not s.ctx.unit_layers or cfg.unitmem.permutations == 0:
+        return None
+    member = design.member[design.units_encoder]
+    natural = ~s.points.is_canary
+    members = np.flatnonzero((s.ctx.dprime_pos >= 0) & member & natural)
+    others = np.flatnonzero(~member & natural)
+    if len(members) < 2 or len(others) < 2:
+        return None
+    rng = np.random.default_rng(derive_seed(cfg.seed, "unit-null"))
+    if len(others) > 2 * len(members):
+        others = np.sort(rng.choice(others, 2 * len(members), replace=False))
+    positions = np.r_[members, others]
+    _, _, rows_mu = unit_pass(s.ctx, D.shard(positions), unit_views, s.unit_augmenter, accumulate=False)
+    gathered = D.all_gather_object(rows_mu)  # contiguous shards in rank order: the order of positions
+    is_member = torch.from_numpy(np.arange(len(positions)) < len(members))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "unit-null-draws") % 2**63)
+    p = {}
+    for name in s.ctx.unit_layers:
+        mu = torch.from_numpy(np.concatenate([g[name] for g in gathered if g[name].size]))
+        _, p[name] = unitmem_null_p(mu, is_member, permutations=cfg.unitmem.permutations, generator=gen,
+                                    rest=cfg.unitmem.rest, shift=unit_acc[name].shift,
+                                    min_activation=cfg.unitmem.min_activation)
+        p[name] = p[name].numpy()
+    return UnitNull(p, len(members), len(others), cfg.unitmem.permutations, cfg.unitmem.alpha)
+
+
 def _alignments(dist: np.ndarray, pairing: str) -> np.ndarray:
     """(E, n) alignment of every encoder on every point from its view distances (SSLMem paper, Eq. 1)."""
     return np.stack([alignment_from_distances(torch.from_numpy(d).double(), pairing).numpy() for d in dist])
@@ -329,6 +378,7 @@ class Estimates:
     view_var: np.ndarray
     loss_per_image: inference.PerImage | None = None
     loss_encoders: inference.EncoderReliability | None = None
+    controls: np.ndarray | None = None  # (n,) bool, the control images of the null
 
 
 def _estimate(s: Setup, res: dict, align: np.ndarray, n_views: int, losses: np.ndarray | None) -> Estimates:
@@ -337,25 +387,36 @@ def _estimate(s: Setup, res: dict, align: np.ndarray, n_views: int, losses: np.n
     cfg, design = s.cfg, s.design
     scored = design.scored
     member = design.member[scored]
-    a = align[scored]
-    view_var = inference.view_jackknife(res["dist"][scored], member, cfg.pairing)
+    dist = res["dist"][scored]
+    controls = s.controls
+    # offset-free: every encoder's scores centred on the control images (nulls module docstring)
+    a = nulls.centre_on_controls(align[scored], controls)
+    view_var = inference.view_jackknife(dist, member, cfg.pairing)
     pairs = _scored_pairs(design)
     common = {"fdr": cfg.inference.fdr, "confidence": cfg.confidence}
+
+    def control_view_var(relabelled: np.ndarray) -> np.ndarray:
+        out = np.full(a.shape[1], np.nan)
+        out[controls] = inference.view_jackknife(dist[:, controls], relabelled[:, controls], cfg.pairing)
+        return out
+
+    null = inference.ControlNull(controls, control_view_var) if controls.any() else None
     per = inference.per_image(a, member, pairs, view_var=view_var, moderated=cfg.inference.moderated,
-                              eligible=s.eligible, **common)
+                              eligible=s.eligible, null=null, **common)
     enc = inference.encoder_reliability(a, member, pairs, view_var=view_var, views=n_views, eligible=s.eligible,
-                                        target=cfg.reliability.target, **common)
-    est = Estimates(per, enc, view_var)
+                                        target=cfg.reliability.target, null=null, **common)
+    est = Estimates(per, enc, view_var, controls=controls)
     if losses is not None:
         # The loss is averaged over fixed mask draws shared by every encoder (common random numbers):
         # its draw noise is in the pair differences, and there is no separate view term to measure
-        # (NaN: with one pair nothing is measured, and the p-values say so by being undefined).
-        lo, none = losses[scored], np.full(a.shape[1], np.nan)
+        # (NaN). With one pair the controls' null still gives every image a p-value.
+        lo, none = nulls.centre_on_controls(losses[scored], controls), np.full(a.shape[1], np.nan)
+        loss_null = inference.ControlNull(controls) if null is not None else None
         est.loss_per_image = inference.per_image(lo, member, pairs, view_var=none, moderated=cfg.inference.moderated,
-                                                 eligible=s.eligible, **common)
+                                                 eligible=s.eligible, null=loss_null, **common)
         est.loss_encoders = inference.encoder_reliability(lo, member, pairs, view_var=none, views=1,
                                                           eligible=s.eligible, target=cfg.reliability.target,
-                                                          **common)
+                                                          null=loss_null, **common)
     return est
 
 
@@ -520,10 +581,17 @@ def write_audit(result: AuditResult, out_dir: str | Path, *, force: bool = False
         from memlens.audit.results import TableInfo
 
         result.summary.tables = {name: TableInfo(**info) for name, info in infos.items()}
+        files = {f"{name}.csv": info["sha256"] for name, info in infos.items()}
+        if result.signals is not None:
+            from memlens.audit.signals import SIGNALS_FILE, write_signals
+
+            digest = write_signals(result.signals, tmp / SIGNALS_FILE)
+            result.summary.signals = {"file": SIGNALS_FILE, "sha256": digest, "rows": int(len(result.signals)),
+                                      "columns": list(result.signals.columns)}
+            files[SIGNALS_FILE] = digest
         from memlens.integrity import stamp
 
-        doc = stamp(result.summary.model_dump(mode="json"),
-                    files={f"{name}.csv": info["sha256"] for name, info in infos.items()}, sign_key=sign_key)
+        doc = stamp(result.summary.model_dump(mode="json"), files=files, sign_key=sign_key)
         result.summary.integrity = doc["integrity"]
         atomic_write_text(tmp / AUDIT_FILE, dumps(doc) + "\n")
         if out.exists():

@@ -29,10 +29,21 @@ and g) the two groups are compared as two samples.
 se^2 = s~^2 / P + var_jackknife; t = m / se; the one-sided p-value tests m(x) > 0; the interval
 is m +/- t_{df, (1 + c)/2} se.
 
+**Offset-free, calibrated on controls.** The scores are centred on the control images (the
+images every encoder, or none, trained on) before the differences, so a constant shift of one
+encoder changes no estimate; the p-value of an image is its statistic ranked among the control
+images' statistics under the same labelling (:mod:`memlens.audit.nulls`): a null that holds the
+training noise even with one pair. The moderated t above is that statistic from two pairs on
+(its own t-distribution p-value, ``p_model``, is checked against the controls and reported, not
+used for the list: with shared offsets and few pairs it is not calibrated); with one pair the
+statistic is the difference itself. The intervals are the moderated t's, widened by the
+uncertainty of the controls' mean.
+
 **At-risk list.** Benjamini-Hochberg over the images with a contrast (``scipy.stats.
 false_discovery_control``): the images whose adjusted p (q) is at most the FDR level (default
 0.1) are "memorized at FDR q": on average at most a fraction q of such a list are false
-discoveries (Benjamini and Hochberg, JRSS-B 1995).
+discoveries (Benjamini and Hochberg, JRSS-B 1995). When the null's self-check fails the list is
+withheld (empty, with the reason in the facts).
 
 **Reliability over encoders.** The pairs are split into two halves, each scores every image,
 and the Spearman correlation of the two score vectors is stepped up to all pairs with the
@@ -45,9 +56,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 from scipy import special, stats
+
+from memlens.audit import nulls
 
 # ----------------------------------------------------------------------------- differences
 
@@ -154,7 +168,13 @@ def view_jackknife(dist: np.ndarray, member: np.ndarray, pairing: str = "all") -
 
 @dataclass
 class PerImage:
-    """Per-image memorization estimates (arrays over the scored images; NaN without a contrast)."""
+    """Per-image memorization estimates (arrays over the scored images; NaN without a contrast).
+
+    ``p`` is the p-value the at-risk list uses: the control images' null (:mod:`memlens.audit.nulls`)
+    when the audit scored controls, else the moderated t's; ``p_model`` is always the moderated t's.
+    ``control_mem``: each control image's in/out difference under a pool image's labelling (the
+    null sample of the subset tests), NaN elsewhere.
+    """
 
     mem: np.ndarray
     align_in: np.ndarray
@@ -170,15 +190,111 @@ class PerImage:
     at_risk: np.ndarray
     n_in: np.ndarray
     n_out: np.ndarray
+    p_model: np.ndarray | None = None
+    control_mem: np.ndarray | None = None
+    control_member: np.ndarray | None = None  # (E, n) membership with each control given its assigned labelling
     facts: dict = field(default_factory=dict)
 
 
-def per_image(align: np.ndarray, member: np.ndarray, pairs: list[tuple[int, int]], *, view_var: np.ndarray,
-              fdr: float, confidence: float, moderated: bool = True, eligible: np.ndarray | None = None) -> PerImage:
+@dataclass
+class Statistic:
+    """One image's memorization statistic under a membership (arrays over images)."""
+
+    mem: np.ndarray  # mean out - in
+    var: np.ndarray  # its variance (training randomness over pairs, moderated, plus the views)
+    df: np.ndarray
+    resid_df: float
+    paired: bool
+    prior: tuple[float, float] | None
+
+    @property
+    def t(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.mem / np.sqrt(self.var)
+
+    @property
+    def ranked(self) -> np.ndarray:
+        """What the empirical null ranks: the moderated t with two pairs or more (an image's own
+        spread over training seeds), else the difference itself (one pair measures no spread; the
+        views' jackknife is not the noise that matters)."""
+        return self.t if self.resid_df > 0 else self.mem
+
+
+def statistic(values: np.ndarray, member: np.ndarray, pairs: list[tuple[int, int]], *, view_var: np.ndarray,
+              images: np.ndarray, moderated: bool = True, prior: tuple[float, float] | None = None,
+              paired: bool | None = None) -> Statistic:
+    """Mean out - in difference of ``images`` and its variance (see the module docstring).
+
+    Args:
+        values: (E, n) per-encoder scores (alignment or loss).
+        member: (E, n) bool membership.
+        pairs: encoder pairs; [] for a two-sample comparison.
+        view_var: (n,) jackknife variance over views (NaN: not measured).
+        images: (n,) bool, the images to compute (each with an in- and an out-encoder).
+        prior: a fitted (d0, s0^2) to reuse (the null uses the candidates' prior), else fitted on
+            ``images``.
+        paired: force the paired (True) or two-sample (False) form, else decided by the data.
+    """
+    n = values.shape[1]
+    d = pair_differences(values, member, pairs) if pairs else None
+    if paired is None:
+        paired = d is not None and bool(np.all(np.isfinite(d[:, images])))
+    if paired:
+        p_count = d.shape[0]
+        mem, s2 = np.full(n, np.nan), np.full(n, np.nan)
+        mem[images] = d[:, images].mean(axis=0)
+        if p_count >= 2:
+            s2[images] = d[:, images].var(axis=0, ddof=1)
+        resid_df, scale = float(p_count - 1), 1.0 / p_count
+    else:
+        m_in, m_out = group_means(values, member)
+        mem = np.where(images, m_out - m_in, np.nan)
+        s2, resid_df, scale = _two_sample_var(values, member)
+    if resid_df <= 0:  # one pair: the views are all that can be measured
+        return Statistic(mem, np.asarray(view_var, float).copy(), np.full(n, np.inf), resid_df, paired, None)
+    if prior is None:
+        prior = squeeze_var(s2[images], resid_df) if moderated else (0.0, float("nan"))
+    post, df = moderated_variance(s2, resid_df, prior)
+    return Statistic(mem, post * scale + np.nan_to_num(view_var), df, resid_df, paired, prior)
+
+
+def moderated_variance(s2: np.ndarray, resid_df: float, prior: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Smyth's posterior variance s~^2 = (d0 s0^2 + d s^2) / (d0 + d) and its d + d0 degrees of freedom."""
+    d0, s0 = prior
+    n = len(s2)
+    if math.isinf(d0):
+        return np.full(n, s0), np.full(n, np.inf)
+    if d0 > 0:
+        return (d0 * s0 + resid_df * s2) / (d0 + resid_df), np.full(n, resid_df + d0)
+    return s2, np.full(n, resid_df)
+
+
+def bh_list(p: np.ndarray, family: np.ndarray, fdr: float) -> tuple[np.ndarray, np.ndarray]:
+    """Benjamini-Hochberg q-values over ``family`` and the list at ``fdr`` (q <= fdr)."""
+    q = np.full(len(p), np.nan)
+    fam = family & np.isfinite(p)
+    if fam.any():
+        q[fam] = stats.false_discovery_control(p[fam], method="bh")
+    return q, fam & (q <= fdr)
+
+
+@dataclass
+class ControlNull:
+    """What the empirical null needs: the control images and, optionally, how to measure the views'
+    variance of a relabelled membership (the alignment has views; the loss has none)."""
+
+    controls: np.ndarray  # (n,) bool
+    view_var_of: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def per_image(values: np.ndarray, member: np.ndarray, pairs: list[tuple[int, int]], *, view_var: np.ndarray,
+              fdr: float, confidence: float, moderated: bool = True, eligible: np.ndarray | None = None,
+              null: ControlNull | None = None) -> PerImage:
     """Per-image memorization, its standard error, one-sided p-value, BH q-value and interval.
 
     Args:
-        align: (E, n) alignment (mean distance over view pairs) of every encoder on every image.
+        values: (E, n) score (mean view distance, or loss) of every encoder on every image; lower
+            is better fitted, so out - in > 0 reads "memorized".
         member: (E, n) bool membership.
         pairs: encoder pairs (see the module docstring); [] for a two-sample comparison.
         view_var: (n,) jackknife variance over views (:func:`view_jackknife`).
@@ -187,56 +303,122 @@ def per_image(align: np.ndarray, member: np.ndarray, pairs: list[tuple[int, int]
         moderated: shrink the per-image variances (Smyth's moderated t).
         eligible: (n,) bool, the images the FDR family holds (default: every image with a
             contrast); canaries are scored but kept out of the natural images' family.
+        null: the control images; with them the p-values (and the list) come from the controls'
+            null (:mod:`memlens.audit.nulls`) and the estimates are offset-free only if ``values``
+            were centred on them (:func:`memlens.audit.nulls.centre_on_controls`).
     """
-    n = align.shape[1]
-    m_in, m_out = group_means(align, member)
+    n = values.shape[1]
+    m_in, m_out = group_means(values, member)
     has = contrast(member)
     eligible = has if eligible is None else (eligible & has)
-    n_in, n_out = member.sum(0), (~member).sum(0)
-    d = pair_differences(align, member, pairs) if pairs else None
-    paired = d is not None and bool(np.all(np.isfinite(d[:, has]))) and len(pairs) >= 1
-    if paired:
-        # Images without a contrast (shared data) have all-NaN columns: reduce only the others.
-        p_count = d.shape[0]
-        mem, s2 = np.full(n, np.nan), np.full(n, np.nan)
-        mem[has] = d[:, has].mean(axis=0)
-        if p_count >= 2:
-            s2[has] = d[:, has].var(axis=0, ddof=1)
-        resid_df = float(p_count - 1)
-        scale = 1.0 / p_count
+    st = statistic(values, member, pairs, view_var=view_var, images=has, moderated=moderated,
+                   prior=_prior_on(values, member, pairs, view_var, eligible, moderated))
+    facts = {"pairs": len(pairs) if st.paired else 0, "encoders": int(values.shape[0]), "paired": st.paired,
+             "residual_df": st.resid_df, "fdr": fdr, "confidence": confidence,
+             "interval_counts_training": bool(st.resid_df > 0)}
+    if st.prior is not None:
+        facts.update(prior_df=float(st.prior[0]), prior_var=float(st.prior[1]))
+    var = st.var
+    p_model = np.where(np.isfinite(st.t), stats.t.sf(st.t, st.df), np.nan)
+    control_mem = control_member = None
+    if null is not None and null.controls.any():
+        p, control_mem, control_member, extra_var, null_facts = _control_null(values, member, pairs, st, eligible,
+                                                                              null, fdr)
+        var = var + extra_var  # the controls' mean is estimated too
+        facts["null"] = null_facts
     else:
-        mem = m_out - m_in
-        s2, resid_df, scale = _two_sample_var(align, member)
-    facts = {"pairs": len(pairs) if paired else 0, "encoders": int(align.shape[0]), "paired": paired,
-             "residual_df": resid_df, "fdr": fdr, "confidence": confidence,
-             "training_randomness_counted": bool(resid_df > 0)}
-    if resid_df > 0:
-        d0, s0 = squeeze_var(s2[eligible], resid_df) if moderated else (0.0, float("nan"))
-        if math.isinf(d0):
-            post, df = np.full(n, s0), np.full(n, np.inf)
-        elif d0 > 0:
-            post, df = (d0 * s0 + resid_df * s2) / (d0 + resid_df), np.full(n, resid_df + d0)
-        else:
-            post, df = s2, np.full(n, resid_df)
-        facts.update(prior_df=float(d0), prior_var=float(s0))
-        var = post * scale + np.nan_to_num(view_var)
-    else:  # one pair: the views are all that can be measured
-        var, df = np.asarray(view_var, float), np.full(n, np.inf)
+        p = p_model
+        facts["null"] = {"method": "model", "controls": 0}
     se = np.sqrt(var)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        t = mem / se
-    p = np.where(np.isfinite(t), stats.t.sf(t, df), np.nan)
-    q = np.full(n, np.nan)
-    fam = eligible & np.isfinite(p)
-    if fam.any():
-        q[fam] = stats.false_discovery_control(p[fam], method="bh")
-    crit = stats.t.ppf(0.5 + confidence / 2, df)
-    at_risk = fam & (q <= fdr)
-    facts["family"] = int(fam.sum())
+    q, at_risk = bh_list(p, eligible, fdr)
+    withheld = facts["null"].get("withheld")
+    if withheld:
+        at_risk = np.zeros(n, dtype=bool)
+    crit = stats.t.ppf(0.5 + confidence / 2, st.df)
+    facts["training_randomness_counted"] = bool(st.resid_df > 0 or facts["null"]["method"] == "controls")
+    facts["family"] = int((eligible & np.isfinite(p)).sum())
     facts["at_risk"] = int(at_risk.sum())
-    return PerImage(mem=mem, align_in=m_in, align_out=m_out, se=se, se_views=np.sqrt(np.asarray(view_var, float)),
-                    df=df, t=t, p=p, q=q, ci_low=mem - crit * se, ci_high=mem + crit * se, at_risk=at_risk,
-                    n_in=n_in, n_out=n_out, facts=facts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = st.mem / se
+    return PerImage(mem=st.mem, align_in=m_in, align_out=m_out, se=se,
+                    se_views=np.sqrt(np.asarray(view_var, float)), df=st.df, t=t, p=p, q=q,
+                    ci_low=st.mem - crit * se, ci_high=st.mem + crit * se, at_risk=at_risk, n_in=member.sum(0),
+                    n_out=(~member).sum(0), p_model=p_model, control_mem=control_mem, control_member=control_member,
+                    facts=facts)
+
+
+def _prior_on(values, member, pairs, view_var, eligible, moderated) -> tuple[float, float] | None:
+    """The moderated t's prior, fitted on the family's images (the null reuses it)."""
+    if not eligible.any():
+        return None
+    return statistic(values, member, pairs, view_var=view_var, images=eligible, moderated=moderated).prior
+
+
+def _control_null(values, member, pairs, st: Statistic, eligible, null: ControlNull, fdr: float):
+    """Conformal p-values of the family against the controls scored under each image's labelling,
+    the controls' differences (for the subset tests), the variance the centring adds, and the facts
+    of the null and its self-check (see :mod:`memlens.audit.nulls`)."""
+    ctrl = null.controls
+    n_c = int(ctrl.sum())
+    columns, which = nulls.labellings(member, eligible)
+    p = np.full(values.shape[1], np.nan)
+    extra = np.zeros(values.shape[1])
+    control_mem = np.full(values.shape[1], np.nan)
+    control_member = member.copy()
+    slot = np.flatnonzero(ctrl)
+    # each control image shows the subset tests its difference under one pool image's labelling
+    # (round robin over the family), so their null sample has the pool's mix of labellings
+    assigned = which[np.flatnonzero(eligible)][np.arange(n_c) % max(int(eligible.sum()), 1)] \
+        if eligible.any() else np.zeros(n_c, int)
+    checks, models = [], []
+    kind_all, kind_none = ctrl & member.all(axis=0), ctrl & (~member).all(axis=0)
+    for k in range(columns.shape[1]):
+        relabel = nulls.relabelled(member, ctrl, columns[:, k])
+        vv = null.view_var_of(relabel) if null.view_var_of is not None else np.full(values.shape[1], np.nan)
+        nst = statistic(values, relabel, pairs, view_var=vv, images=ctrl, prior=st.prior, paired=st.paired)
+        mine = which == k
+        p[mine] = nulls.conformal_p(st.ranked[mine], nst.ranked[ctrl])
+        extra[mine] = float(np.nanvar(nst.mem[ctrl], ddof=1)) / n_c if n_c > 1 else 0.0
+        here = slot[assigned == k]
+        control_mem[here] = nst.mem[here]
+        control_member[:, here] = columns[:, k][:, None]
+        checks.append(nulls.cross_kind_p(nst.ranked, kind_all, kind_none))
+        t_null = nst.t[here]
+        models.append(np.where(np.isfinite(t_null), stats.t.sf(t_null, nst.df[here]), np.nan))
+    facts = {"method": "controls", "controls": n_c, "in_every_encoder": int(kind_all.sum()),
+             "in_no_encoder": int(kind_none.sum()), "labellings": int(columns.shape[1]),
+             "statistic": "moderated t" if st.resid_df > 0 else "difference out - in",
+             **nulls.resolution(n_c, int(eligible.sum()), fdr)}
+    facts.update(_self_check(checks, models, fdr))
+    return p, control_mem, control_member, extra, facts
+
+
+def _self_check(checks: list, models: list, fdr: float) -> dict:
+    """The null's self-check (cross-kind p-values) and the moderated t's check on the controls."""
+    out: dict = {}
+    model = nulls.uniformity(np.concatenate(models)) if models else None
+    out["model_check"] = model.to_dict() if model is not None else None
+    cross = [c for c in checks if c is not None]
+    if not cross:
+        out["self_check"] = None
+        out["self_check_note"] = (f"not checkable: it needs at least {nulls.MIN_KIND} control images in every "
+                                  f"encoder and {nulls.MIN_KIND} in none")
+        return out
+    # one labelling's cross-kind p-values per check (the checks of one audit share their controls)
+    p = cross[0]
+    u = nulls.uniformity(p)
+    _, listed = bh_list(p, np.ones(len(p), bool), fdr)
+    out["self_check"] = {**u.to_dict(), "null_at_risk": int(listed.sum()),
+                         "passed": bool(u.excess_p >= SELF_CHECK_ALPHA)}
+    if not out["self_check"]["passed"]:
+        out["withheld"] = (f"the control images in every encoder and those in none disagree (fraction of null "
+                           f"p-values below 0.05: {u.below_05:.3f}, expected {u.interval_05[0]:.3f}-"
+                           f"{u.interval_05[1]:.3f}; excess p = {u.excess_p:.2g}): the null depends on more than "
+                           f"membership, so no image is listed")
+    return out
+
+
+SELF_CHECK_ALPHA = 0.01  # the self-check fails when its excess of small null p-values has p below this
 
 
 def _two_sample_var(align: np.ndarray, member: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
@@ -283,7 +465,7 @@ class EncoderReliability:
 
 def encoder_reliability(align: np.ndarray, member: np.ndarray, pairs: list[tuple[int, int]], *,
                         view_var: np.ndarray, views: int, eligible: np.ndarray, target: float, fdr: float,
-                        confidence: float) -> EncoderReliability | None:
+                        confidence: float, null: ControlNull | None = None) -> EncoderReliability | None:
     """Split-half reliability over pairs (None with fewer than two pairs); see the module docstring.
 
     The halves are the first and second half of the pairs (pairs are exchangeable: their seeds and
@@ -293,8 +475,8 @@ def encoder_reliability(align: np.ndarray, member: np.ndarray, pairs: list[tuple
     if p_count < 2 or eligible.sum() < 3:
         return None
     a, b = pairs[:p_count // 2], pairs[p_count // 2:]
-    ia = per_image(align, member, a, view_var=view_var, fdr=fdr, confidence=confidence, eligible=eligible)
-    ib = per_image(align, member, b, view_var=view_var, fdr=fdr, confidence=confidence, eligible=eligible)
+    ia = per_image(align, member, a, view_var=view_var, fdr=fdr, confidence=confidence, eligible=eligible, null=null)
+    ib = per_image(align, member, b, view_var=view_var, fdr=fdr, confidence=confidence, eligible=eligible, null=null)
     x, y = ia.mem[eligible], ib.mem[eligible]
     r_half = float(stats.spearmanr(x, y).statistic) if np.std(x) > 0 and np.std(y) > 0 else float("nan")
     from memlens.audit.reliability import spearman_brown

@@ -6,7 +6,9 @@ Pure functions of two score arrays: the scores of points that were in the traini
 * **Membership inference** (Carlini et al. 2022's recommended reporting): the ROC curve and its
   area (scikit-learn's ``roc_curve`` / ``roc_auc_score``; the AUC equals the Mann-Whitney U
   statistic over n_in n_out) with a bootstrap confidence interval, and the TPR at FPR 1% and 0.1%
-  (the best threshold whose FPR does not exceed the target) with a Clopper-Pearson interval.
+  read off the ROC curve with ties (tied scores are one threshold; between two thresholds the
+  curve is the straight segment of a randomised threshold, as scikit-learn draws it) with a
+  Clopper-Pearson interval.
   When there are fewer than 1 / FPR non-members the lowest reachable non-zero FPR is 1 / n_out,
   and the result says so instead of pretending.
 * **One-run epsilon lower bound** (Steinke, Nasr and Jagielski, "Privacy Auditing with One (1)
@@ -23,6 +25,10 @@ Pure functions of two score arrays: the scores of points that were in the traini
 Choosing how many to guess: trying every threshold and keeping the best would overstate the
 bound. The default (``grid``) fixes in advance a small grid of guess counts, k = 0.5%, 1%, 2%, 5%,
 10%, 20% and 50% of the canaries, and applies a **Bonferroni correction** over the grid (beta / 7);
+each k becomes the threshold "score at least the k-th highest", so scores tied with the k-th are
+guessed together (a sorted order would otherwise break ties by membership, in the members'
+favour, and overstate the bound); the counts then equal jax_privacy's ``CanaryScoreAuditor``
+with that explicit threshold;
 ``bonferroni`` tries every threshold with beta divided by their number (valid, but the delta
 term of the one-run bound, about 2 m delta / k, then swamps the corrected level);
 ``split`` chooses the threshold on a random half of the canaries and computes the bound on the
@@ -101,18 +107,35 @@ def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
 
 
 def tpr_at_fpr(in_scores, out_scores, fpr: float, *, confidence: float = 0.95) -> TprAtFpr:
-    """The largest TPR of a threshold whose FPR is at most ``fpr``, with its Clopper-Pearson interval."""
+    """TPR at FPR ``fpr`` on the ROC curve with ties, with its Clopper-Pearson interval.
+
+    Tied scores are one threshold: the ROC steps from one distinct score to the next along a
+    straight segment (the randomised threshold that guesses a fraction of the tied scores, as
+    ``sklearn.metrics.roc_curve`` draws it), and the TPR at ``fpr`` is read off that curve by
+    linear interpolation. Taking only the vertices would report 0 whenever more than ``fpr`` of the
+    non-members tie at the top score; breaking the ties by order would favour whichever side
+    came first.
+    """
     a, b = np.asarray(in_scores, float), np.asarray(out_scores, float)
     f, t, thr = _roc(a, b)
-    ok = f <= fpr + 1e-12
-    best = int(np.flatnonzero(ok)[np.argmax(t[ok])])
-    tp = int(round(t[best] * len(a)))
+    tpr, seg = _interpolate_roc(f, t, fpr)
+    tp = int(round(tpr * len(a)))
     lo, hi = clopper_pearson(tp, len(a), confidence)
     resolvable = len(b) * fpr >= 1
     note = "" if resolvable else (f"too few non-members for FPR {fpr:g}: with {len(b)} the lowest non-zero FPR is "
-                                  f"{1 / len(b):.2g}; the TPR shown is at FPR 0")
-    return TprAtFpr(fpr=fpr, tpr=float(t[best]), ci_low=lo, ci_high=hi,
-                    threshold=float(thr[best]) if np.isfinite(thr[best]) else None, resolvable=resolvable, note=note)
+                                  f"{1 / len(b):.2g}; the TPR shown is interpolated towards FPR 0")
+    return TprAtFpr(fpr=fpr, tpr=tpr, ci_low=lo, ci_high=hi,
+                    threshold=float(thr[seg]) if np.isfinite(thr[seg]) else None, resolvable=resolvable, note=note)
+
+
+def _interpolate_roc(f: np.ndarray, t: np.ndarray, fpr: float) -> tuple[float, int]:
+    """TPR of the ROC curve (f, t nondecreasing, vertices at distinct thresholds) at ``fpr``, and the
+    index of the threshold that reaches it (the one guessed in part when between two vertices)."""
+    i = int(np.flatnonzero(f <= fpr + 1e-12)[-1])  # the best vertex within the FPR (t is nondecreasing)
+    if i == len(f) - 1 or f[i] >= fpr - 1e-12:
+        return float(t[i]), i
+    frac = (fpr - f[i]) / (f[i + 1] - f[i])  # the share of the next tied group guessed at random
+    return float(t[i] + frac * (t[i + 1] - t[i])), i + 1
 
 
 def membership_metrics(in_scores, out_scores, *, score: str, fprs: tuple[float, ...] = (0.01, 0.001),
@@ -248,6 +271,22 @@ def _candidates(in_scores: np.ndarray, out_scores: np.ndarray) -> list[tuple[flo
     return [(float(s[i]), int(i + 1), int(correct[i])) for i in k]
 
 
+def guesses_at_threshold(in_scores: np.ndarray, out_scores: np.ndarray, threshold: float) -> tuple[int, int]:
+    """(guesses, correct) of guessing "in" for every score at or above ``threshold``: the explicit
+    threshold of jax_privacy's ``CanaryScoreAuditor``; tied scores are guessed together."""
+    return int((in_scores >= threshold).sum() + (out_scores >= threshold).sum()), int((in_scores >= threshold).sum())
+
+
+def guesses_at_rank(in_scores: np.ndarray, out_scores: np.ndarray, k: int) -> tuple[int, int]:
+    """(guesses, correct) for "guess the k highest" made tie-correct: the threshold is the k-th
+    highest score and every score tied with it is guessed too. Taking the first k of a sorted
+    order instead would break ties by position, i.e. by membership when the members come first."""
+    scores = np.r_[in_scores, out_scores]
+    k = int(min(max(k, 1), len(scores)))
+    threshold = float(np.sort(scores)[::-1][k - 1])
+    return guesses_at_threshold(in_scores, out_scores, threshold)
+
+
 GRID = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 
 
@@ -271,10 +310,9 @@ def epsilon_lower_bound(in_scores, out_scores, *, delta: float, confidence: floa
     counts_fn = epsilon_one_run_counts if method == "one-run" else epsilon_one_run_fdp_counts
     if strategy.startswith("top:"):
         k = int(strategy[4:])
-        order = np.argsort(-np.r_[a, b], kind="stable")[:k]
-        correct = int((order < len(a)).sum())
-        eps = counts_fn(m, k, correct, significance=beta, delta=delta)
-        return EpsilonBound(method, eps, confidence, delta, strategy, m, k, correct, 1)
+        guesses, correct = guesses_at_rank(a, b, k)
+        eps = counts_fn(m, guesses, correct, significance=beta, delta=delta)
+        return EpsilonBound(method, eps, confidence, delta, strategy, m, guesses, correct, 1)
     if strategy == "split":
         rng = np.random.default_rng(seed)
         pa, pb = rng.permutation(len(a)), rng.permutation(len(b))
@@ -289,10 +327,8 @@ def epsilon_lower_bound(in_scores, out_scores, *, delta: float, confidence: floa
         eps = counts_fn(len(a2) + len(b2), guesses, correct, significance=beta, delta=delta)
         return EpsilonBound(method, eps, confidence, delta, strategy, len(a2) + len(b2), guesses, correct, 1)
     if strategy == "grid":
-        order = np.argsort(-np.r_[a, b], kind="stable")
-        hits = np.cumsum(order < len(a))
         ks = sorted({max(1, int(round(f * m))) for f in GRID})
-        cands = [(float("nan"), k, int(hits[k - 1])) for k in ks]
+        cands = [(float("nan"), *guesses_at_rank(a, b, k)) for k in ks]
     elif strategy == "bonferroni":
         cands = _candidates(a, b)
     else:

@@ -91,6 +91,11 @@ class LayerRow(Model):
     classmem_mean: float | None = None
     unitmem_top_mean: float | None = None
     unitmem_least_mean: float | None = None
+    frac_units_flagged: float | None = None  # units above their own null (memlens.audit.unitmem.unitmem_null_p)
+    layermem_excess: float | None = None  # offset-free: candidates' centred out - in minus the controls'
+    layermem_z: float | None = None  # the same in units of the controls' spread
+    layermem_p: float | None = None  # one-sided Welch, candidates above controls
+    layermem_p_holm: float | None = None
 
 
 class TopUnit(Model):
@@ -141,6 +146,7 @@ class AuditSummary(Model):
     warnings: list[str] = []
     timings: dict[str, float]
     tables: dict[str, TableInfo] = {}
+    signals: dict[str, Any] | None = None  # signals.parquet: file, sha256, rows, columns (memlens.audit.signals)
     integrity: dict[str, Any] | None = None  # memlens.integrity: digests of the record and its tables
 
     @property
@@ -253,3 +259,52 @@ def verify_inputs(summary: AuditSummary, where: Path) -> None:
             from memlens.integrity import read_verified
 
             read_verified(Path(can["path"]) / "canaries.json", what="canary set")
+
+
+# ----------------------------------------------------------------------------- words (report, card, CLI)
+
+
+def _pval(p: float | None) -> str:
+    if p is None or p != p:
+        return "n/a"
+    return "< 1e-300" if p == 0 else (f"{p:.2g}" if p < 0.001 else f"{p:.3f}")
+
+
+def calibration_sentence(inf: dict, measure: str) -> str:
+    """The calibration self-check in words: the null's check on the control images, the model's check."""
+    null = inf.get("null") or {}
+    if null.get("method") != "controls":
+        return (f"Calibration: the {measure} p-values are the model's own (no control images were scored), not "
+                f"checked on controls.")
+    check = null.get("self_check")
+    model = null.get("model_check")
+    model_words = (f" The moderated t alone would give {model['below_05']:.1%} of the controls p < 0.05 (KS p = "
+                   f"{_pval(model['ks_p'])}); it is not what the list uses." if model else "")
+    if check is None:
+        return (f"Calibration on {null['controls']} control images (the same membership in every encoder): "
+                f"{null.get('self_check_note', 'no self-check')}.{model_words}")
+    state = "passed" if check["passed"] else "FAILED"
+    return (f"Calibration self-check on {null['controls']} control images ({null['in_every_encoder']} in every "
+            f"encoder, {null['in_no_encoder']} in none): {check['below_05']:.1%} of their null p-values are below "
+            f"0.05 (expected {check['interval_05'][0]:.1%} to {check['interval_05'][1]:.1%}), KS p = "
+            f"{_pval(check['ks_p'])}, {check['null_at_risk']} listed at the FDR: {state}.{model_words}")
+
+
+def units_sentence(units: dict) -> str:
+    """UnitMem in words: selectivity (UnitMem > 0.5) is not memorization; the units' null says which is."""
+    frac = units.get("frac_above_half")
+    if frac is None:
+        return ""
+    sel = (f"{frac:.1%} of the encoder's ranked units have UnitMem above 0.5 (they respond to one image of D' at "
+           f"least three times more than to the others); a random network's units are that selective too")
+    if not units.get("null"):
+        return sel + ", and no null was computed, so this says nothing about memorization."
+    lo, hi = units["chance_interval"]
+    alpha = units["null"]["alpha"]
+    verdict = ("more than chance: units respond to training images more than to unseen ones"
+               if units.get("excess_p") is not None and units["excess_p"] < 0.01 else "no more than chance")
+    return (sel + f". Against each unit's own null (its UnitMem on as many images drawn from the "
+            f"{units['null']['members']} training images and {units['null']['non_members']} unseen ones), "
+            f"{units['frac_flagged']:.1%} of {units['tested']} units are flagged at {alpha:g} (chance: {lo:.1%} to "
+            f"{hi:.1%}): {verdict}.")
+

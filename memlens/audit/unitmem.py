@@ -169,3 +169,36 @@ class UnitMemAccumulator:
             return res
         others = (self.sum - self.max) / (self.n - 1)
         return _finish(self.max, others, self.argmax.clone(), self.active.clone(), self.floor)
+
+
+def unitmem_null_p(mu: torch.Tensor, members: torch.Tensor, *, permutations: int, generator: torch.Generator,
+                   rest: Rest = "mean", shift: Shift = "none", min_activation: float = 0.0) -> tuple[torch.Tensor,
+                                                                                                       torch.Tensor]:
+    """Permutation p-value of every unit's UnitMem on the members against the same unit on non-members.
+
+    The localizing paper ranks units by UnitMem over D' (Eq. 8), but a random network's units are
+    peaky too: a high UnitMem says a unit is selective, not that it memorized a training image.
+    The null: the unit's UnitMem over sets of the same size drawn from the members and the
+    non-members together. When the unit does not respond to membership, the members' set is one such
+    draw, and p = (1 + #{draws with UnitMem >= observed}) / (1 + permutations) is a valid p-value
+    (ties count against the unit; a draw whose unit is silent counts as not reaching it).
+
+    Args:
+        mu: (N, U) mean responses mu_u(x) of the pooled images (following the layer's unit rule).
+        members: (N,) bool, the images the encoder trained on (D'); the rest are non-members.
+        permutations: number of random draws.
+        generator: the draws' randomness (seeded by the audit).
+
+    Returns:
+        (observed UnitMem over the members (U,), p-values (U,); NaN where the unit is silent on them).
+    """
+    kw = dict(rest=rest, shift=shift, min_activation=min_activation)
+    m = int(members.sum())
+    observed = unitmem(mu[members], **kw).unitmem.double()
+    reached = torch.ones_like(observed)
+    for _ in range(permutations):
+        draw = torch.randperm(mu.shape[0], generator=generator)[:m]
+        null = unitmem(mu[draw], **kw).unitmem.double()
+        reached += (torch.nan_to_num(null, nan=-torch.inf) >= observed).double()
+    p = reached / (permutations + 1)
+    return observed, torch.where(torch.isnan(observed), torch.full_like(p, float("nan")), p)

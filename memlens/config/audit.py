@@ -25,6 +25,12 @@ class UnitMemSettings(Strict):
     min_activation: float = Field(
         0.01, ge=0, description="activation floor: a unit whose largest mean response mu_max is below it is not "
                                 "ranked (UnitMem left empty, no responsible image)")
+    permutations: int = Field(
+        200, ge=0, description="the units' null: each unit's UnitMem on the images its encoder trained on, ranked "
+                               "among the same unit's UnitMem on as many images drawn from members and non-members "
+                               "(0: no null, no unit flagged)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="a unit is flagged when its null p-value is at most alpha: on "
+                                                       "an encoder that memorized nothing, about alpha of the units")
 
     _augment = field_validator("augment")(lambda v: check_augmentation(v))
 
@@ -132,7 +138,12 @@ class InferenceSettings(Strict):
     fdr: float = Field(0.1, gt=0, lt=1, description="the at-risk list: images memorized at this false discovery rate "
                                                      "(Benjamini-Hochberg)")
     moderated: bool = Field(True, description="shrink each image's variance across encoders towards the typical one "
-                                              "(Smyth's moderated t): valid p-values with few references")
+                                              "(Smyth's moderated t): the statistic ranked from two pairs on")
+    null: Literal["controls", "model"] = Field(
+        "controls", description="p-values of the at-risk list: controls = each image's statistic ranked among the "
+                                "control images' (S_S, S_E: same membership in every encoder) under the same "
+                                "labelling, valid with one pair and free of per-encoder offsets; model = the "
+                                "moderated t's own t-distribution (not calibrated on controls: for comparison only)")
 
 
 class AuditConfig(Strict):

@@ -65,10 +65,10 @@ def candidates(audit: Audit):
 
 def natural_signal_test(audit: Audit):
     """The test behind require_natural_signal: S_C > S_S (Welch) under f and g; under references,
-    the candidates' memorization above 0 (one-sample t)."""
+    the candidates' memorization above the control images' (Welch): both offset-free."""
     tests = audit.summary.tests
     found = next((t for t in tests if t.name == "C>S" and t.method == "welch_t"), None)
-    return found or next((t for t in tests if t.name == "C>0" and t.method == "one_sample_t"), None)
+    return found or next((t for t in tests if t.name == "C>ctrl" and t.method == "welch_t"), None)
 
 
 def audit_label(audit: Audit) -> str:
@@ -247,7 +247,7 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
             welch = natural_signal_test(audit)
             p = welch.p_holm if welch is not None else None
             ok = p is not None and not math.isnan(p) and p < policy.alpha
-            what = "S_C > S_S" if welch is None or welch.name == "C>S" else "S_C memorization > 0"
+            what = "S_C > S_S" if welch is None or welch.name == "C>S" else "S_C memorization > controls'"
             add("require_natural_signal", f"{what} significant at {policy.alpha:g}", f"p = {_fmt(p, 3)} (Holm)",
                 ok, "" if ok else "no significant memorization of the encoder's own natural images")
         if r.max_membership_auc is not None or r.max_tpr_at_fpr is not None:
@@ -276,7 +276,8 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
                     "an empirical epsilon needs canaries (canaries: in the pipeline or training config)")
             else:
                 add("max_empirical_epsilon", f"<= {r.max_empirical_epsilon:g}",
-                    f"{bound['epsilon']:.3f} ({bound['method']}, {bound['confidence']:.0%})",
+                    f"{bound['epsilon']:.3f} ({bound['method']}, "
+                    f"{bound.get('confidence_overall', bound['confidence']):.0%})",
                     bound["epsilon"] <= r.max_empirical_epsilon,
                     "" if bound["epsilon"] <= r.max_empirical_epsilon else
                     "the canaries leak more than the policy allows")
@@ -320,8 +321,13 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
                     add(f"max_unitmem[{layer}]", f"<= {limit:g}", _fmt(float(sel.max())), float(sel.max()) <= limit)
         if r.max_fraction_units_above is not None:
             rule = r.max_fraction_units_above
-            frac = float((ranked > rule.level).mean()) if len(ranked) else 0.0
-            add("max_fraction_units_above", f"<= {rule.fraction:.1%} above {rule.level:g}", f"{frac:.1%}",
+            ranked_units = units.dropna(subset=["unitmem"])
+            above = ranked_units["unitmem"] > rule.level
+            if "flagged" in ranked_units.columns:  # units beating their own null, not merely selective ones
+                above &= ranked_units["flagged"].astype(bool)
+            frac = float(above.mean()) if len(ranked_units) else 0.0
+            add("max_fraction_units_above", f"<= {rule.fraction:.1%} above {rule.level:g}"
+                + (" and above their null" if "flagged" in ranked_units.columns else ""), f"{frac:.1%}",
                 frac <= rule.fraction)
         if r.require_dp is not None:
             eps = [run.epsilon for run in s.attacked]
@@ -378,6 +384,8 @@ def memorized_at(audit: Audit, fdr: float) -> tuple[list[str], int] | None:
     cand = candidates(audit)
     if "mem_p" not in cand.columns:
         return None
+    if ((audit.summary.inference or {}).get("null") or {}).get("withheld"):
+        return [], int(cand["mem_p"].notna().sum())  # the null failed its self-check: nothing is listed
     ok = cand["mem_p"].notna()
     if not ok.any():
         return None
@@ -405,6 +413,11 @@ def _memorized_rule(add, audit: Audit, limit, fdr: float) -> None:
     found = memorized_at(audit, fdr)
     thr = " and ".join(x for x in (f"<= {limit.max_count}" if limit.max_count is not None else "",
                                    f"<= {limit.max_fraction:.1%}" if limit.max_fraction is not None else "") if x)
+    withheld = ((audit.summary.inference or {}).get("null") or {}).get("withheld")
+    if withheld:
+        add("max_memorized", f"{thr} at FDR {fdr:g}", "not measured", False, f"the at-risk list was withheld: "
+            f"{withheld}")
+        return
     if found is None:
         add("max_memorized", f"{thr} at FDR {fdr:g}", "not measured", False,
             "the audit has no per-image p-values (re-run it with this memlens)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from memlens.audit.results import Audit
+from memlens.audit.results import Audit, calibration_sentence, units_sentence
 from memlens.policy.gate import GateResult, audit_label, memorized_at, natural_signal_test
 from memlens.policy.schema import Policy
 
@@ -61,7 +61,8 @@ def model_card_section(audits: list[Audit], *, gate: GateResult | None = None, p
                 rel = "" if claim is None else (" (within the claimed epsilon)" if b["epsilon"] <= claim else
                                                 " (**exceeds the claimed epsilon**)")
                 lines.append(f"- Empirical epsilon lower bound: **{_num(b['epsilon'], 2)}** at "
-                             f"{b['confidence']:.0%} confidence, delta {b['delta']:.2g}{rel}.")
+                             f"{b.get('confidence_overall', b['confidence']):.0%} confidence, delta "
+                             f"{b['delta']:.2g}{rel}.")
         nat = priv.get("natural") or {}
         natural = (nat.get("metrics") or {}).get(primary or "sslmem")
         if natural:
@@ -69,7 +70,7 @@ def model_card_section(audits: list[Audit], *, gate: GateResult | None = None, p
                          f"{nat.get('non_members', 'S_E')}): AUC {_num(natural['auc'])}.")
         sc = s.subsets.get("S_C")
         welch = natural_signal_test(audit)
-        what = "S_C > S_S" if welch is None or welch.name == "C>S" else "S_C memorization > 0"
+        what = "S_C > S_S" if welch is None or welch.name == "C>S" else "S_C memorization > controls'"
         if sc is not None:
             lines.append(f"- Memorization of candidate training images (mean SSLMem): {sc.mean:+.4f} (95% CI "
                          f"{sc.ci_low:+.4f} to {sc.ci_high:+.4f}); {what} "
@@ -78,11 +79,16 @@ def model_card_section(audits: list[Audit], *, gate: GateResult | None = None, p
                                                    welch.p_holm is not None else "."))
         fdr = policy.fdr if policy else (s.inference or {}).get("fdr", 0.1)
         found = memorized_at(audit, fdr)
-        if found is not None:
-            counted = (s.inference or {}).get("training_randomness_counted")
+        inf = s.inference or {}
+        lines.append(f"- {calibration_sentence(inf, 'SSLMem')}")
+        withheld = (inf.get("null") or {}).get("withheld")
+        if withheld:
+            lines.append(f"- No list of memorized images: {withheld}.")
+        elif found is not None:
+            counted = inf.get("training_randomness_counted")
             lines.append(f"- Images memorized at a false discovery rate of {fdr:g}: **{len(found[0])} of "
-                         f"{found[1]}**" + ("." if counted else " (one encoder pair: training randomness not "
-                                                               "counted)."))
+                         f"{found[1]}**" + ("." if counted else " (one encoder pair, no controls: training "
+                                                               "randomness not counted)."))
         rel = s.reliability or {}
         enc = s.reliability_encoders or {}
         if rel.get("reliability") is not None:
@@ -92,8 +98,7 @@ def model_card_section(audits: list[Audit], *, gate: GateResult | None = None, p
                                                     else "") + ".")
         u = s.units
         if u.get("frac_above_half") is not None:
-            lines.append(f"- Units with UnitMem above 0.5: {u['frac_above_half']:.1%} of {u['ranked']} ranked "
-                         f"units.")
+            lines.append(f"- {units_sentence(u)}")
         if gate is not None:
             verdict = gate.verdicts().get(audit_label(audit))
             if verdict is not None:

@@ -20,15 +20,17 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
 import memlens
-from memlens.audit.results import Audit, read_audit
+from memlens.audit.results import Audit, calibration_sentence, read_audit, units_sentence
 from memlens.errors import MemlensError
 from memlens.io import atomic_write_bytes, atomic_write_text
 from memlens.policy.gate import GateResult, audit_label, candidates, evaluate, memorized_at, natural_signal_test
 from memlens.policy.schema import Policy
 from memlens.reports import charts
 
-TEST_NAMES = {"C>S": "S_C > S_S", "C>E": "S_C > S_E", "S>I": "S_S > S_I", "E>I": "S_E > S_I", "C>0": "S_C > 0",
-              "I<0": "S_I < 0", "S=0": "S_S = 0", "I>0": "S_I > 0 (references)", "S>0": "S_S > 0 (references)"}
+TEST_NAMES = {"C>S": "S_C > S_S", "C>E": "S_C > S_E", "S>I": "S_S > S_I", "E>I": "S_E > S_I",
+              "C>ctrl": "S_C > controls", "I<ctrl": "S_I < controls", "I>ctrl": "S_I > controls (references)",
+              "S>ctrl": "S_S > controls (references)", "C>0": "S_C > 0 (earlier audits)",
+              "I<0": "S_I < 0 (earlier audits)", "S=0": "S_S = 0 (earlier audits)"}
 
 
 @dataclass
@@ -168,7 +170,7 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
     order = [r["layer"] for r in layer_rows]
     has_classmem = units["classmem"].notna().any()
     contrast = ("images shared by both encoders (S_C > S_S" if design.get("kind") != "references"
-                else "nothing (the candidates' memorization above 0")
+                else "the control images (the candidates' memorization above the controls', offset-free")
     words = [
         f"Candidate images (S_C, {sc.n if sc else 0} images the encoder was trained on) have a mean SSLMem of "
         f"{_f(sc.mean if sc else None, 4, True)} (95% CI {_f(sc.ci_low if sc else None, 4, True)} to "
@@ -180,19 +182,18 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
          f"The candidates are not significantly more memorized than {contrast}, "
          f"p = {_p(welch.p_holm if welch else None)}): this audit does not detect memorization, "
          "which is not the same as showing there is none."),
-        (f"{len(at_risk_ids)} of {found[1]} images are memorized at a false discovery rate of {fdr:g} "
-         f"(per-image tests over {_design_words(design)}, Benjamini-Hochberg)"
-         + ("." if inf.get("training_randomness_counted") else
-            "; with one encoder pair only the views' noise is counted, so a retrain could change this list.")
-         if found else ""),
-        (f"By the training loss ({lm['loss']}): {lm['inference']['at_risk']} of {lm['inference']['family']} "
-         f"images memorized at the same false discovery rate."
+        calibration_sentence(inf, "SSLMem"),
+        _list_sentence(inf, found, at_risk_ids, fdr, design),
+        (f"By the training loss ({lm['loss']}): " + (
+            f"no at-risk list ({lm['inference']['null']['withheld']})."
+            if (lm["inference"].get("null") or {}).get("withheld") else
+            f"{lm['inference']['at_risk']} of {lm['inference']['family']} images memorized at the same false "
+            f"discovery rate, calibrated the same way.")
          if (lm := s.loss_memorization or {}).get("inference", {}).get("training_randomness_counted") else ""),
         f"{frac_above:.1%} of the candidates score above {threshold:g} ({score}).",
         (f"The layer with the highest LayerMem is {best_layer['layer']} ({_f(best_layer['layermem'], 3)})."
          if best_layer is not None else ""),
-        (f"{unit_frac:.1%} of the encoder's units have UnitMem above 0.5, i.e. respond to one training image at "
-         f"least three times more than to the others." if unit_frac is not None else ""),
+        units_sentence(s.units),
         (f"The encoder was trained with differential privacy: ({_f(eps, 2)}, {f_runs[0].delta:.2g})-DP"
          + (" (declared, not checked by memlens)." if any(r.dp_declared for r in f_runs) else
             "; WARNING: with reproducible randomness (dp.reproducible: true), so the guarantee holds only while the "
@@ -223,6 +224,7 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         "privacy": priv, "reliability": rel, "reliability_encoders": rel_enc, "inference": inf, "design": design,
         "loss": s.loss_memorization,
         "fdr": fdr, "at_risk_count": len(at_risk_ids), "family": found[1] if found else None,
+        "calibration": calibration_sentence(inf, "SSLMem"),
         "listed_at_risk": bool(listed),
         "set_aside": [(r["layer"], r.get("units_silent"), r.get("units")) for r in layer_rows
                       if r.get("units_measured") and r.get("units_silent")],
@@ -234,6 +236,18 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         },
         "redact": redact,
     }
+
+
+def _list_sentence(inf: dict, found, at_risk_ids: list, fdr: float, design: dict) -> str:
+    null = inf.get("null") or {}
+    if null.get("withheld"):
+        return f"No at-risk list: {null['withheld']}."
+    if not found:
+        return ""
+    how = (f"each image ranked among {null['controls']} control images scored under its own in/out labelling"
+           if null.get("method") == "controls" else "the model's p-values, not calibrated on controls")
+    return (f"{len(at_risk_ids)} of {found[1]} images are memorized at a false discovery rate of {fdr:g} "
+            f"(per-image tests over {_design_words(design)}, {how}, Benjamini-Hochberg).")
 
 
 def _design_words(design: dict) -> str:
@@ -306,11 +320,16 @@ def _privacy_context(audit: Audit, *, redact: bool, cache_dir: str | Path | None
                 verdict = f", within the accountant's epsilon {claimed:.3g}."
             else:
                 verdict = " (the encoder has no formal guarantee)."
+        targets = canaries.get("targets", 1) or 1
+        who = (f"the {canaries['n_in']} canaries the encoder was trained on from the {canaries['n_out']} it was not"
+               if targets == 1 else
+               f"the canaries each encoder was trained on from those it was not ({canaries['m']} canaries, "
+               f"{targets} encoders attacked in turn: {canaries['n_in']} in and {canaries['n_out']} out pairs)")
+        conf = b.get("confidence_overall", b.get("confidence")) if b else None
         out["sentence"] = (
-            f"Canaries: an attacker told apart the {canaries['n_in']} canaries the encoder was trained on from the "
-            f"{canaries['n_out']} it was not with AUC {m['auc']:.3f} (95% CI {m['auc_ci'][0]:.3f} to "
+            f"Canaries: an attacker told apart {who} with AUC {m['auc']:.3f} (95% CI {m['auc_ci'][0]:.3f} to "
             f"{m['auc_ci'][1]:.3f}) and {tpr1['tpr']:.1%} true positives at {tpr1['fpr']:.0%} false positives"
-            + (f"; the empirical epsilon is at least {b['epsilon']:.2f} (at {b['confidence']:.0%} confidence, delta "
+            + (f"; the empirical epsilon is at least {b['epsilon']:.2f} (at {conf:.0%} confidence, delta "
                f"{b['delta']:.2g}){verdict}" if b else "."))
     elif natural.get(primary):
         m = natural[primary]
