@@ -166,7 +166,7 @@ def test_outputs_and_schema(pair, tmp_path):
     assert a.summary.units["null"]["members"] == 40 and a.summary.units["tested"] == len(ranked)
     assert len(a.units) == a.summary.model["units_total"]
     assert list(a.tests.columns[:6]) == ["name", "hypothesis", "statistic", "p_value", "effect_size", "method"]
-    assert {"C>S", "C>E", "S>I", "E>I", "C>ctrl", "I<ctrl"} == set(a.tests["name"]) - {
+    assert {"C>S", "C>E", "S>I", "E>I", "C>ctrl", "I<ctrl", "C>ctrl[loss]"} == set(a.tests["name"]) - {
         n for n in a.tests["name"] if n.startswith("unitmem")}
     s = a.summary
     assert s.encoders[0].side == "f" and len(s.encoders[0].weights_sha256) == 64 and s.splits["hash"]

@@ -225,3 +225,63 @@ def test_encoders_trained_on_identical_data_memorize_nothing(tmp_path, digits):
     res = memlens.audit(f=specs["f"], g=specs["g"], splits=tmp_path / "s.json", dataset=digits, views=6,
                         augment="mae")
     _check_nothing_found(res.summary, res.units, res.points)
+
+
+# ----------------------------------------------------------------------------- LiRA and RMIA calibration
+
+
+def _seeded_design(rng, *, pairs=2, n_pool=200, n_all=100, n_none=100):
+    """Statistics (higher = member) of 2*pairs references sharing a seed in pairs, and of a target of its own
+    seed: image effect + a per-(seed, image) effect shared by a pair + noise; no membership effect at all."""
+    member, _ = _design(pairs, n_pool, n_all, n_none, rng)
+    n = member.shape[1]
+    image = rng.normal(0, 1, n)
+    seeds = rng.normal(0, 0.5, (pairs + 1, n))  # the last one: the target's seed
+    ref = image + np.repeat(seeds[:pairs], 2, axis=0) + rng.normal(0, 0.05, member.shape)
+    target = image + seeds[pairs] + rng.normal(0, 0.05, n)
+    t_member = np.zeros(n, bool)
+    t_member[:n_pool // 2] = True  # half of the pool
+    t_member[n_pool:n_pool + n_all] = True  # the shared images
+    controls = np.zeros(n, bool)
+    controls[n_pool:] = True
+    return target, ref, member, t_member, controls, n_pool
+
+
+def test_lira_widths_from_controls_count_the_targets_seed():
+    """References sharing seeds in pairs see each other's seed effect; the target does not. Widths fitted on
+    the references alone are too narrow (overconfident z); the target's own spread on control images is not."""
+    from memlens.audit import mia
+
+    rng = np.random.default_rng(5)
+    # a reference of a K = 4 design attacked by the other pair: its two references share one seed
+    target, ref, member, t_member, controls, n_pool = _seeded_design(rng, pairs=1)
+    w = mia.control_widths(target, ref, member, t_member, controls)
+    assert w is not None and 0.5 < w[1] < 0.9  # the two seeds' spread (0.5 * sqrt(2)) and noise
+    outs = np.flatnonzero(~t_member[:n_pool])  # pool images the target did not train on
+    z_ctrl = mia.lira(target, ref, member, online=False, widths=w)[outs]
+    z_glob = mia.lira(target, ref, member, online=False, variance="global")[outs]
+    assert 0.75 < np.std(z_ctrl) < 1.3 and np.std(z_glob) > 3 * np.std(z_ctrl)
+    # no membership effect: members and non-members of the target are told apart by chance only
+    on = mia.lira(target, ref, member, widths=w)
+    auc = stats.mannwhitneyu(on[:n_pool][t_member[:n_pool]], on[:n_pool][~t_member[:n_pool]]).statistic / (
+        (n_pool // 2) ** 2)
+    assert 0.4 < auc < 0.6
+
+
+def test_rmia_scores_x_and_its_population_the_same_way():
+    from memlens.audit import mia
+
+    rng = np.random.default_rng(6)
+    target, ref, member, t_member, controls, n_pool = _seeded_design(rng)
+    pool_out = np.flatnonzero(~t_member[:n_pool])
+    none = np.flatnonzero(controls & ~t_member)  # in no reference: scored offline only
+    base = mia.rmia(target, ref, member, pool_out)
+    mixed = mia.rmia(target, ref, member, np.r_[pool_out, none])
+    online = member.any(0) & (~member).any(0)
+    # an online x is ranked among the online z only: adding offline-scored images to the population changes nothing
+    np.testing.assert_allclose(base[online], mixed[online])
+    # with no membership effect the target's non-members score uniformly against their own population
+    assert abs(np.mean(mixed[pool_out]) - 0.5) < 0.08
+    # a is fitted on the references: a value of the grid, the same for the same data
+    a = mia.tune_rmia_a(ref, member, ~controls | controls, seed=0)
+    assert a in mia.A_GRID and a == mia.tune_rmia_a(ref, member, np.ones(member.shape[1], bool), seed=0)

@@ -310,21 +310,35 @@ def subset_tests(s, est, points: pd.DataFrame, scores: dict[str, np.ndarray]) ->
             controls = points.loc[points["control"].to_numpy(), "sslmem"].to_numpy()
             controls = controls[np.isfinite(controls)]
         return sslmem_tests({**scores, **({"controls": controls} if len(controls) else {})})
-    mem = points["mem"].to_numpy()
-    sub = points["subset"].to_numpy()
-    pool = {name: mem[(sub == name) & np.isfinite(mem)] for name in SUBSETS}
-    return reference_tests({k: v for k, v in pool.items() if len(v)}, controls)
+    return reference_tests(_by_subset(points, "mem"), controls)
 
 
-def reference_tests(pool: dict[str, np.ndarray], controls: np.ndarray) -> list:
-    """References: each pool subset's memorization (out - in, centred on the controls) above the control
-    images' under the same labellings; Welch and Mann-Whitney, Holm per method. No controls, no test."""
+def loss_tests(est, points: pd.DataFrame, n_nat: int) -> list:
+    """The same offset-free subset tests on the training loss (either design): the candidates' loss
+    memorization against the control images' under the same labellings (names end in [loss])."""
+    lp = est.loss_per_image
+    if lp is None or lp.control_mem is None:
+        return []
+    ctrl = lp.control_mem[:n_nat]
+    return reference_tests(_by_subset(points, "lossmem"), ctrl[np.isfinite(ctrl)], measure="loss")
+
+
+def _by_subset(points: pd.DataFrame, column: str) -> dict[str, np.ndarray]:
+    values, sub = points[column].to_numpy(), points["subset"].to_numpy()
+    pool = {name: values[(sub == name) & np.isfinite(values)] for name in SUBSETS}
+    return {k: v for k, v in pool.items() if len(v)}
+
+
+def reference_tests(pool: dict[str, np.ndarray], controls: np.ndarray, *, measure: str = "alignment") -> list:
+    """Each pool subset's memorization (out - in, centred on the controls) above the control images'
+    under the same labellings; Welch and Mann-Whitney, Holm per method. No controls, no test."""
     out = []
     if len(controls) < 2:
         return out
+    suffix = "" if measure == "alignment" else f"[{measure}]"
     for method in (welch, mann_whitney):
-        family = [method(x, controls, alternative="greater", name=f"{name[2]}>ctrl",
-                         hypothesis=f"mean memorization (out - in alignment) of {name} exceeds the control images' "
+        family = [method(x, controls, alternative="greater", name=f"{name[2]}>ctrl{suffix}",
+                         hypothesis=f"mean memorization (out - in {measure}) of {name} exceeds the control images' "
                                     f"(S_S/S_E, scored under the pool's labellings)")
                   for name, x in pool.items() if len(x) >= 2]
         for t, p in zip(family, holm([t.p_value for t in family]), strict=True):
@@ -340,7 +354,7 @@ def statistics(s, points: pd.DataFrame, prime: np.ndarray, tests_extra: list, al
     raw = points["sslmem"].to_numpy()
     sub = points["subset"].to_numpy()
     scores = {name: raw[(sub == name) & np.isfinite(raw)] for name in SUBSETS if name in cfg.subsets}
-    tests = subset_tests(s, est, points, scores) + tests_extra
+    tests = subset_tests(s, est, points, scores) + loss_tests(est, points, s.points.n_nat) + tests_extra
     ranking_layers = [sp for sp in specs if sp.kind in ("conv", "block", "stage")] or [sp for sp in specs
                                                                                      if sp.is_unit_layer]
     cons_layers = []
@@ -365,8 +379,29 @@ def statistics(s, points: pd.DataFrame, prime: np.ndarray, tests_extra: list, al
                          "ci_low": lo, "ci_high": hi,
                          "mean_range_norm": float(points["sslmem_range_norm"].to_numpy()[mask].mean()),
                          "mean_sym_norm": float(points["sslmem_sym_norm"].to_numpy()[mask].mean()),
-                         "mean_align_f": float(a_in.mean()), "mean_align_g": float(a_out.mean())}
+                         "mean_align_f": float(a_in.mean()), "mean_align_g": float(a_out.mean()),
+                         **_offset_free_mean(points, est, name, cfg.confidence)}
     return tests, {"layers": cons_layers, "seeds": cons_pairs}, subsets
+
+
+def _offset_free_mean(points: pd.DataFrame, est, subset: str, confidence: float) -> dict:
+    """The subset's mean offset-free memorization minus the controls' (under the pool's labellings), with
+    the Welch interval of the difference: what the test against the controls measures."""
+    from scipy import stats as sps
+
+    per = est.per_image
+    mem = points.loc[(points["subset"] == subset).to_numpy(), "mem"].to_numpy(float)
+    mem = mem[np.isfinite(mem)]
+    ctrl = per.control_mem[:len(points)] if per.control_mem is not None else np.array([])
+    ctrl = ctrl[np.isfinite(ctrl)]
+    if len(mem) < 2 or len(ctrl) < 2:
+        return {}
+    diff = float(mem.mean() - ctrl.mean())
+    va, vb = mem.var(ddof=1) / len(mem), ctrl.var(ddof=1) / len(ctrl)
+    se = float(np.sqrt(va + vb))
+    df = (va + vb) ** 2 / (va ** 2 / (len(mem) - 1) + vb ** 2 / (len(ctrl) - 1)) if se > 0 else np.inf
+    half = float(sps.t.ppf(0.5 + confidence / 2, df)) * se
+    return {"mem_mean": diff, "mem_ci_low": diff - half, "mem_ci_high": diff + half}
 
 
 def _pair_consistency(s, align: np.ndarray) -> list[dict]:

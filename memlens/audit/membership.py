@@ -31,10 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from memlens.audit import mia
+from memlens.audit import mia, nulls
 from memlens.audit.design import Design, Points
 from memlens.audit.privacy import epsilon_lower_bound, membership_metrics
 from memlens.errors import MemlensError
+from memlens.rng import derive_seed
 
 FG_SCORES = {"sslmem": "align_g - align_f (reference g)", "neg_align_f": "-align_f (f alone)",
              "loss_ref": "{loss} on g - on f (reference g)", "neg_loss_f": "-{loss} on f (f alone)"}
@@ -63,6 +64,7 @@ class Attack:
     scores: dict[str, np.ndarray]
     member: np.ndarray
     offline: dict[str, np.ndarray] | None = None
+    calibration: dict | None = None  # RMIA's a per statistic, LiRA's widths and where they came from
 
 
 def primary_score(design: Design, settings, has_loss: bool, attacks: list[Attack]) -> str:
@@ -105,25 +107,49 @@ def attacks(design: Design, points: Points, align: np.ndarray, losses: np.ndarra
         # references of the other pairs only; with one pair, its partner (coupled: said in the report)
         targets = [(t, [r for r in scored if pair_of[r] != pair_of[t]] or [r for r in scored if r != t])
                    for t in scored]
+    natural = ~points.is_canary
+    controls = nulls.control_images(member[scored], natural)
+    # the tuning split is a fixed function of the design: nothing is chosen on the results being reported
+    calib = {name: _calibration(stat, member, scored, natural, settings, seed=derive_seed(0, "rmia-a", name) % 2**32)
+             for stat, name in ((align, "align"), (losses, "loss")) if stat is not None}
     out = []
     for t, refs in targets:
-        population = np.flatnonzero(~member[t] & ~points.is_canary)
-        scores, offline = {}, {}
+        population = np.flatnonzero(~member[t] & natural)
+        scores, offline, widths = {}, {}, {}
         for stat, name in ((align, "align"), (losses, "loss")):
-            if stat is not None:
-                scores.update(_scores(stat, t, refs, member, population, settings, name, online=True))
-                offline.update(_scores(stat, t, refs, member, population, settings, name, online=False))
-        out.append(Attack(t, refs, scores, member[t], offline))
+            if stat is None:
+                continue
+            w = mia.control_widths(-stat[t], -stat[refs], member[refs], member[t], controls) \
+                if settings.lira_variance in ("auto", "controls") else None
+            if w is None and settings.lira_variance == "controls":
+                raise MemlensError("privacy.lira_variance: controls needs at least 10 control images in every "
+                                   "encoder (S_S) and 10 in none (S_E) beside the pool")
+            kw = dict(settings=settings, name=name, a=calib[name], widths=w)
+            scores.update(_scores(stat, t, refs, member, population, online=True, **kw))
+            offline.update(_scores(stat, t, refs, member, population, online=False, **kw))
+            widths[name] = {"source": "controls" if w is not None else settings.lira_variance,
+                            **({"sigma_in": w[0], "sigma_out": w[1], "offset": w[2]} if w is not None else {})}
+        out.append(Attack(t, refs, scores, member[t], offline, calibration={"rmia_a": calib, "lira_widths": widths}))
     return out
 
 
-def _scores(stat: np.ndarray, t: int, refs: list[int], member: np.ndarray, population: np.ndarray, settings,
-            name: str, *, online: bool) -> dict[str, np.ndarray]:
+def _calibration(stat: np.ndarray, member: np.ndarray, scored: list[int], natural: np.ndarray, settings, *,
+                 seed: int) -> float:
+    """RMIA's a for one statistic: the setting, else fitted on the scored encoders (each the target of the others)."""
+    if settings.rmia_a != "auto":
+        return float(settings.rmia_a)
+    a = mia.tune_rmia_a(-stat[scored], member[scored], natural, seed=seed)
+    return 0.3 if a is None else a  # the paper's default when nothing can be fitted
+
+
+def _scores(stat: np.ndarray, t: int, refs: list[int], member: np.ndarray, population: np.ndarray, *, settings,
+            name: str, online: bool, a: float, widths) -> dict[str, np.ndarray]:
     s_t, s_r, m_r = -stat[t], -stat[refs], member[refs]
     out = {f"neg_{name}": s_t, f"{name}_ref": stat[refs].mean(0) - stat[t]}
     if len(refs) >= 2:
-        out[f"lira_{name}"] = mia.lira(s_t, s_r, m_r, variance=settings.lira_variance, online=online)
-        out[f"rmia_{name}"] = mia.rmia(s_t, s_r, m_r, population, gamma=settings.rmia_gamma, online=online)
+        variance = settings.lira_variance if settings.lira_variance != "controls" else "auto"
+        out[f"lira_{name}"] = mia.lira(s_t, s_r, m_r, variance=variance, online=online, widths=widths)
+        out[f"rmia_{name}"] = mia.rmia(s_t, s_r, m_r, population, gamma=settings.rmia_gamma, a=a, online=online)
     return out
 
 
@@ -142,6 +168,9 @@ def evaluate(design: Design, points: Points, align: np.ndarray, losses: np.ndarr
                  "coupled_reference": bool(coupled and design.kind == "fg") or bool(
                      design.kind == "references" and design.target is None and len(design.pairs) < 2),
                  "scores": {k: v.format(loss=loss_name or "loss") for k, v in names.items() if k in atk[0].scores}}
+    if atk[0].calibration is not None:
+        out["calibration"] = {"rmia_a": atk[0].calibration["rmia_a"],
+                              "lira_widths": [a.calibration["lira_widths"] for a in atk]}
     nat = ~points.is_canary
     natural = _natural(design, points, atk, nat)
     if natural is not None:

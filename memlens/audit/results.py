@@ -67,6 +67,11 @@ class SubsetStats(Model):
     mean_sym_norm: float
     mean_align_f: float
     mean_align_g: float
+    # offset-free: the subset's mean memorization minus the control images' (same labellings), with the
+    # Welch interval of that difference (None for subsets without a contrast, e.g. S_S and S_E)
+    mem_mean: float | None = None
+    mem_ci_low: float | None = None
+    mem_ci_high: float | None = None
 
 
 class LayerRow(Model):

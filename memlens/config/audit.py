@@ -104,10 +104,23 @@ class PrivacySettings(Strict):
                             "seeing results. auto: with references, on the loss where the objective has one, "
                             "else the alignment, by RMIA below 16 references per target and LiRA from 16; "
                             "with f and g, the loss against g, else SSLMem")
-    lira_variance: Literal["auto", "global", "per_example"] = Field(
-        "auto", description="LiRA's Gaussian widths: global (one per side, pooled over points: Carlini et al.'s "
-                            "choice with few references) or per example; auto: global below 16 references per side")
+    lira_variance: Literal["auto", "controls", "global", "per_example"] = Field(
+        "auto", description="LiRA's Gaussian widths: controls (the target's own spread around the references' means "
+                            "on control images: includes the seed variance between the target and its references), "
+                            "global (one per side, pooled over the references: Carlini et al.'s choice with few "
+                            "references) or per example; auto: controls when there are 10 control images of each "
+                            "kind, else global below 16 references per side")
     rmia_gamma: float = Field(1.0, gt=0, description="RMIA's likelihood-ratio threshold against population points")
+    rmia_a: float | Literal["auto"] = Field(
+        "auto", description="RMIA's offline correction a (Pr(x) = ((1 + a) Pr_out(x) + 1 - a) / 2); auto: fitted on "
+                            "the references, each in turn the target of the others (Zarifzadeh et al., ICML 2024)")
+
+    @field_validator("rmia_a")
+    @classmethod
+    def _rmia_a(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0 <= float(v) <= 1:
+            raise ValueError("rmia_a must be in [0, 1] or 'auto'")
+        return v
 
     @field_validator("strategy")
     @classmethod

@@ -110,16 +110,17 @@ def epsilon_chart(rows: list[dict]) -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(6.4, 2.4))
     labels = [f"ε = {r['epsilon_label']}" for r in rows]
     x = np.arange(len(rows))
-    mem = np.array([r["mean"] for r in rows], dtype=float)
-    lo = np.array([r["ci_low"] for r in rows], dtype=float)
-    hi = np.array([r["ci_high"] for r in rows], dtype=float)
+    offset_free = all(r.get("mem_mean") is not None for r in rows)
+    key = ("mem_mean", "mem_ci_low", "mem_ci_high") if offset_free else ("mean", "ci_low", "ci_high")
+    mem, lo, hi = (np.array([np.nan if r[k] is None else r[k] for r in rows], dtype=float) for k in key)
     ax1.bar(x, mem, color="#c0392b", alpha=0.8, width=0.55)
     ax1.errorbar(x, mem, yerr=[np.nan_to_num(mem - lo), np.nan_to_num(hi - mem)], fmt="none", ecolor="black",
                  capsize=3, linewidth=0.8)
     ax1.axhline(0, color="black", linewidth=0.5)
     ax1.set_xticks(x)
     ax1.set_xticklabels(labels)
-    ax1.set_title("memorization: mean SSLMem of S_C (95% CI)", fontsize=8)
+    ax1.set_title("memorization of S_C above the controls (95% CI)" if offset_free else
+                  "memorization: mean SSLMem of S_C (95% CI)", fontsize=8)
     acc = np.array([np.nan if r["probe_accuracy"] is None else 100 * r["probe_accuracy"] for r in rows], dtype=float)
     ax2.bar(x, np.nan_to_num(acc), color="#2471a3", alpha=0.8, width=0.55)
     for xi, a in zip(x, acc, strict=True):

@@ -29,7 +29,9 @@ from memlens.reports import charts
 
 TEST_NAMES = {"C>S": "S_C > S_S", "C>E": "S_C > S_E", "S>I": "S_S > S_I", "E>I": "S_E > S_I",
               "C>ctrl": "S_C > controls", "I<ctrl": "S_I < controls", "I>ctrl": "S_I > controls (references)",
-              "S>ctrl": "S_S > controls (references)", "C>0": "S_C > 0 (earlier audits)",
+              "S>ctrl": "S_S > controls (references)", "C>ctrl[loss]": "S_C > controls, training loss",
+              "I>ctrl[loss]": "S_I > controls, training loss", "S>ctrl[loss]": "S_S > controls, training loss",
+              "C>0": "S_C > 0 (earlier audits)",
               "I<0": "S_I < 0 (earlier audits)", "S=0": "S_S = 0 (earlier audits)"}
 
 
@@ -118,7 +120,7 @@ def _thumbnail(img: np.ndarray, side: int = 64) -> str:
 
 
 def _probe(audit: Audit) -> float | None:
-    accs = [r.probe_accuracy for r in audit.summary.runs if r.side == "f" and r.probe_accuracy is not None]
+    accs = [r.probe_accuracy for r in audit.summary.attacked if r.probe_accuracy is not None]
     return float(np.mean(accs)) if accs else None
 
 
@@ -172,10 +174,7 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
     contrast = ("images shared by both encoders (S_C > S_S" if design.get("kind") != "references"
                 else "the control images (the candidates' memorization above the controls', offset-free")
     words = [
-        f"Candidate images (S_C, {sc.n if sc else 0} images the encoder was trained on) have a mean SSLMem of "
-        f"{_f(sc.mean if sc else None, 4, True)} (95% CI {_f(sc.ci_low if sc else None, 4, True)} to "
-        f"{_f(sc.ci_high if sc else None, 4, True)}); symmetric normalised, "
-        f"{_f(sc.mean_sym_norm if sc else None, 3, True)}.",
+        _candidates_sentence(sc),
         (f"The candidates are significantly more memorized than {contrast}, p = {_p(welch.p_holm)}, "
          f"Holm-corrected): the audit detects memorization."
          if signal else
@@ -210,6 +209,7 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
     return {
         "name": audit.path.name, "label": audit_label(audit), "path": str(audit.path), "sha256": audit.sha256,
         "s": s, "words": _lead(words), "signal": signal, "private": private,
+        "signal_test": TEST_NAMES.get(welch.name, welch.name) if welch is not None else "no test",
         "epsilon_label": "inf" if not private else f"{eps:.3g}", "epsilon": math.inf if not private else eps,
         "frac_above": frac_above, "threshold": threshold, "score": score,
         "sc": sc, "best_layer": best_layer.to_dict() if best_layer is not None else None,
@@ -236,6 +236,20 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         },
         "redact": redact,
     }
+
+
+def _candidates_sentence(sc) -> str:
+    """The candidates' mean memorization: offset-free first, then SSLMem as the paper defines it."""
+    if sc is None:
+        return ""
+    paper = (f"SSLMem as the paper defines it {_f(sc.mean, 4, True)} (95% CI {_f(sc.ci_low, 4, True)} to "
+             f"{_f(sc.ci_high, 4, True)}; symmetric normalised {_f(sc.mean_sym_norm, 3, True)})")
+    if sc.mem_mean is None:
+        return f"Candidate images (S_C, {sc.n} images the encoder was trained on): mean {paper}."
+    return (f"Candidate images (S_C, {sc.n} images the encoder was trained on): mean memorization "
+            f"{_f(sc.mem_mean, 4, True)} above the control images' (95% CI {_f(sc.mem_ci_low, 4, True)} to "
+            f"{_f(sc.mem_ci_high, 4, True)}; offset-free: each encoder's scores centred on the controls); "
+            f"{paper}, which also moves with any encoder's overall offset.")
 
 
 def _list_sentence(inf: dict, found, at_risk_ids: list, fdr: float, design: dict) -> str:
@@ -292,7 +306,7 @@ def _privacy_context(audit: Audit, *, redact: bool, cache_dir: str | Path | None
     primary = p.get("primary_score", "sslmem")
     out.update(primary=primary, score_names=charts.SCORE_NAMES, delta=p.get("delta"),
                claimed=p.get("claimed_epsilon"), bound=p.get("epsilon_lower_bound"),
-               other=p.get("epsilon_lower_bound_other"))
+               other=p.get("epsilon_lower_bound_other"), calibration=p.get("calibration"))
     canaries = p.get("canaries") or {}
     metrics = canaries.get("metrics") or {}
     out["canaries"] = canaries if metrics else None
@@ -390,6 +404,8 @@ def build_context(audits: list[Audit], *, policy: Policy | None = None, redact: 
     if len(ctxs) > 1:
         rows = [{"epsilon_label": c["epsilon_label"], "mean": c["sc"].mean, "ci_low": c["sc"].ci_low,
                  "ci_high": c["sc"].ci_high, "mean_sym_norm": c["sc"].mean_sym_norm,
+                 "mem_mean": c["sc"].mem_mean, "mem_ci_low": c["sc"].mem_ci_low, "mem_ci_high": c["sc"].mem_ci_high,
+                 "signal_test": c["signal_test"],
                  "unitmem_mean": c["s"].units.get("mean"), "unit_frac": c["unit_frac"],
                  "probe_accuracy": c["probe"], "signal": c["signal"], "name": c["name"],
                  "canary_auc": (c["privacy"].get("canaries") or {}).get("metrics", {}).get(
