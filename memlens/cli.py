@@ -147,10 +147,15 @@ def split(
         dataset = load(cfg.data, cache_dir=_cache_dir())
         splits = make_splits(dataset, cfg.split)
         splits.data = cfg.data
+    splits.skipped = list(dataset.meta.get("skipped") or [])
     splits.save(out)
     s = splits.sizes()
     typer.echo(f"wrote {out}: S_S {s['S_S']}, S_C {s['S_C']}, S_I {s['S_I']}, S_E {s['S_E']} "
                f"(data {dataset.source}, fingerprint {dataset.fingerprint[:12]})")
+    if splits.skipped:
+        shown = ", ".join(f"{x.get('id')} ({x.get('problem')})" for x in splits.skipped[:5])
+        typer.echo(f"left out {len(splits.skipped)} unreadable image(s) (on_bad_image: skip; recorded in {out}): "
+                   f"{shown}{' ...' if len(splits.skipped) > 5 else ''}")
 
 
 # ----------------------------------------------------------------------------- train
@@ -522,6 +527,10 @@ def audit(
                f"{s.views['count']} views per point, {s.environment['device']})")
     for name, st in s.subsets.items():
         typer.echo(f"  {name}: mean SSLMem {st.mean:+.4f} (95% CI {st.ci_low:+.4f} .. {st.ci_high:+.4f}, n={st.n})")
+    from memlens.audit.results import skipped_sentence
+
+    if skipped_sentence(s.data):
+        typer.echo(f"  {skipped_sentence(s.data)}")
     inf = s.inference or {}
     if inf.get("family"):
         from memlens.audit.results import calibration_sentence

@@ -202,6 +202,7 @@ def test_random_init_encoders_memorize_nothing(random_pair, tmp_path):
     _check_nothing_found(a.summary, a.units, a.points)
     check = a.summary.inference["null"]["self_check"]
     assert check is not None and check["passed"] and check["n"] == 300
+    _recompute_from_signals(tmp_path / "a", a.points)
     # the roles swapped: the encoders' offset now points the other way (the old one-sample "S_C > 0"
     # fired in one order, p = 8e-16, and the views-only p-values listed images in the other)
     spec = lambda side: {"model": "timm:resnet18", "weights": str(root / f"{side}.safetensors"),  # noqa: E731
@@ -285,3 +286,25 @@ def test_rmia_scores_x_and_its_population_the_same_way():
     # a is fitted on the references: a value of the grid, the same for the same data
     a = mia.tune_rmia_a(ref, member, ~controls | controls, seed=0)
     assert a in mia.A_GRID and a == mia.tune_rmia_a(ref, member, np.ones(member.shape[1], bool), seed=0)
+
+
+def _recompute_from_signals(audit_dir, points):
+    """points.csv's offset-free estimate and null p-value of every candidate, recomputed by hand from
+    signals.parquet (one f/g pair): centre each encoder on its control rows, take g - f, and rank each
+    candidate's difference among the controls' (ties against the candidate)."""
+    from memlens.audit import read_signals
+
+    sig = read_signals(audit_dir)
+    f = sig[sig.role == "f"].set_index("id")
+    g = sig[sig.role == "g"].set_index("id")
+    ctrl_ids = f.index[f.control]
+    diff_raw = g["align"] - f["align"]
+    centre = g.loc[ctrl_ids, "align"].mean() - f.loc[ctrl_ids, "align"].mean()
+    null = diff_raw.loc[ctrl_ids].to_numpy()
+    cand = points[points.candidate].set_index("id")
+    assert len(ctrl_ids) == int(points.control.sum()) and len(cand) == 100
+    for i, row in cand.iterrows():
+        assert row["mem"] == pytest.approx(diff_raw[i] - centre, abs=1e-6)
+        p = (1 + np.sum(null >= diff_raw[i] - 1e-12)) / (1 + len(null))
+        assert row["mem_p"] == pytest.approx(p, abs=1e-6)
+

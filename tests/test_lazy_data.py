@@ -2,6 +2,7 @@
 demand, trained on and audited with the same scores whichever form holds the same files."""
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from memlens.config import AuditConfig, DataConfig, SplitConfig, SplitSizes, TrainConfig
 from memlens.data import load, make_splits
 from memlens.errors import MemlensError
-from tests.conftest import write_jpeg_folder
+from tests.conftest import run, write_jpeg_folder, write_png_folder
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +212,16 @@ def test_mixed_sizes_train_with_and_without_dp_and_audit(photos, tmp_path):
         assert len(pts) == 38 and np.isfinite(pts["sslmem"]).all() and pts["align_f"].std() > 0
         assert "loss_f" in pts and np.isfinite(pts["loss_f"]).all()  # MAE scores on the eval transform
         assert res.summary.environment["resources"]["workers"] == 1
+    # the report renders what the audit accepted: images of several sizes (no single image shape)
+    from memlens.audit import read_audit, write_audit
+    from memlens.reports import build_context, render_html
+    from memlens.reports.card import model_card_section
+
+    write_audit(res, tmp_path / "audit")
+    audit = read_audit(tmp_path / "audit")
+    html = render_html(build_context([audit], redact=True))
+    assert "images of several sizes (" in html and "px high" in html
+    assert "S_C" in model_card_section([audit])
 
 
 def test_shards_arrow_and_folder_audit_identically(photos, tmp_path):
@@ -306,3 +317,31 @@ def test_resource_rule():
     p = plan(lazy=False, processes_per_node=2, cores=2)
     assert (p.workers, p.threads) == (0, 1)
     assert plan(lazy=True, workers=3, threads=2, cores=64).to_dict()["workers"] == 3
+
+
+def test_hostile_images_decompression_bombs_and_16_bit(tmp_path):
+    """A decompression bomb is a bad image (fail: one line, exit 2; skip: left out and said); a 16-bit PNG is
+    scaled to 8 bits, not clipped to white."""
+    from PIL import Image
+
+    from memlens.data.decode import decode
+
+    wide = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    buf = tmp_path / "wide.png"
+    Image.fromarray(wide).save(buf)
+    assert Image.open(buf).mode == "I;16"
+    x = decode(buf.read_bytes(), channels=1)[0].numpy()
+    np.testing.assert_array_equal(x, np.rint(wide / 257.0).astype(np.uint8))
+    write_png_folder(tmp_path / "img", {f"{c}/{i}.png": None for c in "ab" for i in range(12)}, size=8)
+    Image.new("L", (20000, 10000)).save(tmp_path / "img" / "a" / "bomb.png")  # 200 M pixels, 190 kB
+    args = ["split", "--source", "folder", "--path", tmp_path / "img", "--sizes", "S_S=8,S_C=4,S_I=4,S_E=4"]
+    code, _, err = run(*args, "--out", tmp_path / "s.json")
+    assert code == 2 and "a/bomb.png (decompression bomb" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s.json").exists()
+    (tmp_path / "c.yaml").write_text(f"data: {{source: folder, path: {tmp_path / 'img'}, on_bad_image: skip}}\n"
+                                     "split: {sizes: {S_S: 8, S_C: 4, S_I: 4, S_E: 4}}\n")
+    code, out, err = run("split", "--config", tmp_path / "c.yaml", "--out", tmp_path / "s.json")
+    assert code == 0, err
+    assert "left out 1 unreadable image(s)" in out and "a/bomb.png" in out
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert [x["id"] for x in saved["skipped"]] == ["a/bomb.png"]

@@ -348,12 +348,16 @@ def test_bad_lists_factories_and_policies_are_one_line(tmp_path):
     assert code == 2 and "not a text list" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "broken_mod.py").write_text("raise RuntimeError('cannot build here')\n")
     (tmp_path / "raising_mod.py").write_text("def make():\n    raise ValueError('no such backbone')\n")
+    (tmp_path / "exiting_mod.py").write_text("import sys\nsys.exit(0)\n")
+    (tmp_path / "exiting_factory.py").write_text("import sys\ndef make():\n    sys.exit(3)\n")
     import sys
 
     sys.path.insert(0, str(tmp_path))
     try:
         for spec, want in (("py:broken_mod:make", "RuntimeError: cannot build here"),
-                           ("py:raising_mod:make", "ValueError: no such backbone")):
+                           ("py:raising_mod:make", "ValueError: no such backbone"),
+                           ("py:exiting_mod:make", "called sys.exit(0)"),
+                           ("py:exiting_factory:make", "called sys.exit(3) instead of returning an encoder")):
             code, _, err = run("layers", spec, "--input-size", "8")
             assert code == 2 and want in err and len(err.strip().splitlines()) == 1, err
     finally:
@@ -361,6 +365,17 @@ def test_bad_lists_factories_and_policies_are_one_line(tmp_path):
     (tmp_path / "p.yaml").write_text("rules:\n  max_point_score: 0.5\n  baseline: {path: old}\n")
     code, _, err = run("gate", tmp_path, "--policy", tmp_path / "p.yaml")
     assert code == 2 and "baseline is a top-level setting of the policy" in err
+    # a YAML alias bomb (nine levels of nine aliases) is refused before anything expands it
+    levels = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    (tmp_path / "bomb.yaml").write_text("\n".join(levels) + "\n")
+    code, _, err = run("gate", tmp_path, "--policy", tmp_path / "bomb.yaml")
+    assert code == 2 and "alias bomb" in err and len(err.strip().splitlines()) == 1
+    # an epsilon no accountant can calibrate is refused at once (it used to exhaust memory)
+    (tmp_path / "dp.yaml").write_text("framework: mae\ndata: {source: digits}\nepochs: 1\ndp: {epsilon: 1e9}\n")
+    code, _, err = run("privacy", "--config", tmp_path / "dp.yaml")
+    assert code == 2 and "above 100" in err and len(err.strip().splitlines()) == 1
 
 
 def test_one_writer_per_output_and_unwritable_outputs_fail_first(world, tmp_path):

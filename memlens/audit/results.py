@@ -313,3 +313,13 @@ def units_sentence(units: dict) -> str:
             f"{units['frac_flagged']:.1%} of {units['tested']} units are flagged at {alpha:g} (chance: {lo:.1%} to "
             f"{hi:.1%}): {verdict}.")
 
+
+def skipped_sentence(data: dict) -> str:
+    """Images the audit left out as unreadable (``on_bad_image: skip``), in words."""
+    skipped = data.get("skipped") or []
+    if not skipped:
+        return ""
+    shown = ", ".join(f"{x.get('id')} ({x.get('problem')})" for x in skipped[:5])
+    return (f"{len(skipped)} image(s) were left out as unreadable (on_bad_image: skip), so nothing is said about "
+            f"them: {shown}{' ...' if len(skipped) > 5 else ''}.")
+

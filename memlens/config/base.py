@@ -177,12 +177,47 @@ def validate(model: type[M], data: Any, *, source: str, lines: dict[tuple, int] 
         raise MemlensError(format_validation_error(exc, source=source, model=model, lines=lines)) from None
 
 
+MAX_YAML_VALUES = 100_000  # values of a settings file once its aliases are expanded
+
+
+def expanded_size(root: Any, *, limit: int = MAX_YAML_VALUES) -> int:
+    """Number of values a composed YAML document holds with every alias expanded, counted without
+    expanding (each node's size memoised: aliases make the tree a DAG). Stops at ``limit`` + 1."""
+    memo: dict[int, int] = {}
+
+    def size(node) -> int:
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        memo[key] = limit + 1  # a cycle counts as unbounded
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(v) for v in node.value)
+        else:
+            total = 1
+        memo[key] = min(total, limit + 1)
+        return memo[key]
+
+    return size(root) if root is not None else 0
+
+
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise MemlensError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        # aliases expand by multiplication: a nine-level "billion laughs" document is a few hundred bytes and
+        # would exhaust memory in validation; refuse it before anything walks it
+        if expanded_size(yaml.compose(text)) > MAX_YAML_VALUES:
+            raise MemlensError(f"{path}: its YAML aliases expand to more than {MAX_YAML_VALUES:,} values (an alias "
+                               f"bomb?); write the settings out without nested aliases")
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise MemlensError(f"{path}: not a text file (UTF-8 YAML expected)") from None
+    except RecursionError:
+        raise MemlensError(f"{path}: nested too deeply to be a settings file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -85,6 +85,9 @@ class DINOConfig(Strict):
     momentum: float = Field(0.996, ge=0, le=1)
 
 
+MAX_EPSILON = 100.0  # the largest epsilon memlens calibrates noise for
+
+
 class DPConfig(Strict):
     """DP-SGD settings (only the MAE and supervised objectives are per-sample and allowed)."""
 
@@ -125,6 +128,12 @@ class DPConfig(Strict):
     def _finite(cls, v: float) -> float:
         if not math.isfinite(v):
             raise ValueError("epsilon must be finite under DP; omit the dp section for a non-private run")
+        if v > MAX_EPSILON:
+            # the accountants cannot calibrate such noise (PRV overflows and exhausts memory), and a bound of
+            # e^100 on the likelihood ratio protects nothing a reviewer could name
+            raise ValueError(f"epsilon {v:g} is above {MAX_EPSILON:g}, more than the accountant can calibrate and no "
+                             f"guarantee a reviewer can use; choose epsilon <= {MAX_EPSILON:g}, or omit the dp "
+                             f"section for a non-private run")
         return v
 
 

@@ -48,6 +48,8 @@ def probe(data: bytes) -> Header:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
             fmt, mode = im.format, im.mode
+    except Image.DecompressionBombError as exc:
+        return Header(0, 0, 0, f"decompression bomb ({exc})")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         return Header(0, 0, 0, f"not a readable image ({type(exc).__name__})")
     problem = None
@@ -58,6 +60,22 @@ def probe(data: bytes) -> Header:
     elif width <= 0 or height <= 0:
         problem = "empty image"
     return Header(int(height), int(width), 1 if mode in GRAY_MODES else 3, problem)
+
+
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_uint8(im, mode: str) -> np.ndarray:
+    """The image as uint8 in ``mode``. 16-bit and 32-bit integer greys are scaled (65535 -> 255), not
+    clipped: Pillow's own conversion saturates every value above 255 to white."""
+    if im.mode in WIDE_MODES:
+        wide = np.asarray(im, dtype=np.int64)
+        top = 65535 if im.mode != "I" or wide.max(initial=0) > 255 else 255
+        grey = np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8)
+        return grey if mode == "L" else np.repeat(grey[..., None], 3, axis=2)
+    if im.mode != mode:
+        im = im.convert(mode)
+    return np.array(im, dtype=np.uint8)  # one writable copy torch can own
 
 
 def decode(data: bytes, *, channels: int, resize: int | None = None) -> torch.Tensor:
@@ -72,10 +90,9 @@ def decode(data: bytes, *, channels: int, resize: int | None = None) -> torch.Te
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            mode = "L" if channels == 1 else "RGB"
-            if im.mode != mode:
-                im = im.convert(mode)
-            arr = np.array(im, dtype=np.uint8)  # one writable copy torch can own
+            arr = _to_uint8(im, "L" if channels == 1 else "RGB")
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"decompression bomb: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BadImage(f"{type(exc).__name__}: {exc}") from None
     arr = arr[..., None] if arr.ndim == 2 else arr

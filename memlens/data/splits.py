@@ -37,6 +37,7 @@ class Splits(BaseModel):
     requested: list[str] = []
     subsets: dict[Subset, list[str]]
     data: DataConfig | None = None
+    skipped: list[dict] = []  # images left out as unreadable (on_bad_image: skip): id and problem
 
     @property
     def hash(self) -> str:

@@ -53,6 +53,10 @@ def factory_model(target: str, kwargs: dict[str, Any] | None = None) -> nn.Modul
         raise MemlensError(f"'py:{target}' must name a module and a callable: py:package.module:factory")
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exc:  # a script's sys.exit() at import would end the audit, exit 0, nothing written
+        raise MemlensError(f"importing '{module_name}' for py:{target} called sys.exit({exc.code!r}); a module whose "
+                           f"import exits cannot provide an encoder (guard its script part with "
+                           f"if __name__ == '__main__')") from None
     except Exception as exc:  # noqa: BLE001 - any failure of the user's module at import is its problem
         raise MemlensError(f"cannot import '{module_name}' for py:{target}: {type(exc).__name__}: "
                            f"{_first_line(exc)}") from None
@@ -65,6 +69,8 @@ def factory_model(target: str, kwargs: dict[str, Any] | None = None) -> nn.Modul
         raise MemlensError(f"py:{target} is not callable")
     try:
         model = fn(**(kwargs or {}))
+    except SystemExit as exc:
+        raise MemlensError(f"py:{target} called sys.exit({exc.code!r}) instead of returning an encoder") from None
     except TypeError as exc:
         raise MemlensError(f"py:{target} rejected its arguments {kwargs or {}}: {_first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - the factory's own failure, reported on one line

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from memlens.audit.results import Audit, calibration_sentence, units_sentence
+from memlens.audit.results import Audit, calibration_sentence, skipped_sentence, units_sentence
 from memlens.policy.gate import GateResult, audit_label, memorized_at, natural_signal_test
 from memlens.policy.schema import Policy
 
@@ -99,6 +99,8 @@ def model_card_section(audits: list[Audit], *, gate: GateResult | None = None, p
         u = s.units
         if u.get("frac_above_half") is not None:
             lines.append(f"- {units_sentence(u)}")
+        if skipped_sentence(s.data):
+            lines.append(f"- {skipped_sentence(s.data)}")
         if gate is not None:
             verdict = gate.verdicts().get(audit_label(audit))
             if verdict is not None:

@@ -20,7 +20,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
 import memlens
-from memlens.audit.results import Audit, calibration_sentence, read_audit, units_sentence
+from memlens.audit.results import Audit, calibration_sentence, read_audit, skipped_sentence, units_sentence
 from memlens.errors import MemlensError
 from memlens.io import atomic_write_bytes, atomic_write_text
 from memlens.policy.gate import GateResult, audit_label, candidates, evaluate, memorized_at, natural_signal_test
@@ -193,6 +193,7 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         (f"The layer with the highest LayerMem is {best_layer['layer']} ({_f(best_layer['layermem'], 3)})."
          if best_layer is not None else ""),
         units_sentence(s.units),
+        skipped_sentence(s.data),
         (f"The encoder was trained with differential privacy: ({_f(eps, 2)}, {f_runs[0].delta:.2g})-DP"
          + (" (declared, not checked by memlens)." if any(r.dp_declared for r in f_runs) else
             "; WARNING: with reproducible randomness (dp.reproducible: true), so the guarantee holds only while the "
