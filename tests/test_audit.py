@@ -162,7 +162,8 @@ def test_outputs_and_schema(pair, tmp_path):
     assert list(a.units.columns) == ["layer", "unit", "unitmem", "mu_max", "mu_rest", "argmax_id", "active_frac",
                                      "classmem", "unitmem_p", "flagged"]
     ranked = a.units.dropna(subset=["unitmem"])
-    assert ranked["unitmem_p"].between(1 / 201 - 1e-6, 1).all() and (a.units.flagged == (a.units.unitmem_p <= 0.05)).all()
+    assert ranked["unitmem_p"].between(1 / 201 - 1e-6, 1).all()
+    assert (a.units.flagged == (a.units.unitmem_p <= 0.05)).all()
     assert a.summary.units["null"]["members"] == 40 and a.summary.units["tested"] == len(ranked)
     assert len(a.units) == a.summary.model["units_total"]
     assert list(a.tests.columns[:6]) == ["name", "hypothesis", "statistic", "p_value", "effect_size", "method"]

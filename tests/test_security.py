@@ -367,7 +367,7 @@ def test_bad_lists_factories_and_policies_are_one_line(tmp_path):
     assert code == 2 and "baseline is a top-level setting of the policy" in err
     # a YAML alias bomb (nine levels of nine aliases) is refused before anything expands it
     levels = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
-    for prev, name in zip("abcdefgh", "bcdefghi"):
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
         levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
     (tmp_path / "bomb.yaml").write_text("\n".join(levels) + "\n")
     code, _, err = run("gate", tmp_path, "--policy", tmp_path / "bomb.yaml")
