@@ -345,3 +345,65 @@ def test_hostile_images_decompression_bombs_and_16_bit(tmp_path):
     assert "left out 1 unreadable image(s)" in out and "a/bomb.png" in out
     saved = json.loads((tmp_path / "s.json").read_text())
     assert [x["id"] for x in saved["skipped"]] == ["a/bomb.png"]
+
+
+def test_every_source_reads_every_id_with_its_own_pixels(tmp_path):
+    """The same uniform PNGs as a folder, a datasets DatasetDict (train/test, rows stored out of id order)
+    and parquet (shuffled): one fingerprint, identical per-image scores. Formerly the decoded cache, keyed by
+    the order-free fingerprint, served the folder's rows to the dataset stored in another order."""
+    datasets = pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from memlens.audit import run_audit
+
+    layout = {f"{part}/{c}/{i:04d}.png": None for part in ("train", "test") for c in ("cat", "dog")
+              for i in range(16 if part == "train" else 6)}
+    write_png_folder(tmp_path / "img", layout, size=8, seed=3)
+    rels = sorted(layout)
+    folder = DataConfig(source="folder", path=str(tmp_path / "img"))
+    ds = _pair(tmp_path, folder, input_size=8)
+    rng = np.random.default_rng(0)
+    classes = ["cat", "dog"]
+
+    def table(part):
+        mine = [r for r in rels if r.startswith(part + "/")]
+        mine = [mine[k] for k in rng.permutation(len(mine))]  # stored out of id order
+        return {"id": mine, "image": [{"bytes": (tmp_path / "img" / r).read_bytes(), "path": None} for r in mine],
+                "label": [classes.index(r.split("/")[1]) for r in mine]}
+
+    feats = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                               "label": datasets.ClassLabel(names=classes)})
+    datasets.DatasetDict({p: datasets.Dataset.from_dict(table(p), features=feats) for p in ("train", "test")}) \
+        .save_to_disk(str(tmp_path / "hf"))
+    rows = table("train")
+    rows_test = table("test")
+    for name, t in (("train.parquet", rows), ("test.parquet", rows_test)):
+        pq.write_table(pa.table({"id": t["id"], "image": [x["bytes"] for x in t["image"]],
+                                 "label": [classes[k] for k in t["label"]]}), tmp_path / name)
+    hf = DataConfig(source="hf", path=str(tmp_path / "hf"))
+    parquet = DataConfig(source="parquet", path=str(tmp_path / "train.parquet"),
+                         test_path=str(tmp_path / "test.parquet"))
+    assert load(hf).fingerprint == load(parquet).fingerprint == ds.fingerprint
+    cfg = dict(f=[str(tmp_path / "f")], g=[str(tmp_path / "g")], splits=str(tmp_path / "s.json"), views=4)
+    ref = run_audit(AuditConfig(**cfg)).points.set_index("id")
+    for data in (hf, parquet):
+        got = run_audit(AuditConfig(**cfg, data=data)).points.set_index("id").loc[ref.index]
+        np.testing.assert_array_equal(got["sslmem"].to_numpy(), ref["sslmem"].to_numpy())
+        np.testing.assert_array_equal(got["loss_f"].to_numpy(), ref["loss_f"].to_numpy())
+
+
+def test_an_id_paired_with_other_pixels_is_caught(tmp_path, monkeypatch):
+    """A decoded cache whose rows were swapped, or an index whose digests were: one line, at load."""
+    import glob
+
+    write_png_folder(tmp_path / "img", {f"a/{i}.png": None for i in range(10)}, size=8, seed=4)
+    cache = tmp_path / "cache"
+    data = DataConfig(source="folder", path=str(tmp_path / "img"), cache="decoded")
+    load(data, cache_dir=cache)
+    (npy,) = glob.glob(str(cache / "decoded-*.npy"))
+    arr = np.load(npy)
+    arr[[0, 1]] = arr[[1, 0]]
+    np.save(npy, arr)
+    with pytest.raises(MemlensError, match="decoded cache holds other pixels for 'a/"):
+        load(data, cache_dir=cache)

@@ -14,11 +14,11 @@ result is cached in the memlens cache directory:
 Under ``torchrun`` (``collective=True``) every process hashes a share of the items and the shares
 are gathered, so no process reads the whole dataset.
 
-Fingerprint: sha256 over one line per image, sorted by id: ``id, part, label, sha256(bytes)``,
-then the decode settings. The same bytes with the same ids and labels give the same fingerprint
-whether they sit in a folder, a tar archive, shards, a ``datasets`` dataset or a parquet table
-(ids must agree: a folder's id is the file's relative path, a shard's the image member's name, an
-Arrow table's its id column).
+Fingerprint: sha256 over one line per image, sorted by id: ``id, sha256(bytes)``, then the decode
+settings. The same bytes with the same ids give the same fingerprint whether they sit in a folder,
+a tar archive, shards, a ``datasets`` dataset or a parquet table, in any row order (ids must
+agree: a folder's id is the file's relative path, a shard's the image member's name, an Arrow
+table's its id column).
 """
 
 from __future__ import annotations
@@ -64,10 +64,13 @@ class Index:
                      [self.problems[i] for i in k], dict(self.facts))
 
     def fingerprint(self, settings: str) -> str:
+        """sha256 over (id, content digest) pairs sorted by id, then the decode settings: the same image files
+        have one fingerprint in a folder, an archive, shards, parquet or a datasets dataset, whatever the row
+        order and however each format spells its parts and labels."""
         order = sorted(range(len(self.ids)), key=lambda i: self.ids[i])
         h = hashlib.sha256()
         for i in order:
-            h.update(f"{self.ids[i]}\t{self.parts[i]}\t{self.labels[i] or ''}\t{self.digests[i]}\n".encode())
+            h.update(f"{self.ids[i]}\t{self.digests[i]}\n".encode())
         h.update(f"decode:{settings}\n".encode())
         return h.hexdigest()
 

@@ -64,7 +64,9 @@ def finish(index: Index, reader, config: DataConfig, *, source: str, cache_dir: 
             **({"skipped": [{**x, "when": "index"} for x in skipped]} if skipped else {})}
     ds = Dataset(pixels=pixels, ids=ids, labels=labels, class_names=class_names, parts=np.array(index.parts),
                  source=source, meta=meta, content_fingerprint=fingerprint)
-    return _maybe_decoded(ds, config, cache_dir)
+    out = _maybe_decoded(ds, config, cache_dir)
+    verify_sample(out, seed=len(out))  # a few rows read again: ids paired with their own pixels
+    return out
 
 
 def _sorted_names(names: set[str]) -> list[str]:
@@ -103,14 +105,21 @@ def _maybe_decoded(ds: Dataset, config: DataConfig, cache_dir: Path) -> Dataset:
     if config.cache == "auto" and nbytes > AUTO_CACHE_BYTES:
         return ds
     array = decoded_array(ds, cache_dir)
-    return Dataset(pixels=ArrayPixels(array), ids=ds.ids, labels=ds.labels, class_names=ds.class_names,
-                   parts=ds.parts, source=ds.source, meta={**ds.meta, "decoded_cache": True},
-                   content_fingerprint=ds.fingerprint)
+    out = Dataset(pixels=ArrayPixels(array), ids=ds.ids, labels=ds.labels, class_names=ds.class_names,
+                  parts=ds.parts, source=ds.source, meta={**ds.meta, "decoded_cache": True},
+                  content_fingerprint=ds.fingerprint)
+    out.encoded = ds.pixels  # the images as encoded, for the integrity check (memlens.data.integrity)
+    return out
 
 
 def decoded_array(ds: Dataset, cache_dir: Path) -> np.ndarray:
     """The decoded pixels of a uniform lazy dataset, memory-mapped from the cache (built if missing)."""
-    key = sha256_bytes(f"{DECODED_VERSION}|{ds.fingerprint}".encode())[:32]
+    # The cache holds the pixels in row order, and the fingerprint does not depend on the order (the same files
+    # in a folder and in a datasets dataset stored in another order have one fingerprint): the key must also
+    # name the row order, here the content digest of every row in turn, or one source's rows are read with
+    # another's pixels.
+    rows = sha256_bytes("\n".join(ds.meta.get("digests") or ds.ids).encode())
+    key = sha256_bytes(f"{DECODED_VERSION}|{ds.fingerprint}|{rows}".encode())[:32]
     path = cache_dir / f"decoded-{key}.npy"
     if D.is_main() and not path.is_file():
         _write_decoded(ds, path)
@@ -153,3 +162,34 @@ def _write_decoded(ds: Dataset, path: Path, chunk: int = 1024) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def verify_sample(ds: Dataset, *, k: int = 16, seed: int = 0) -> int:
+    """Read ``k`` rows again from their source and check them against the index (their sha256) and, for a
+    decoded cache, against the cache's pixels: an image read under another id's name, a file changed since
+    it was indexed, or a stale cache is caught before any number is computed from it. Returns the number of
+    rows checked (0 for data held in memory).
+
+    Raises:
+        MemlensError: naming the first id whose bytes or pixels do not match.
+    """
+    import hashlib
+
+    digests = ds.meta.get("digests")
+    encoded = getattr(ds, "encoded", None) or (ds.pixels if isinstance(ds.pixels, LazyPixels) else None)
+    if not digests or encoded is None or len(digests) != len(ds):
+        return 0
+    rows = np.random.default_rng(seed).choice(len(ds), min(k, len(ds)), replace=False)
+    for i in sorted(int(r) for r in rows):
+        try:
+            data = encoded.reader.read(i)
+        except OSError as exc:
+            raise MemlensError(f"{ds.source}: image '{ds.ids[i]}' cannot be read again ({exc})") from None
+        if hashlib.sha256(data).hexdigest() != digests[i]:
+            raise MemlensError(f"{ds.source}: image '{ds.ids[i]}' does not hold the bytes indexed under its id "
+                               f"(sha256 differs): the data changed since it was indexed, or ids and images are "
+                               f"paired wrongly; delete the memlens cache to re-index")
+        if encoded is not ds.pixels and not np.array_equal(encoded.read(i), ds.pixels.read(i)):
+            raise MemlensError(f"{ds.source}: the decoded cache holds other pixels for '{ds.ids[i]}' than its image "
+                               f"file; delete the memlens cache to rebuild it")
+    return len(rows)
