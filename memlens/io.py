@@ -36,17 +36,17 @@ def directory_mode() -> int:
     return 0o777 & ~_umask()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``.
 
     The file gets the mode an ordinary ``open(path, "w")`` would give it (the umask applies);
-    ``mkstemp`` alone would leave it 0600.
+    ``mkstemp`` alone would leave it 0600. ``mode``: this mode instead (0600 for files holding a secret).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, file_mode())
+        os.fchmod(fd, file_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

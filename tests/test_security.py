@@ -94,35 +94,58 @@ def test_interrupted_secret_run_resumes_and_forgets_its_key(tmp_path, digits):
     assert not (tmp_path / "r" / "checkpoint.safetensors").exists() and key not in _all_text(tmp_path / "r")
 
 
-def test_coupled_pair_shares_a_secret_only_while_it_trains(tmp_path, digits, monkeypatch):
-    """f and g of one seed share their noise through a pair secret beside them, deleted when the
-    second finishes; with coupling: independent each draws its own key."""
-    import memlens.dp.step as step_mod
-    from memlens.config import SplitConfig, SplitSizes
+def test_dp_keys_are_never_shared_by_accident_and_never_outlive_their_pair(tmp_path, digits):
+    """Two default DP runs of one side (memlens train, twice): different noise, no secret left, no seed written.
+    A sweep couples f and g: one key for both (the same key_id), a 0600 file only while the pair trains, one
+    file after an interruption until the resumed pair completes, none after."""
+    from memlens.config import SplitConfig, SplitSizes, SweepConfig
     from memlens.data import make_splits
     from memlens.dp.secrets import PAIR_PREFIX
+    from memlens.dp.sweep import run_sweep
+    from memlens.train.run import read_run
 
-    used = []
-    real = step_mod.SecretStreams
-
-    class Spy(real):
-        def __init__(self, key):
-            used.append(bytes(key))
-            super().__init__(key)
-
-    monkeypatch.setattr(step_mod, "SecretStreams", Spy)
     make_splits(digits, SplitConfig(sizes=SplitSizes(S_S=400, S_C=100, S_I=100, S_E=100))).save(tmp_path / "s.json")
-    base = {**DP, "splits": str(tmp_path / "s.json")}
-    train(TrainConfig.model_validate({**base, "subsets": "f"}), tmp_path / "pair" / "f", dataset=digits)
-    secrets_left = list((tmp_path / "pair").glob(f"{PAIR_PREFIX}*"))
-    assert len(secrets_left) == 1 and oct(secrets_left[0].stat().st_mode & 0o777) == "0o600"
-    train(TrainConfig.model_validate({**base, "subsets": "g"}), tmp_path / "pair" / "g", dataset=digits)
-    assert not list((tmp_path / "pair").glob(f"{PAIR_PREFIX}*"))  # gone with the second run
-    assert len(used) == 2 and used[0] == used[1]
-    alone = {**base, "dp": {**DP["dp"], "coupling": "independent"}}
-    for side in ("f", "g"):
-        train(TrainConfig.model_validate({**alone, "subsets": side}), tmp_path / "solo" / side, dataset=digits)
-    assert used[2] != used[3] and not list((tmp_path / "solo").glob(f"{PAIR_PREFIX}*"))
+    base = {**DP, "splits": str(tmp_path / "s.json"), "subsets": "f"}
+    for name in ("f1", "f2"):
+        code, _, err = run("train", "--config", _yaml(tmp_path / f"{name}.yaml", base), "--out", tmp_path / name)
+        assert code == 0, err
+    assert not _same(_weights(tmp_path / "f1"), _weights(tmp_path / "f2"))
+    r1, r2 = read_run(tmp_path / "f1"), read_run(tmp_path / "f2")
+    assert r1.dp["coupling"] == r2.dp["coupling"] == "independent" and r1.dp["key_id"] != r2.dp["key_id"]
+    assert "noise_seed" not in r1.dp and not list(tmp_path.rglob(f"{PAIR_PREFIX}*"))
+    # refused for bad input: nothing written, no secret
+    code, _, err = run("train", "--config", _yaml(tmp_path / "bad.yaml", {**base, "batch_size": 0}), "--out",
+                       tmp_path / "bad")
+    assert code == 2 and not (tmp_path / "bad").exists() and not list(tmp_path.rglob(f"{PAIR_PREFIX}*"))
+    # a sweep couples its pair; interrupted during g, one secret (0600) remains for the resume
+    sweep = SweepConfig.model_validate({"train": {k: v for k, v in DP.items() if k not in ("dp", "subsets")}
+                                        | {"splits": str(tmp_path / "s.json"), "epochs": 2},
+                                        "epsilons": [8.0], "dp": {"accountant": "rdp"}})
+    seen = []
+
+    def stop(info):
+        seen.append(info)
+        if len(seen) == 3:  # f's two epochs, then g's first
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, tmp_path / "sw", dataset=digits, on_epoch=stop)
+    left = list((tmp_path / "sw").glob(f"{PAIR_PREFIX}*"))
+    assert len(left) == 1 and oct(left[0].stat().st_mode & 0o777) == "0o600"
+    ckpt = tmp_path / "sw" / "eps-8" / "g" / "checkpoint.safetensors"
+    assert ckpt.is_file() and oct(ckpt.stat().st_mode & 0o777) == "0o600"  # it holds g's key until g ends
+    run_sweep(sweep, tmp_path / "sw", dataset=digits)
+    assert not list((tmp_path / "sw").rglob(f"{PAIR_PREFIX}*")) and not ckpt.exists()
+    f, g = (read_run(tmp_path / "sw" / "eps-8" / side) for side in ("f", "g"))
+    assert f.dp["coupling"] == g.dp["coupling"] == "shared" and f.dp["key_id"] == g.dp["key_id"]
+    assert f.dp["key_id"] not in (r1.dp["key_id"], r2.dp["key_id"])
+
+
+def _yaml(path, data):
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 # ----------------------------------------------------------------------------- provenance

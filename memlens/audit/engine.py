@@ -551,7 +551,9 @@ def _n_train(design: Design, dataset: Dataset) -> int:
 
 
 def _coupled(design: Design) -> bool:
-    return any((e.record.config.dp is None or e.record.config.dp.coupling == "shared")
+    """Whether attacked and reference encoders may share randomness: non-private runs of one seed do; DP runs
+    only if they recorded a shared key (what they did, not what their config asked for)."""
+    return any((e.record.config.dp is None or (e.record.dp or {}).get("coupling") == "shared")
                for e in design.encoders if e.record is not None)
 
 

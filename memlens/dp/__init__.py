@@ -14,10 +14,12 @@ from memlens.config import TrainConfig
 from memlens.errors import MemlensError
 
 
-def train(config: TrainConfig | None, out_dir: str | Path, **kwargs: Any):
+def train(config: TrainConfig | None, out_dir: str | Path, *, pair_secret: str | Path | None = None, **kwargs: Any):
     """Train an encoder, with DP-SGD when ``config.dp`` is set (see :func:`memlens.train.loop.train`).
 
-    With ``config=None`` and ``resume=True`` the run's own config decides.
+    With ``config=None`` and ``resume=True`` the run's own config decides. ``pair_secret``: the key file
+    of a coupled pair, handed over by the command that trains both sides (:mod:`memlens.dp.secrets`);
+    without it a DP run draws its own key and shares it with nobody.
     """
     from memlens.train.loop import train as loop_train
     from memlens.train.run import RUN_FILE, read_run
@@ -27,22 +29,16 @@ def train(config: TrainConfig | None, out_dir: str | Path, **kwargs: Any):
         cfg = read_run(out_dir).config
     if cfg is not None and cfg.dp is not None:
         from memlens import distributed as D
-        from memlens.dp.secrets import pair_done, pair_key, pair_of
+        from memlens.dp.secrets import read_pair_secret
         from memlens.dp.step import DPStep
 
-        pair = pair_of(cfg)
-        where = Path(out_dir).resolve().parent
-        key = None
-        if pair is not None:  # f and g (references 2j, 2j+1) share their noise through a pair secret
-            key = pair_key(where, pair[0]) if D.is_main() else None
+        key = read_pair_secret(Path(pair_secret)) if pair_secret is not None and D.is_main() and \
+            not cfg.dp.reproducible else None
 
         def factory(*args):
-            return DPStep(*args, key=key)
+            return DPStep(*args, key=key, coupled=pair_secret is not None)
 
-        result = loop_train(config, out_dir, step_factory=factory, **kwargs)
-        if pair is not None and D.is_main() and result.record.status in ("complete", "stopped_budget"):
-            pair_done(where, *pair)
-        return result
+        return loop_train(config, out_dir, step_factory=factory, **kwargs)
     return loop_train(config, out_dir, **kwargs)
 
 

@@ -24,9 +24,16 @@ training data): they can regenerate both and remove the noise. By default memlen
 
 **Coupled pairs.** f and g of one seed (references 2j and 2j+1) share their DP noise and sampling
 (``coupling: shared``): each expectation stays unbiased and their difference loses the variance
-two independent runs would add. They share a key through a pair-secret file beside the two run
-directories (mode 0600, created by whichever starts first, deleted when the second completes): it
-lives only while the pair trains.
+two independent runs would add. Only a command that trains both sides (``memlens sweep``, ``memlens
+run``) couples them: it writes the pair's key to a file beside the run directories (mode 0600)
+right before the pair trains, hands its path to both runs, and deletes it as soon as both have
+finished; an interrupted pair keeps it until the resumed pair completes. A run trained on its own
+(``memlens train``) draws its own key and writes none: two runs of one side never share noise, and
+no key outlives its run's checkpoint. Each run records what it actually did (``coupling``: shared
+or independent) and an identifier of its key (``key_id``, an HMAC of the key: equal for the two
+sides of a coupled pair, and revealing nothing of the key), so an audit can check the coupling.
+A coupled pair is not two independent DP releases: whoever holds both models holds two releases
+made with the same noise; each model alone keeps its (epsilon, delta).
 
 ``dp.reproducible: true`` keeps the seeded behaviour (a rerun gives the same model); the run record
 says so, and the report, the model card and ``memlens privacy`` state that the guarantee then
@@ -91,6 +98,11 @@ def secure_normal(std: float, size: int, *, generator: torch.Generator, dtype: t
 # ----------------------------------------------------------------------------- pair secrets
 
 
+def key_id(key: bytes) -> str:
+    """A public identifier of a key: equal for runs that share it, and revealing nothing of it."""
+    return hmac.new(bytes(key), b"memlens-dp-key-id", hashlib.sha256).hexdigest()[:16]
+
+
 def pair_of(config) -> tuple[str, str] | None:
     """(pair id, this run's side) of a coupled DP run, None for a run without a partner.
 
@@ -114,45 +126,47 @@ def pair_of(config) -> tuple[str, str] | None:
     return sha256_json({"recipe": shared, "pair": pair})[:24], side
 
 
-def _locked(path: Path):
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
-
-
-def pair_key(where: Path, pair_id: str) -> bytes:
-    """The pair's shared key: read it, or create it (mode 0600) if this run is the pair's first."""
+def create_pair_secret(where: Path, pair_id: str) -> Path:
+    """The pair's key file (mode 0600), created with a fresh OS key unless it exists (a resumed pair)."""
     path = pair_secret_path(where, pair_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _locked(path)
     try:
-        data = os.pread(fd, 4096, 0)
-        if len(data) >= 32:
-            return data[:32]
-        key = new_key()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, key, 0)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path
+    try:
+        os.write(fd, new_key())
         os.fsync(fd)
-        return key
     finally:
         os.close(fd)
+    return path
 
 
-def pair_done(where: Path, pair_id: str, side: str) -> None:
-    """Record that one side finished; the second side to finish deletes the secret."""
-    path = pair_secret_path(where, pair_id)
-    if not path.is_file():
-        return
-    fd = _locked(path)
+def read_pair_secret(path: Path) -> bytes:
+    """The key of a pair-secret file (refusing one that is readable by others or too short)."""
+    from memlens.errors import MemlensError
+
     try:
-        data = os.pread(fd, 4096, 0)
-        sides = set(data[32:].decode("ascii", "ignore").split()) | {side}
-        if len(sides) >= 2:
-            path.unlink(missing_ok=True)
-        else:
-            os.pwrite(fd, data[:32] + " ".join(sorted(sides)).encode(), 0)
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+        st = os.stat(path)
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise MemlensError(f"the pair's DP secret {path} cannot be read ({exc.strerror})") from None
+    if st.st_mode & 0o077:
+        raise MemlensError(f"the pair's DP secret {path} is readable by others (mode {st.st_mode & 0o777:o}); it must "
+                           f"be 0600")
+    if len(data) < 32:
+        raise MemlensError(f"{path} is not a memlens pair secret (too short)")
+    return data[:32]
+
+
+def delete_pair_secret(path: Path) -> None:
+    """Overwrite, then delete (best effort: the file system may keep old blocks)."""
+    path = Path(path)
+    try:
+        with open(path, "r+b") as fh:
+            fh.write(b"\0" * max(32, os.fstat(fh.fileno()).st_size))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        pass
+    path.unlink(missing_ok=True)

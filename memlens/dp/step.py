@@ -37,7 +37,7 @@ from memlens.config import TrainConfig
 from memlens.dp.accounting import epsilon_for, epsilon_of_history, plan
 from memlens.dp.engine import GhostClipper
 from memlens.dp.optimizer import FusedDPOptimizer
-from memlens.dp.secrets import SecretStreams, new_key
+from memlens.dp.secrets import SecretStreams, key_id, new_key
 from memlens.errors import MemlensError
 from memlens.rng import derive_seed, generator
 from memlens.train.step import Batch, Step, StepStats
@@ -82,7 +82,7 @@ class DPStep(Step):
     """One logical DP-SGD step (see the module docstring)."""
 
     def __init__(self, config: TrainConfig, objective, optimizer: torch.optim.Optimizer, prepared, device, *,
-                 key: bytes | None = None):
+                 key: bytes | None = None, coupled: bool = False):
         super().__init__(config, objective, optimizer, prepared, device)
         why = objective.why_not_dp()
         if why:
@@ -104,6 +104,8 @@ class DPStep(Step):
         self.secret: SecretStreams | None = None
         if not dp.reproducible:  # process 0's key (its own, or the pair's), on every process
             self.secret = SecretStreams(D.broadcast_object(key or new_key() if D.is_main() else None))
+        # what the run actually did: shared only with the pair's key handed over by a sweep or pipeline
+        self.coupling = "shared" if (coupled or dp.reproducible) and dp.coupling == "shared" else "independent"
         self.noise_seed = noise_seed_for(config) if dp.reproducible else None
         self.noise_gen = torch.Generator(device=device)
         common = dict(noise_multiplier=self.plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,
@@ -250,8 +252,9 @@ class DPStep(Step):
 
     def loop_state(self) -> dict[str, Any]:
         state = {"accountant_history": [list(h) for h in self.accountant.history], "steps_taken": self.steps_taken}
+        state["coupling"] = self.coupling
         if self.secret is not None:
-            state["secret"] = self.secret.hex()  # lives only in the checkpoint, deleted when training ends
+            state["secret"] = self.secret.hex()  # lives only in the checkpoint (0600), deleted when training ends
         return state
 
     def restore_loop_state(self, state: dict[str, Any]) -> None:
@@ -259,6 +262,8 @@ class DPStep(Step):
         self.steps_taken = int(state.get("steps_taken", 0))
         if "secret" in state and self.secret is not None:
             self.secret = SecretStreams(bytes.fromhex(state["secret"]))
+        if "coupling" in state:
+            self.coupling = state["coupling"]
 
     def record(self, *, exact: bool = False) -> dict[str, Any]:
         """The guarantee for the run record. ``epsilon_spent`` is the accountant's epsilon after
@@ -275,7 +280,8 @@ class DPStep(Step):
             "accountant_history": [list(h) for h in self.accountant.history],
             "grad_mode": self.dp.grad_mode,
             "physical_batch_size": self.physical,
-            "coupling": self.dp.coupling,
+            "coupling": self.coupling,
+            **({"key_id": key_id(bytes.fromhex(self.secret.hex()))} if self.secret is not None else {}),
             "randomness": "secret" if self.secret is not None else "reproducible",
             "randomness_note": RANDOMNESS_NOTES["secret" if self.secret is not None else "reproducible"],
             **({"noise_seed": self.noise_seed} if self.secret is None else {}),

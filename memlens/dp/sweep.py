@@ -80,9 +80,10 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
             ``jobs`` > 1) after it, with "done".
         on_epoch: called after every epoch of every run (in this process only: not with ``jobs`` > 1).
         jobs: runs trained at once, each in its own process with its share of the CPU threads. The
-            runs of a sweep are independent jobs (a coupled pair shares its DP secret through a locked
-            file, whoever starts first); several small models train faster side by side than one with
-            every thread. Under torchrun every process already works on each run: jobs must be 1.
+            runs of a sweep are independent jobs (a coupled pair's DP key is a 0600 file this function
+            creates before the pair trains and deletes once both sides have finished); several small
+            models train faster side by side than one with every thread. Under torchrun every process
+            already works on each run: jobs must be 1.
 
     Returns:
         (run, what happened) pairs, in the sweep's order: "trained", "resumed" or "skipped (finished)".
@@ -109,18 +110,56 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
         else:
             what[run.name] = "resumed" if status else "trained"
             pending.append((run, status is not None))
-    if jobs > 1 and len(pending) > 1:
-        _train_side_by_side(pending, jobs=jobs, cache_dir=cache_dir, on_run=on_run)
-    else:
-        for run, resume in pending:
-            if on_run:  # before the run starts: what is about to happen
-                on_run(run, "resuming" if resume else "training")
-            train(run.config, run.run_dir, resume=resume, dataset=dataset, on_epoch=on_epoch)
+    keys = _pair_secrets(runs, [run for run, _ in pending], out, create=D.is_main())
+    D.barrier()
+    try:
+        if jobs > 1 and len(pending) > 1:
+            _train_side_by_side(pending, jobs=jobs, cache_dir=cache_dir, on_run=on_run, keys=keys)
+        else:
+            for run, resume in pending:
+                if on_run:  # before the run starts: what is about to happen
+                    on_run(run, "resuming" if resume else "training")
+                train(run.config, run.run_dir, resume=resume, dataset=dataset, on_epoch=on_epoch,
+                      pair_secret=keys.get(run.run_dir))
+    finally:
+        if D.is_main():
+            _forget_finished_pairs(runs, keys)
     return [(run, what[run.name]) for run in runs]
 
 
+def _pair_secrets(runs: list[SweepRun], pending: list[SweepRun], out: Path, *, create: bool) -> dict[Path, Path]:
+    """The key file of every coupled pair with a side still to train (:mod:`memlens.dp.secrets`): created
+    now, right before the pair trains, or kept from an interrupted pair. Run directory -> key file."""
+    from memlens.dp.secrets import create_pair_secret, pair_of, pair_secret_path
+
+    by_pair: dict[str, list[SweepRun]] = {}
+    for run in runs:
+        pair = pair_of(run.config)
+        if pair is not None:
+            by_pair.setdefault(pair[0], []).append(run)
+    todo = {run.run_dir for run in pending}
+    keys: dict[Path, Path] = {}
+    for pair_id, members in by_pair.items():
+        if len(members) == 2 and any(r.run_dir in todo for r in members):
+            path = create_pair_secret(out, pair_id) if create else pair_secret_path(out, pair_id)
+            keys.update({r.run_dir: path for r in members})
+    return keys
+
+
+def _forget_finished_pairs(runs: list[SweepRun], keys: dict[Path, Path]) -> None:
+    """Delete the key of every pair whose two runs have finished (an interrupted pair keeps it to resume)."""
+    from memlens.dp.secrets import delete_pair_secret
+
+    finished = {run.run_dir for run in runs if (run.run_dir / RUN_FILE).is_file()
+                and read_run(run.run_dir).status in ("complete", "stopped_budget")}
+    for path in set(keys.values()):
+        members = [d for d, p in keys.items() if p == path]
+        if all(d in finished for d in members):
+            delete_pair_secret(path)
+
+
 def _train_side_by_side(pending: list[tuple[SweepRun, bool]], *, jobs: int, cache_dir: str | Path | None,
-                        on_run: Callable[[SweepRun, str], None] | None) -> None:
+                        on_run: Callable[[SweepRun, str], None] | None, keys: dict[Path, Path]) -> None:
     """Train runs in ``jobs`` worker processes (spawned: no state of this process is shared); the first
     failure cancels what has not started and is raised here."""
     import multiprocessing
@@ -135,8 +174,10 @@ def _train_side_by_side(pending: list[tuple[SweepRun, bool]], *, jobs: int, cach
         for run, resume in pending:
             if on_run:
                 on_run(run, "resuming" if resume else "training")
+            key = keys.get(run.run_dir)
             futures[pool.submit(_train_job, run.config.model_dump(mode="json"), str(run.run_dir), resume,
-                                None if cache_dir is None else str(cache_dir))] = run
+                                None if cache_dir is None else str(cache_dir),
+                                None if key is None else str(key))] = run
         left = set(futures)
         while left:
             finished, left = wait(left, return_when=FIRST_COMPLETED)
@@ -155,9 +196,10 @@ def _worker_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _train_job(config: dict, run_dir: str, resume: bool, cache_dir: str | None) -> None:
+def _train_job(config: dict, run_dir: str, resume: bool, cache_dir: str | None, pair_secret: str | None) -> None:
     """One run in a worker process (module-level: spawned workers import it by name)."""
-    train(TrainConfig.model_validate(config), Path(run_dir), resume=resume, cache_dir=cache_dir)
+    train(TrainConfig.model_validate(config), Path(run_dir), resume=resume, cache_dir=cache_dir,
+          pair_secret=pair_secret)
 
 
 def check_sweep(runs: list[SweepRun], *, dataset: Dataset, cache_dir: str | Path | None = None) -> None:

@@ -193,7 +193,8 @@ def save_checkpoint(path: str | Path, *, objective: nn.Module, optimizer: torch.
             else:
                 scalars[f"{pid}.{key}"] = value
     meta = {"state": state, "param_groups": opt["param_groups"], "optim_scalars": scalars}
-    atomic_write_bytes(path, save(tensors, metadata={"memlens": json.dumps(meta)}))
+    # 0600: a DP run's checkpoint holds its secret noise key until training ends
+    atomic_write_bytes(path, save(tensors, metadata={"memlens": json.dumps(meta)}), mode=0o600)
 
 
 def load_checkpoint(path: str | Path, *, objective: nn.Module, optimizer: torch.optim.Optimizer,
