@@ -195,6 +195,8 @@ def train(
     of: Optional[int] = typer.Option(None, "--of", help="K, the number of references"),
     references_seed: Optional[int] = typer.Option(None, "--references-seed", help="seed of the design's halves "
                                                                                   "(default 0)"),
+    sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="Ed25519 private key (PEM) signing the finished "
+                                                                     "run record (default: $MEMLENS_SIGNING_KEY)"),
 ):
     """Train an encoder (MAE, SimCLR, SimSiam, DINO, supervised; DP-SGD with --dp-epsilon).
 
@@ -232,8 +234,10 @@ def train(
                       f"{info.images_per_s:,.0f} img/s{extra}", highlight=False)
 
     check_writable(out, what="run directory")
+    key = _signing_key(sign_key)
     with _writer(out):
-        result = run_train(cfg, out, resume=resume, force=force, cache_dir=_cache_dir(), on_epoch=on_epoch)
+        result = run_train(cfg, out, resume=resume, force=force, cache_dir=_cache_dir(), on_epoch=on_epoch,
+                           sign_key=key)
     rec = result.record
     if not dist.is_main():
         return
@@ -242,7 +246,8 @@ def train(
     if rec.status == "stopped_budget":
         console.print(f"[yellow]{rec.message}[/]")
     console.print(f"run {rec.status}: {out} ({rec.epochs_done} epochs, {rec.wall_seconds:.1f} s, "
-                  f"{rec.images_per_s or 0:,.0f} img/s)", highlight=False)
+                  f"{rec.images_per_s or 0:,.0f} img/s)" + (", run record signed" if key is not None else ""),
+                  highlight=False)
 
 
 # ----------------------------------------------------------------------------- probe
@@ -737,6 +742,8 @@ def gate(
     junit: Optional[Path] = typer.Option(None, "--junit", help="write JUnit XML (one test case per rule)"),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="write a Markdown summary"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the verdict as JSON"),
+    weights: list[Path] = typer.Option([], "--weights", help="the weight file being released (repeat): an audit "
+                                                             "passes only if it audited these very weights"),
 ):
     """Check audits against a policy: exit 0 if every rule passes, 1 if any fails, 2 on bad input."""
     from rich.table import Table
@@ -757,7 +764,13 @@ def gate(
         from memlens.policy.schema import Baseline
 
         pol = pol.model_copy(update={"baseline": Baseline()})
-    result = evaluate(pol, [read_audit(a) for a in audits], controls=[read_audit(c) for c in control], baseline=base)
+    from memlens.io import sha256_file
+
+    for w in weights:
+        if not w.is_file():
+            raise MemlensError(f"--weights: {w} is not a file")
+    result = evaluate(pol, [read_audit(a) for a in audits], controls=[read_audit(c) for c in control], baseline=base,
+                      weights_sha256=[sha256_file(w) for w in weights])
     table = Table(title=f"memlens gate: policy {pol.name}")
     for col in ("audit", "rule", "threshold", "observed", "result"):
         table.add_column(col)
@@ -816,19 +829,34 @@ def run(
     config: Path = typer.Argument(..., help="pipeline YAML"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory"),
     force: bool = typer.Option(False, "--force", help="delete the output directory and start again"),
-    fail_on_gate: bool = typer.Option(False, "--fail-on-gate", help="exit 1 when the policy gate fails"),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="encoders trained at once, each in its own process "
                                                           "with its share of the CPU threads (not under torchrun)"),
+    sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="Ed25519 private key (PEM) signing every run "
+                                                                     "record and audit (default: "
+                                                                     "$MEMLENS_SIGNING_KEY)"),
+    no_fail_on_gate: bool = typer.Option(False, "--no-fail-on-gate", help="exit 0 even when the policy gate fails "
+                                                                          "(default: exit 1, as memlens gate)"),
 ):
-    """Split, train f and g per epsilon, probe, audit, report and gate, in one resumable command."""
+    """Split, train f and g per epsilon, probe, audit, report and gate, in one resumable command.
+
+    Exits as memlens gate does: 0 when the gate passes (or the pipeline has no policy), 1 when it fails,
+    2 on bad input.
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from memlens.config import PipelineConfig, load_yaml
+    from memlens.integrity import public_key_text
     from memlens.pipeline import run_pipeline
 
     cfg = load_yaml(PipelineConfig, config)
     check_writable(out, what="pipeline directory")
+    key_path = sign_key or (Path(os.environ["MEMLENS_SIGNING_KEY"]) if os.environ.get("MEMLENS_SIGNING_KEY")
+                            else None)
+    key = _signing_key(key_path)  # refused now, before any work, if it is not a key
     console = _console()
+    if key is not None:
+        console.print(f"signing run records and audits with {key_path} (public key "
+                      f"{public_key_text(key)[:16]}...)", highlight=False)
     with Progress(TextColumn("{task.description:<22}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -840,7 +868,7 @@ def run(
 
         with _writer(out):
             result = run_pipeline(cfg, out, force=force, cache_dir=_cache_dir(), progress=progress,
-                                  log=lambda msg: console.print(msg, highlight=False), jobs=jobs)
+                                  log=lambda msg: console.print(msg, highlight=False), jobs=jobs, sign_key=key_path)
     console.print(f"\n[bold]pipeline complete[/] in {result.seconds:.0f} s: {out}", highlight=False)
     for stage, status in result.stages.items():
         console.print(f"  {stage:<7} {status}", highlight=False)
@@ -850,7 +878,7 @@ def run(
     if result.gate_passed is not None:
         console.print(f"gate: {'[green]PASSED[/]' if result.gate_passed else '[red]FAILED[/]'} (details: "
                       f"{out / 'gate.md'})")
-    if fail_on_gate and result.gate_exit:
+    if result.gate_exit and not no_fail_on_gate:
         raise typer.Exit(result.gate_exit)
 
 

@@ -42,15 +42,19 @@ Progress = Callable[[str, int, int], None]
 
 def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = False,
                  cache_dir: str | Path | None = None, progress: Progress | None = None,
-                 log: Callable[[str], None] | None = None, jobs: int = 1) -> PipelineResult:
+                 log: Callable[[str], None] | None = None, jobs: int = 1,
+                 sign_key: str | Path | None = None) -> PipelineResult:
     """Run (or resume) the whole pipeline into ``out_dir``.
 
     Args:
         progress: progress(stage, done, total) for long stages.
         log: one line per stage event.
         jobs: encoders trained at once in separate processes (see :func:`memlens.dp.sweep.run_sweep`).
+        sign_key: an Ed25519 private key file: every run record and audit is signed with it (an audit
+            already written counts as up to date only if it is signed by that key).
     """
     from memlens.audit import run_audit, write_audit
+    from memlens.integrity import load_private_key, public_key_text, signed_by
     from memlens.audit.results import AUDIT_FILE, read_audit
     from memlens.dp.sweep import check_sweep, plan_runs, run_sweep
     from memlens.policy import load_policy, to_junit
@@ -135,14 +139,15 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
             progress("training", done_epochs, total_epochs)
 
     outcomes = run_sweep(sweep_cfg, sweep_dir, cache_dir=cache_dir, dataset=dataset, on_run=on_run, on_epoch=on_epoch,
-                         jobs=jobs)
+                         jobs=jobs, sign_key=sign_key)
+    key = load_private_key(sign_key) if sign_key is not None else None
     result.stages["train"] = ", ".join(sorted({w for _, w in outcomes}))
 
     # 3. linear probes
     if config.probe and dataset.labels is not None:
         for k, run in enumerate(runs):
             if main and read_run(run.run_dir).probe is None:
-                probe_run(run.run_dir, dataset=dataset)
+                probe_run(run.run_dir, dataset=dataset, sign_key=key)
             if progress:
                 progress("probing", k + 1, len(runs))
         D.barrier()
@@ -165,7 +170,8 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
             try:
                 existing = read_audit(adir)
                 fresh = existing.summary.settings == cfg and all(
-                    r.run_json_sha256 == _sha(Path(r.path) / "run.json") for r in existing.summary.runs)
+                    r.run_json_sha256 == _sha(Path(r.path) / "run.json") for r in existing.summary.runs) and (
+                    key is None or signed_by(existing.summary.integrity, public_key_text(key)))
             except MemlensError:
                 fresh = False
             if fresh:
@@ -176,7 +182,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
                         progress=(lambda stage, d, t, eps=eps: progress(f"auditing eps-{format_epsilon(eps)}", d, t))
                         if progress else None)
         if main:
-            write_audit(res, adir, force=True)
+            write_audit(res, adir, force=True, sign_key=key)
         D.barrier()
     result.stages["audit"] = "done"
     if not main:  # process 0 writes the report and the gate

@@ -196,20 +196,35 @@ epsilons: [inf, 8]
 audit: {{views: 4, bootstrap: 200}}
 policy: {ROOT / 'policies' / 'default.yaml'}
 """)
-    code, out, err = run("run", cfg, "--out", tmp_path / "out")
-    assert code == 0, err
+    assert run("keygen", "--out", tmp_path / "key.pem")[0] == 0
+    code, out, err = run("run", cfg, "--out", tmp_path / "out", "--sign-key", tmp_path / "key.pem")
     out_dir = tmp_path / "out"
+    passed = json.loads((out_dir / "gate.json").read_text())["passed"]
+    assert code == (0 if passed else 1), err  # as memlens gate: 1 when the policy fails
+    assert "signing run records and audits with" in out
     for f in ("splits.json", "report.pdf", "report.html", "gate.json", "gate.md", "junit.xml",
               "audits/eps-inf/audit.json", "audits/eps-8/audit.json", "sweep/eps-8/f/model.safetensors"):
         assert (out_dir / f).is_file(), f
-    assert read_audit(out_dir / "audits" / "eps-8").summary.dp_epsilon <= 8
+    a8 = read_audit(out_dir / "audits" / "eps-8")
+    assert a8.summary.dp_epsilon <= 8 and a8.summary.integrity.get("signature")
+    assert all(e.run_signed_by for e in a8.summary.encoders)  # the run records are signed too
     assert "Privacy levels compared" in (out_dir / "report.html").read_text()
-    assert json.loads((out_dir / "gate.json").read_text())["passed"] in (True, False)
-    code, out, err = run("run", cfg, "--out", tmp_path / "out")
+    code, out, err = run("run", cfg, "--out", tmp_path / "out", "--sign-key", tmp_path / "key.pem",
+                         "--no-fail-on-gate")
     assert code == 0 and "skipped (finished)" in out and "skipped (up to date)" in out
+    # the gate pins the weights being released: an audit of other weights fails
+    pol = tmp_path / "pin.yaml"
+    pol.write_text("name: pin\nrules: {max_point_score: 1.0}\n")
+    f8 = out_dir / "sweep" / "eps-8" / "f" / "model.safetensors"
+    g8 = out_dir / "sweep" / "eps-8" / "g" / "model.safetensors"
+    assert run("gate", out_dir / "audits" / "eps-8", "--policy", pol, "--weights", f8)[0] == 0
+    code, out, _ = run("gate", out_dir / "audits" / "eps-8", "--policy", pol, "--weights", g8)
+    assert code == 1 and "of other weights than the ones being" in out
     cfg.write_text(cfg.read_text().replace("epsilons: [inf, 8]", "epsilons: [inf, 20]"))
     code, _, err = run("run", cfg, "--out", tmp_path / "out")
     assert code == 2 and "different config; pass --force" in err
+    code, _, err = run("run", cfg, "--out", tmp_path / "out2", "--sign-key", tmp_path / "p.yaml")
+    assert code == 2 and "not an unencrypted PEM private key" in err and not (tmp_path / "out2").exists()
 
 
 @pytest.mark.parametrize("section, line, message", [

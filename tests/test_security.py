@@ -151,13 +151,13 @@ def _yaml(path, data):
 # ----------------------------------------------------------------------------- provenance
 
 
-def _train_pair(out, splits, canaries, digits):
+def _train_pair(out, splits, canaries, digits, sign_key=None):
     """A tiny MAE f/g pair on ``splits`` with ``canaries`` planted, in ``out``/f and ``out``/g."""
     base = {"framework": "mae", "splits": str(splits), "epochs": 2, "batch_size": 32,
             "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "mae": {"decoder_dim": 16},
             "canaries": str(canaries)}
     for side in ("f", "g"):
-        train(TrainConfig.model_validate({**base, "subsets": side}), out / side, dataset=digits)
+        train(TrainConfig.model_validate({**base, "subsets": side}), out / side, dataset=digits, sign_key=sign_key)
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +176,10 @@ def world(tmp_path_factory, digits):
     cset = make_canaries(digits, m=40, kinds=["natural"], seed=3,
                          exclude_ids=set(splits.ids("S_S", "S_C", "S_I", "S_E")))
     save_canaries(cset, root / "canaries")
-    _train_pair(root, root / "s.json", root / "canaries", digits)
     code, out, err = run("keygen", "--out", root / "key.pem")
     assert code == 0, err
     public = out.split("public key: ")[1].split()[0]
+    _train_pair(root, root / "s.json", root / "canaries", digits, sign_key=root / "key.pem")  # signed run records
     args = ["audit", "--f", root / "f", "--g", root / "g", "--splits", root / "s.json", "--views", "2",
             "--max-per-subset", "20"]
     assert run(*args, "--out", root / "audit")[0] == 0
@@ -258,6 +258,14 @@ def test_signed_audits_verify_with_their_key_only(world, tmp_path):
     assert code == 2 and "signature does not verify" in err
     card = run("card", root / "signed")[1]
     assert public in card and "signed" in card
+    # a signed audit of run records the trusted job did not sign (a pasted DP block, re-digested) fails
+    unsigned = tmp_path / "unsigned-runs"
+    _train_pair(unsigned, root / "s.json", root / "canaries", _digits())
+    assert run("audit", "--f", unsigned / "f", "--g", unsigned / "g", "--splits", root / "s.json", "--views", "2",
+               "--max-per-subset", "20", "--out", unsigned / "audit", "--sign-key", root / "key.pem")[0] == 0
+    code, _, err = run("gate", unsigned / "audit", "--policy", root / "signed.yaml", "--json", tmp_path / "u.json")
+    rows = {r["rule"]: r for r in json.loads((tmp_path / "u.json").read_text())["results"]}
+    assert code == 1 and rows["require_signature"]["passed"] and not rows["require_signature[runs]"]["passed"]
 
 
 def test_an_edited_run_record_is_refused_by_the_audit(world, tmp_path):
@@ -488,3 +496,10 @@ def test_a_baseline_with_other_canaries_is_compared_like_for_like(world, tmp_pat
     assert comparable_basis(new, old) == "natural" and comparable_basis(old, old) == "canaries"
     new.summary.privacy["primary_score"] = "other"
     assert comparable_basis(new, old) is None  # nothing measured alike: the rule fails (see gate.evaluate)
+
+
+def _digits():
+    from memlens.data import load
+
+    return load()
+

@@ -575,7 +575,8 @@ def _sha(path) -> str:
 def _encoder_input(enc, role: str) -> dict:
     base = {"label": enc.label, "side": role, "source": enc.source, "spec": enc.info.get("spec"),
             "path": enc.info.get("path") or enc.info.get("weights"), "weights_sha256": enc.info.get("weights_sha256"),
-            "run_json_sha256": enc.info.get("run_json_sha256"), "representation": enc.representation,
+            "run_json_sha256": enc.info.get("run_json_sha256"), "run_signed_by": enc.info.get("run_signed_by"),
+            "representation": enc.representation,
             "input_size": enc.input_size, "parameters": int(sum(p.numel() for p in enc.module.parameters())),
             "load": enc.info.get("load"), "weights": "random-init" if enc.info.get("random_init") else "loaded"}
     rec = enc.record

@@ -251,8 +251,9 @@ def _from_spec(spec: EncoderSpec, default_rep: str | None, side: str = "") -> Au
         module = load_encoder(path)
         rec = module.record
         finite_parameters(module, where=f"run {path}")
+        sig = (rec.integrity or {}).get("signature") or {}  # verified when the record was read
         info = {"spec": spec.model, "path": str(path.resolve()), "weights_sha256": sha256_file(path / MODEL_FILE),
-                "run_json_sha256": sha256_file(path / RUN_FILE)}
+                "run_json_sha256": sha256_file(path / RUN_FILE), "run_signed_by": sig.get("public_key")}
         evaluation = EvalTransform(rec.data["image_size"], **(rec.data.get("eval_transform") or {}))
         return AuditEncoder(module=module, representation=rep or "features", input_size=rec.data["image_size"],
                             in_chans=rec.data["channels"], mean=rec.data["normalize"]["mean"],

@@ -34,6 +34,7 @@ class EncoderInput(Model):
     status: str | None = None
     weights_sha256: str | None = None
     run_json_sha256: str | None = None
+    run_signed_by: str | None = None  # the public key that signed the run record (verified when read)
     representation: str
     input_size: int
     parameters: int

@@ -14,7 +14,23 @@ from memlens.config import TrainConfig
 from memlens.errors import MemlensError
 
 
-def train(config: TrainConfig | None, out_dir: str | Path, *, pair_secret: str | Path | None = None, **kwargs: Any):
+def train(config: TrainConfig | None, out_dir: str | Path, *, pair_secret: str | Path | None = None,
+          sign_key: Any = None, **kwargs: Any):
+    """Train an encoder (see :func:`_train`); with ``sign_key`` (an Ed25519 private key, or the path of
+    one) the finished run record is signed."""
+    result = _train(config, out_dir, pair_secret=pair_secret, **kwargs)
+    if sign_key is not None and result.record.status in ("complete", "stopped_budget"):
+        from memlens import distributed as D
+        from memlens.integrity import load_private_key
+        from memlens.train.run import write_run
+
+        if D.is_main():
+            key = load_private_key(sign_key) if isinstance(sign_key, (str, Path)) else sign_key
+            write_run(out_dir, result.record, sign_key=key)
+    return result
+
+
+def _train(config: TrainConfig | None, out_dir: str | Path, *, pair_secret: str | Path | None = None, **kwargs: Any):
     """Train an encoder, with DP-SGD when ``config.dp`` is set (see :func:`memlens.train.loop.train`).
 
     With ``config=None`` and ``resume=True`` the run's own config decides. ``pair_secret``: the key file

@@ -71,7 +71,8 @@ def plan_runs(config: SweepConfig, out_dir: str | Path) -> list[SweepRun]:
 
 def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, cache_dir: str | Path | None = None,
               dataset: Dataset | None = None, on_run: Callable[[SweepRun, str], None] | None = None,
-              on_epoch: Callable[[EpochInfo], None] | None = None, jobs: int = 1) -> list[tuple[SweepRun, str]]:
+              on_epoch: Callable[[EpochInfo], None] | None = None, jobs: int = 1,
+              sign_key: str | Path | None = None) -> list[tuple[SweepRun, str]]:
     """Train every run of the sweep that is not finished yet.
 
     Args:
@@ -79,6 +80,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
         on_run: called before each run that trains, with "training" or "resuming", and (with
             ``jobs`` > 1) after it, with "done".
         on_epoch: called after every epoch of every run (in this process only: not with ``jobs`` > 1).
+        sign_key: an Ed25519 private key file signing every finished run record.
         jobs: runs trained at once, each in its own process with its share of the CPU threads. The
             runs of a sweep are independent jobs (a coupled pair's DP key is a 0600 file this function
             creates before the pair trains and deletes once both sides have finished); several small
@@ -114,13 +116,14 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
     D.barrier()
     try:
         if jobs > 1 and len(pending) > 1:
-            _train_side_by_side(pending, jobs=jobs, cache_dir=cache_dir, on_run=on_run, keys=keys)
+            _train_side_by_side(pending, jobs=jobs, cache_dir=cache_dir, on_run=on_run, keys=keys,
+                                sign_key=None if sign_key is None else str(sign_key))
         else:
             for run, resume in pending:
                 if on_run:  # before the run starts: what is about to happen
                     on_run(run, "resuming" if resume else "training")
                 train(run.config, run.run_dir, resume=resume, dataset=dataset, on_epoch=on_epoch,
-                      pair_secret=keys.get(run.run_dir))
+                      pair_secret=keys.get(run.run_dir), sign_key=sign_key)
     finally:
         if D.is_main():
             _forget_finished_pairs(runs, keys)
@@ -159,7 +162,8 @@ def _forget_finished_pairs(runs: list[SweepRun], keys: dict[Path, Path]) -> None
 
 
 def _train_side_by_side(pending: list[tuple[SweepRun, bool]], *, jobs: int, cache_dir: str | Path | None,
-                        on_run: Callable[[SweepRun, str], None] | None, keys: dict[Path, Path]) -> None:
+                        on_run: Callable[[SweepRun, str], None] | None, keys: dict[Path, Path],
+                        sign_key: str | None = None) -> None:
     """Train runs in ``jobs`` worker processes (spawned: no state of this process is shared); the first
     failure cancels what has not started and is raised here."""
     import multiprocessing
@@ -177,7 +181,7 @@ def _train_side_by_side(pending: list[tuple[SweepRun, bool]], *, jobs: int, cach
             key = keys.get(run.run_dir)
             futures[pool.submit(_train_job, run.config.model_dump(mode="json"), str(run.run_dir), resume,
                                 None if cache_dir is None else str(cache_dir),
-                                None if key is None else str(key))] = run
+                                None if key is None else str(key), sign_key)] = run
         left = set(futures)
         while left:
             finished, left = wait(left, return_when=FIRST_COMPLETED)
@@ -196,10 +200,11 @@ def _worker_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _train_job(config: dict, run_dir: str, resume: bool, cache_dir: str | None, pair_secret: str | None) -> None:
+def _train_job(config: dict, run_dir: str, resume: bool, cache_dir: str | None, pair_secret: str | None,
+               sign_key: str | None) -> None:
     """One run in a worker process (module-level: spawned workers import it by name)."""
     train(TrainConfig.model_validate(config), Path(run_dir), resume=resume, cache_dir=cache_dir,
-          pair_secret=pair_secret)
+          pair_secret=pair_secret, sign_key=sign_key)
 
 
 def check_sweep(runs: list[SweepRun], *, dataset: Dataset, cache_dir: str | Path | None = None) -> None:

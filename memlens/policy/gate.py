@@ -197,13 +197,15 @@ def compare(audit: Audit, baseline: Audit, *, score: str = "sslmem_sym_norm", at
 
 
 def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | None = None,
-             baseline: Audit | None = None) -> GateResult:
+             baseline: Audit | None = None, weights_sha256: list[str] | None = None) -> GateResult:
     """Check every audit against every rule of the policy.
 
     Args:
         controls: more audits that may serve as positive controls for ``require_power`` (the
             audits themselves are searched first).
         baseline: the previous release's audit, for the policy's ``baseline.max_increase`` rules.
+        weights_sha256: the weights being released (``memlens gate --weights``, or the policy's
+            ``require_weights``): an audit passes only if it audited one of them as the released encoder.
 
     Raises:
         MemlensError: a baseline of other data or splits.
@@ -221,6 +223,9 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
         def add(rule: str, threshold: str, observed: str, ok: bool, detail: str = "", name: str = name) -> None:
             rows.append(RuleResult(name, rule, threshold, observed, bool(ok), detail))
 
+        pins = list(weights_sha256 or []) + (list(r.require_weights.sha256) if r.require_weights else [])
+        if pins:
+            _weights_rule(add, audit, pins)
         random_init = [e.label for e in s.encoders if e.weights == "random-init"]
         if random_init and not policy.allow_random_init:
             add("weights_loaded", "every encoder audited with its trained weights", f"random init: "
@@ -407,6 +412,25 @@ def _signature_rule(add, audit: Audit, public_key: str) -> None:
                                            f"signed by another key ({sig.get('public_key', '?')[:12]}...)")
     add("require_signature", f"signed by {want[:12]}...", observed, ok,
         "" if ok else "only audits signed by the trusted job (memlens audit --sign-key) pass this policy")
+    # the run records the audit read: their DP facts and membership are what the verdict rests on
+    runs = [e for e in audit.summary.encoders if e.source == "run"]
+    unsigned = [e.label for e in runs if e.run_signed_by != want]
+    if runs:
+        add("require_signature[runs]", f"every run record signed by {want[:12]}...",
+            "all signed" if not unsigned else f"not signed by it: {', '.join(unsigned[:5])}", not unsigned,
+            "" if not unsigned else "run records carry the DP guarantee and the membership the audit relied on; sign "
+                                    "them in the trusted training job (memlens train/run --sign-key)")
+
+
+def _weights_rule(add, audit: Audit, pins: list[str]) -> None:
+    """The audit must be of the weights being released: its released encoder (the target, else f, else the
+    references) has one of the pinned sha256."""
+    released = audit.summary.attacked
+    have = {e.weights_sha256 for e in released if e.weights_sha256}
+    ok = bool(have & set(pins))
+    add("require_weights", f"audited weights sha256 {', '.join(p[:12] for p in pins)}...",
+        ", ".join(sorted(h[:12] for h in have)) + "..." if have else "no weights recorded", ok,
+        "" if ok else "this audit is of other weights than the ones being released: audit the release file")
 
 
 def _memorized_rule(add, audit: Audit, limit, fdr: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from memlens.config import Strict as _Strict
 from memlens.config import load_yaml
@@ -71,6 +71,19 @@ class MemorizedLimit(Strict):
         return self
 
 
+class RequireWeights(Strict):
+    sha256: list[str] = Field(..., min_length=1, description="sha256 of the weight files that may be released: an "
+                                                             "audit passes only if it audited one of them")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if len(x) != 64 or any(c not in "0123456789abcdef" for c in x.lower())]
+        if bad:
+            raise ValueError(f"not a sha256 (64 hex digits): {bad[0]!r}")
+        return [x.lower() for x in v]
+
+
 class TprLimit(Strict):
     fpr: float = Field(0.01, gt=0, lt=1, description="false-positive rate of the attack")
     max_tpr: float = Field(..., ge=0, le=1, description="largest allowed true-positive rate at that FPR")
@@ -89,7 +102,10 @@ class Rules(Strict):
     max_fraction_units_above: UnitsAbove | None = None
     require_dp: RequireDP | None = None
     require_signature: RequireSignature | None = Field(
-        None, description="accept only audits signed by this key (memlens audit --sign-key)")
+        None, description="accept only audits signed by this key (memlens audit --sign-key), of run records signed "
+                          "by it too")
+    require_weights: RequireWeights | None = Field(
+        None, description="pin the weights being released: the audit must have audited one of these files")
     require_power: bool = Field(
         False, description="the audit must have had the power to see memorization: its positive control (canaries "
                            "detected in the non-private reference of the same recipe, or in the audit itself) must be "

@@ -103,8 +103,9 @@ def linear_probe(encoder: nn.Module, dataset: Dataset, *, splits: Splits | None 
 
 
 def probe_run(run_dir: str | Path, *, cache_dir: str | Path | None = None, dataset: Dataset | None = None,
-              max_train: int = 5000, max_test: int = 5000) -> ProbeResult:
-    """Probe a run's encoder and store the result in its ``run.json``."""
+              max_train: int = 5000, max_test: int = 5000, sign_key=None) -> ProbeResult:
+    """Probe a run's encoder and store the result in its ``run.json`` (signed again with ``sign_key``: a
+    signed record rewritten without its key would lose its signature)."""
     record = read_run(run_dir)
     encoder = load_encoder(run_dir)
     dataset = dataset if dataset is not None else load(record.config.data, cache_dir=cache_dir)
@@ -115,5 +116,5 @@ def probe_run(run_dir: str | Path, *, cache_dir: str | Path | None = None, datas
                           max_test=max_test)
     record = read_run(run_dir)
     record.probe = result.model_dump()
-    write_run(run_dir, record)
+    write_run(run_dir, record, sign_key=sign_key)
     return result
