@@ -54,9 +54,9 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
             already written counts as up to date only if it is signed by that key).
     """
     from memlens.audit import run_audit, write_audit
-    from memlens.integrity import load_private_key, public_key_text, signed_by
     from memlens.audit.results import AUDIT_FILE, read_audit
     from memlens.dp.sweep import check_sweep, plan_runs, run_sweep
+    from memlens.integrity import load_private_key, public_key_text, signed_by
     from memlens.policy import load_policy, to_junit
     from memlens.policy.gate import write_markdown
     from memlens.reports import render_report
