@@ -131,6 +131,12 @@ def split(
             if written is not None:  # every check passed: the manifest takes its name
                 os.replace(manifest, written)
                 splits.data = DataConfig(source="manifest", path=str(written.resolve()), resize=resize)
+        except MemlensError as exc:
+            if written is None:
+                raise
+            # the checks ran on a temporary copy; the user knows the manifest by the name it will have
+            text = str(exc).replace(str(manifest.resolve()), str(written)).replace(str(manifest), str(written))
+            raise MemlensError(text) from None
         finally:
             if written is not None and manifest.exists() and manifest != written:
                 manifest.unlink(missing_ok=True)

@@ -162,3 +162,22 @@ def test_report_respects_the_cache_dir(tmp_path, monkeypatch):
     assert not (home / ".cache" / "memlens").exists()  # (fontconfig and matplotlib keep their own caches)
     cache = Path(tmp_path / "cache")
     assert list(cache.glob("index-files-*.npz")) and list(cache.glob("decoded-*.npy"))
+
+
+def test_batch_larger_than_the_data_and_errors_name_the_users_file(tmp_path):
+    code, _, err = run("train", "--out", tmp_path / "run", "--source", "digits", "--subsets", "all", "--epochs", "1",
+                       "--arch", "vit_micro", "--batch-size", "100000")
+    assert code == 2 and "batch_size 100000 exceeds the" in err and not (tmp_path / "run").exists()
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    (tmp_path / "img" / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "f.txt").write_text("img/0.png\nimg/1.png\nimg/bad.png\n")
+    (tmp_path / "g.txt").write_text("img/2.png\nimg/3.png\n")
+    code, _, err = run("split", "--members-f", tmp_path / "f.txt", "--members-g", tmp_path / "g.txt", "--out",
+                       tmp_path / "s.json")
+    # the checks ran on a temporary copy of the manifest; the message names the file the user will have
+    assert code == 2 and "s.manifest.csv: 1 unreadable" in err and ".tmp" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "f.txt", "g.txt", "img"]  # nothing written

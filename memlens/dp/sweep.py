@@ -168,6 +168,7 @@ def _train_side_by_side(pending: list[tuple[SweepRun, bool]], *, jobs: int, cach
     failure cancels what has not started and is raised here."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     from memlens.resources import available_cores
 
@@ -186,10 +187,14 @@ def _train_side_by_side(pending: list[tuple[SweepRun, bool]], *, jobs: int, cach
         while left:
             finished, left = wait(left, return_when=FIRST_COMPLETED)
             for fut in finished:
-                if fut.exception() is not None:
+                exc = fut.exception()
+                if exc is not None:
                     for other in left:
                         other.cancel()
-                    raise fut.exception()
+                    if isinstance(exc, BrokenProcessPool):  # a worker killed (out of memory, a signal)
+                        raise MemlensError(f"the process training {futures[fut].name} died ({exc}); re-run the "
+                                           f"same command to resume the unfinished runs") from None
+                    raise exc
                 if on_run:
                     on_run(futures[fut], "done")
 
