@@ -26,6 +26,11 @@ with both estimators side by side and exits 1 when a check fails: for this versi
 control's null fraction below 0.05 inside its binomial 99.9% range, the share of negative-control
 audits listing anything at most q plus its binomial slack, the mean FDP at most q, and power on the
 planted images at K = 8 at least the previous estimator's.
+
+Measured (defaults, one run; the full table is in the README, "Calibration on controls"):
+negative-control audits listing any null image 0 of 18 (previous estimator: 5 of 18, one random
+pair with 66 of 80 null candidates listed); mean FDP 0.013 (previous 0.217); power on the planted
+images at K = 8 0.80 (previous 0.60); all four checks ok; audits 600 s after training.
 """
 
 from __future__ import annotations
