@@ -330,14 +330,14 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     prepared = prepare(config, cache_dir=cache_dir, dataset=dataset)
     if D.world_size() > config.batch_size:
         raise MemlensError(f"batch_size {config.batch_size} is smaller than the {D.world_size()} processes")
-    if config.batch_size > len(prepared.rows):
-        # a batch larger than the data would train on one partial batch per epoch, a different recipe than asked
-        raise MemlensError(f"batch_size {config.batch_size} exceeds the {len(prepared.rows)} training images; lower "
-                           f"it to at most {len(prepared.rows)}")
     plan = resources.plan(lazy=not prepared.pixels.in_memory, workers=config.workers, threads=config.threads,
                           processes_per_node=D.local_world_size())
     with resources.using(plan):
         built = _build(config, prepared, device, plan, step_factory)
+        if config.batch_size > len(prepared.rows):
+            # a batch larger than the data trains on one partial batch per epoch: another recipe than asked for
+            raise MemlensError(f"batch_size {config.batch_size} exceeds the {len(prepared.rows)} training images; "
+                               f"lower it to at most {len(prepared.rows)}")
         if D.is_main():
             prepare_output_dir(out, force=force, resume=resume, marker=RUN_FILE)
         D.barrier()
