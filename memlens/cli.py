@@ -75,8 +75,13 @@ def _overrides(pairs: dict[str, Any]) -> dict[str, Any]:
 def split(
     out: Path = typer.Option(..., "--out", "-o", help="splits.json to write"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with data: and split: sections"),
-    source: Optional[str] = typer.Option(None, help="data source: digits, synthetic, folder, npz, manifest"),
-    path: Optional[str] = typer.Option(None, "--path", help="folder, .tar/.tar.gz, .npz or manifest .csv"),
+    source: Optional[str] = typer.Option(None, help="data source: digits, synthetic, folder (also .tar/.tar.gz), "
+                                                    "shards (WebDataset tar shards), hf (a datasets dataset saved "
+                                                    "to disk), parquet, npz, manifest"),
+    path: Optional[str] = typer.Option(None, "--path", help="folder, .tar/.tar.gz, shard pattern, saved datasets "
+                                                            "directory, parquet file or folder, .npz or manifest .csv"),
+    test_path: Optional[str] = typer.Option(None, "--test-path", help="shards and parquet: the files of the test "
+                                                                      "part"),
     resize: Optional[int] = typer.Option(None, help="resize images to RESIZE x RESIZE"),
     seed: Optional[int] = typer.Option(None, help="split seed"),
     candidates: Optional[Path] = typer.Option(None, help="file of ids (one per line) that must be candidates"),
@@ -110,8 +115,9 @@ def split(
 
         if manifest and (members_f or members_g or extra):
             raise MemlensError("give either --manifest or --members-f/--members-g/--extra, not both")
-        if config or source or path or candidates or sizes:
-            raise MemlensError("membership splits take no --config, --source, --path, --candidates or --sizes")
+        if config or source or path or test_path or candidates or sizes:
+            raise MemlensError("membership splits take no --config, --source, --path, --test-path, --candidates or "
+                               "--sizes")
         if not manifest:
             if not (members_f and members_g):
                 raise MemlensError("--members-f and --members-g are both needed (what f and g were trained on)")
@@ -141,7 +147,8 @@ def split(
             if written is not None and manifest.exists() and manifest != written:
                 manifest.unlink(missing_ok=True)
     else:
-        over = _overrides({"data.source": source, "data.path": path, "data.resize": resize, "split.seed": seed,
+        over = _overrides({"data.source": source, "data.path": path, "data.test_path": test_path,
+                           "data.resize": resize, "split.seed": seed,
                            "split.candidates_file": str(candidates) if candidates else None})
         if sizes:
             try:

@@ -77,3 +77,12 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "memlens"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout
+
+
+def test_split_help_names_every_source_and_option():
+    from memlens.config import DataConfig
+
+    code, out, _ = run("split", "--help")
+    text = " ".join(out.split())
+    sources = DataConfig.model_fields["source"].annotation.__args__
+    assert code == 0 and all(src in text for src in sources) and "--test-path" in text

@@ -272,6 +272,13 @@ def test_reference_audit_counts_training_randomness(refs, digits, tmp_path):
     section = html[html.index("Training images most at risk"):]
     assert section.index("over encoders (two halves") < section.index("memorized at a false discovery rate")
     assert "Calibration self-check on 90 control images (60 in every encoder, 30 in none)" in html
+    # what a reviewer stopped at: the RMIA score explained, pairs named as such, counts as integers,
+    # the references listed as references, no f/g rows
+    import re
+
+    assert "so +1.0000 means it beat every one of them" in html and "encoder of one pair" in html
+    assert not re.search(r"\d\.0 of \d", html) and "reference encoders (4, each on the shared images" in html
+    assert "encoders f (trained with S_C)" not in html
     # a target: the release candidate, attacked with all references
     tgt = run_audit(AuditConfig(references=[str(refs / f"ref-{i}") for i in range(4)], target=str(refs / "release"),
                                 splits=str(refs / "s.json"), views=4), dataset=digits)

@@ -41,6 +41,7 @@ class ViTBlockRow:
     delta_mlp: float
     resblock_mlp: float
     delta_block: float | None
+    layer: str = ""  # the block's module path (the paper numbers blocks from 1, modules from 0)
 
 
 def vit_block_table(values: dict[str, float], specs: list) -> list[ViTBlockRow]:
@@ -68,6 +69,7 @@ def vit_block_table(values: dict[str, float], specs: list) -> list[ViTBlockRow]:
         rows.append(ViTBlockRow(block=i + 1, attention=att,
                                 delta_attention=None if prev_block is None else att - prev_block,
                                 resblock_attention=res_att, mlp=fc, delta_mlp=fc - res_att, resblock_mlp=res_fc,
-                                delta_block=None if prev_block is None else res_fc - prev_block))
+                                delta_block=None if prev_block is None else res_fc - prev_block,
+                                layer=names["block"]))
         prev_block = res_fc
     return rows
