@@ -460,11 +460,21 @@ def audit(
     g: list[str] = typer.Option([], "--g", help="encoder trained on S_S+S_I (repeat for more seeds)"),
     f_weights: list[str] = typer.Option([], "--f-weights", help="weights of each timm:/py: --f, in order"),
     g_weights: list[str] = typer.Option([], "--g-weights", help="weights of each timm:/py: --g, in order"),
-    references: list[str] = typer.Option([], "--references", help="reference runs of a K-reference design "
-                                                                  "(repeat, or a quoted glob: 'runs/ref-*')"),
-    target: Optional[str] = typer.Option(None, "--target", help="the encoder to be released (a memlens run): its "
-                                                               "per-image membership scores, calibrated by the "
-                                                               "references"),
+    references: list[str] = typer.Option([], "--references", help="reference encoders of a K-reference design: "
+                                                                  "memlens runs (repeat, or a quoted glob: "
+                                                                  "'runs/ref-*'), or timm:/py: with "
+                                                                  "--reference-weights and --design, in the order of "
+                                                                  "the design's lists"),
+    reference_weights: list[str] = typer.Option([], "--reference-weights", help="weights of each timm:/py: "
+                                                                                "--references, in order"),
+    design: Optional[str] = typer.Option(None, "--design", help="the design (memlens design) that references trained "
+                                                                "outside memlens followed"),
+    target: Optional[str] = typer.Option(None, "--target", help="the encoder to be released (a memlens run, or "
+                                                               "timm:/py: with --target-weights): its per-image "
+                                                               "membership scores, calibrated by the references"),
+    target_weights: Optional[str] = typer.Option(None, "--target-weights", help="weights of a timm:/py: --target"),
+    canaries_dir: Optional[str] = typer.Option(None, "--canaries", help="the canary set the encoders trained with "
+                                                                        "(default: the one memlens runs recorded)"),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="JSON kwargs of timm:/py: models, "
                                                                             "e.g. '{\"img_size\": 32}'"),
     key_prefix: Optional[str] = typer.Option(None, "--key-prefix", help="checkpoint key prefix to select and strip"),
@@ -509,7 +519,12 @@ def audit(
               "mean": _floats(mean, "--mean"), "std": _floats(std, "--std")}
     over = _overrides({"f": _encoder_specs("f", f, f_weights, common, allow_random_init=allow_random_init)
                        if f else None,
-                       "references": _expand_runs(references) if references else None, "target": target,
+                       "references": _encoder_specs("reference", _expand_runs(references), reference_weights,
+                                                    common, allow_random_init=allow_random_init)
+                       if references else None,
+                       "target": _encoder_specs("target", [target], [target_weights] if target_weights else [], common,
+                                                allow_random_init=allow_random_init)[0] if target else None,
+                       "design": design, "canaries": canaries_dir,
                        "g": _encoder_specs("g", g, g_weights, common, allow_random_init=allow_random_init)
                        if g else None,
                        "splits": splits, "augment": augment, "pairing": pairing,
@@ -645,6 +660,50 @@ def export(
     spec = export_run(run_dir, to)
     typer.echo(f"wrote {to}; audit it as:")
     typer.echo("  " + json.dumps(spec))
+
+
+@command
+def design(
+    out: Path = typer.Option(..., "--out", "-o", help="directory to write the design into"),
+    splits: Path = typer.Option(..., "--splits", help="splits.json"),
+    k: int = typer.Option(..., "--k", help="number of reference encoders (even: pairs)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the halves and of the canaries' coins"),
+    pool: str = typer.Option("S_C,S_I", "--pool", help="subsets the references split in halves"),
+    canaries_dir: Optional[Path] = typer.Option(None, "--canaries", help="a canary set (memlens canaries) to plant"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing design"),
+):
+    """Write a K-reference design for a training loop of your own: one image list per reference.
+
+    ref-NN.txt lists the images reference NN trains on (ids: for folder data, paths relative to the
+    folder), ref-NN.canaries.txt its canaries; train reference NN on those with your own code, then
+    memlens audit --design DIR --references ... (in the order of the lists) checks and audits them.
+    """
+    from memlens.config import ReferencesConfig, validate
+    from memlens.data import Splits
+    from memlens.data.references import DESIGN_FILE, Design, write_design_files
+    from memlens.io import read_json
+
+    if (out / DESIGN_FILE).exists() and not force:
+        raise MemlensError(f"{out / DESIGN_FILE} already exists; pass --force to overwrite it")
+    check_writable(out / DESIGN_FILE, what="design")
+    cfg = validate(ReferencesConfig, {"k": k, "seed": seed, "pool": [p.strip() for p in pool.split(",")]},
+                   source="options")
+    raw = read_json(splits, what="splits file")
+    try:
+        parsed = Splits.model_validate(raw)
+    except Exception as exc:  # noqa: BLE001 - pydantic's message, on one line
+        raise MemlensError(f"{splits} is not a memlens splits file: {str(exc).splitlines()[0]}") from None
+    canary_ids, digest = [], None
+    if canaries_dir is not None:
+        from memlens.data.canaries import load_canaries
+
+        cset = load_canaries(canaries_dir)
+        canary_ids, digest = list(cset.ids), cset.manifest.sha256
+    path = write_design_files(parsed, splits, canary_ids, Design(k=cfg.k, seed=cfg.seed, pool=tuple(cfg.pool)), out,
+                              canaries_sha256=digest)
+    typer.echo(f"wrote {path} and {cfg.k} image lists (ref-00.txt ... ref-{cfg.k - 1:02d}.txt): train reference i on "
+               f"ref-i.txt (and ref-i.canaries.txt), references 2j and 2j+1 with one seed; then memlens audit "
+               f"--design {out} --references ...")
 
 
 @command

@@ -1,9 +1,11 @@
 """Reference designs: K encoders, per-image memorization with uncertainty, FDR lists, LiRA and RMIA."""
 
+import json
 import math
 
 import numpy as np
 import pytest
+from conftest import run
 from scipy import stats
 
 from memlens.config import AuditConfig, SplitConfig, SplitSizes, TrainConfig
@@ -313,3 +315,71 @@ def test_auto_primary_score_follows_the_number_of_references():
     assert primary_score(refs, named, True, attacks(2, ["lira_loss"])) == "lira_loss"
     with pytest.raises(MemlensError, match="not a score of this audit"):
         primary_score(refs, named, True, attacks(2, ["rmia_loss"]))
+
+
+def test_references_trained_elsewhere_audit_like_runs(refs, digits, tmp_path):
+    """The K = 4 references exported as plain weight files and declared against a design written by memlens
+    design (as a team training with its own code would): the same per-image numbers as auditing the runs; the
+    release candidate audited as itself from its weights (CLI --target/--target-weights, and the API)."""
+    import memlens
+    from memlens.audit import run_audit
+    from memlens.train.export import export_run
+
+    code, out, err = run("design", "--splits", refs / "s.json", "--k", "4", "--seed", "7", "--canaries",
+                         refs / "canaries", "--out", tmp_path / "design")
+    assert code == 0, err
+    lists = [(tmp_path / "design" / f"ref-{i:02d}.txt").read_text().split() for i in range(4)]
+    assert all(lists) and lists[0] != lists[1]
+    specs = []
+    for i in (2, 0, 3, 1):  # any order: each spec says which list it trained on
+        spec = export_run(refs / f"ref-{i}", tmp_path / f"ref-{i}.safetensors")
+        specs.append({**spec, "reference": i, "name": f"ref-{i}"})
+    common = dict(splits=str(refs / "s.json"), views=4, canaries=str(refs / "canaries"))
+    as_runs = run_audit(AuditConfig(references=[str(refs / f"ref-{i}") for i in range(4)], **common),
+                        dataset=digits).points.set_index("id")
+    ext = memlens.audit(references=specs, design=tmp_path / "design", dataset=digits, augment="mae",
+                        **common).points.set_index("id").loc[as_runs.index]
+    # (the exported encoders carry no MAE decoder, so the loss-based columns exist for the runs only)
+    for col in ("align_in", "align_out", "sslmem", "mem", "mem_se", "mem_p", "mem_q", "at_risk"):
+        np.testing.assert_allclose(ext[col].to_numpy(float), as_runs[col].to_numpy(float), atol=1e-9,
+                                   equal_nan=True, err_msg=col)
+    # the declaration is what the audit relies on: a reference declared on another list gives other numbers
+    wrong = [dict(s) for s in specs]
+    wrong[0]["reference"], wrong[1]["reference"] = wrong[1]["reference"], wrong[0]["reference"]
+    bad = memlens.audit(references=wrong, design=tmp_path / "design", dataset=digits, augment="mae", **common)
+    assert not np.allclose(bad.points.set_index("id").loc[as_runs.index, "mem"].to_numpy(float),
+                           as_runs["mem"].to_numpy(float), equal_nan=True)
+    # the release candidate as itself, from its weights
+    target = export_run(refs / "release", tmp_path / "release.safetensors")
+    ordered = sorted(specs, key=lambda s: s["reference"])
+    code, out, err = run("audit", "--design", tmp_path / "design", *[x for s in ordered for x in ("--references",
+                                                                                                  s["model"])],
+                         *[x for s in ordered for x in ("--reference-weights", s["weights"])],
+                         "--model-kwargs", json.dumps(specs[0]["kwargs"]), "--input-size",
+                         str(specs[0]["input_size"]), "--mean", ",".join(map(str, specs[0]["mean"])), "--std",
+                         ",".join(map(str, specs[0]["std"])), "--target", target["model"], "--target-weights",
+                         target["weights"], "--config", _digits_yaml(tmp_path, refs / "s.json"), "--views", "4",
+                         "--augment", "mae", "--out", tmp_path / "audit")
+    assert code == 2 and "give the same set to the audit" in err  # the design planted canaries
+    code, out, err = run("audit", "--design", tmp_path / "design", *[x for s in ordered for x in ("--references",
+                                                                                                  s["model"])],
+                         *[x for s in ordered for x in ("--reference-weights", s["weights"])],
+                         "--model-kwargs", json.dumps(specs[0]["kwargs"]), "--input-size",
+                         str(specs[0]["input_size"]), "--mean", ",".join(map(str, specs[0]["mean"])), "--std",
+                         ",".join(map(str, specs[0]["std"])), "--target", target["model"], "--target-weights",
+                         target["weights"], "--config", _digits_yaml(tmp_path, refs / "s.json"), "--views", "4",
+                         "--augment", "mae", "--canaries", refs / "canaries", "--out", tmp_path / "audit")
+    assert code == 0, err
+    from memlens.audit import read_audit
+
+    a = read_audit(tmp_path / "audit")
+    assert a.summary.design["target"] and "target_member" in a.points and a.points.target_member.any()
+    assert a.summary.privacy["targets"] == [a.summary.design["target"]]
+
+
+def _digits_yaml(tmp_path, splits):
+    """An audit config naming the bundled digits (the CLI's --data takes a path)."""
+    path = tmp_path / "audit.yaml"
+    path.write_text(f"splits: {splits}\ndata: {{source: digits}}\n")
+    return path
+

@@ -47,16 +47,37 @@ def _specs(side: str, value: Any, *, input_size: int | None, mean, std) -> tuple
     return specs, objects if any_module else None
 
 
-def audit(f: Any, g: Any, splits: str | Path, *, data: str | Path | DataConfig | None = None,
+def _plain_specs(side: str, value: Any) -> list[EncoderSpec]:
+    """Specs of encoders named by path or mapping (references and targets: no in-memory modules)."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise MemlensError(f"{side}: no encoder given")
+    out = []
+    for k, item in enumerate(items):
+        if isinstance(item, nn.Module):
+            raise MemlensError(f"{side}[{k}]: give references and targets as run directories or specs with weights")
+        out.append(item if isinstance(item, EncoderSpec) else validate(
+            EncoderSpec, {"model": str(item)} if isinstance(item, (str, Path)) else item, source=f"{side}[{k}]"))
+    return out
+
+
+def audit(f: Any = None, g: Any = None, splits: str | Path | None = None, *, references: Sequence[Any] | None = None,
+          target: Any = None, design: str | Path | None = None, data: str | Path | DataConfig | None = None,
           out: str | Path | None = None, force: bool = False, input_size: int | None = None,
           mean: Sequence[float] | None = None, std: Sequence[float] | None = None, dataset=None, progress=None,
           **settings: Any):
-    """Audit encoders f (trained with the candidates S_C) against g (trained without them).
+    """Audit encoders f (trained with the candidates S_C) against g (trained without them), or K
+    reference encoders (and a target, the encoder to be released).
 
     Args:
         f, g: one encoder or a list (several seeds): memlens run directories, ``"timm:<name>"``,
             ``"py:<module>:<factory>"``, :class:`~memlens.config.EncoderSpec` mappings such as
             ``{"model": "timm:resnet18", "weights": "f.safetensors"}``, or ``nn.Module`` objects.
+        references: instead of f and g, the K encoders of a reference design: memlens runs, or specs
+            of encoders trained elsewhere on the design's lists (their order, or each spec's
+            ``reference``), with ``design``.
+        target: the encoder to be released (a run or a spec with its weights).
+        design: the design (``memlens design``) that references trained elsewhere followed.
         splits: the splits.json naming S_S, S_C, S_I, S_E.
         data: the images (folder, archive, .npz, manifest .csv or a DataConfig); default: the
             runs' data or the data recorded with the splits.
@@ -75,12 +96,24 @@ def audit(f: Any, g: Any, splits: str | Path, *, data: str | Path | DataConfig |
     """
     from memlens.audit.engine import run_audit, write_audit
 
-    f_specs, f_obj = _specs("f", f, input_size=input_size, mean=mean, std=std)
-    g_specs, g_obj = _specs("g", g, input_size=input_size, mean=mean, std=std)
+    if splits is None:
+        raise MemlensError("splits: the splits.json naming S_S, S_C, S_I, S_E is needed")
+    if references is not None:
+        if f is not None or g is not None:
+            raise MemlensError("give f and g, or references, not both")
+        enc: dict[str, Any] = {"references": [s.model_dump() for s in _plain_specs("references", references)],
+                               "target": _plain_specs("target", target)[0].model_dump() if target is not None
+                               else None, "design": str(design) if design is not None else None}
+        f_obj = g_obj = None
+    else:
+        if f is None or g is None:
+            raise MemlensError("give f and g (or references)")
+        f_specs, f_obj = _specs("f", f, input_size=input_size, mean=mean, std=std)
+        g_specs, g_obj = _specs("g", g, input_size=input_size, mean=mean, std=std)
+        enc = {"f": [s.model_dump() for s in f_specs], "g": [s.model_dump() for s in g_specs]}
     if isinstance(data, (str, Path)):
         data = data_config_for_path(data)
-    cfg = validate(AuditConfig, {**settings, "f": [s.model_dump() for s in f_specs],
-                                 "g": [s.model_dump() for s in g_specs], "splits": str(splits),
+    cfg = validate(AuditConfig, {**settings, **enc, "splits": str(splits),
                                  "data": data.model_dump() if data is not None else None}, source="audit settings")
     if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not force:
         raise MemlensError(f"{out} already holds files; pass force=True to overwrite it")

@@ -56,6 +56,7 @@ class Design:
     pairs: list[tuple[int, int]]
     member: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=bool))
     reference: dict | None = None  # the references' design parameters
+    target_subsets: list[str] = field(default_factory=lambda: ["S_S", "S_C", "S_I"])  # of a target without record
 
     @property
     def f(self) -> list[AuditEncoder]:
@@ -91,15 +92,28 @@ def fg_design(f: list[AuditEncoder], g: list[AuditEncoder]) -> Design:
     return Design("fg", f + g, ["f"] * len(f) + ["g"] * len(g), pairs)
 
 
-def references_design(refs: list[AuditEncoder], target: AuditEncoder | None) -> Design:
-    """The references ordered by their index; refuses what is not one complete design."""
+def references_design(refs: list[AuditEncoder], target: AuditEncoder | None, *,
+                      declared: tuple[object, dict] | None = None, indices: list[int | None] | None = None) -> Design:
+    """The references ordered by their index; refuses what is not one complete design.
+
+    memlens runs recorded their place in the design. Encoders trained elsewhere follow a design written
+    by ``memlens design`` (``declared``: the design and its record) and declare which reference each one
+    is (``indices``: the spec's ``reference``, else its position in the list)."""
     records = []
-    for enc in refs:
+    for k, enc in enumerate(refs):
         rec = enc.record
-        if rec is None or rec.reference is None:
-            raise MemlensError(f"{enc.label} is not a reference run (memlens train --reference i --of K): references "
-                               f"must be memlens runs that recorded their place in the design")
-        records.append(rec.reference)
+        if rec is not None and rec.reference is not None:
+            records.append(rec.reference)
+            continue
+        if declared is None:
+            raise MemlensError(f"{enc.label} is not a reference run (memlens train --reference i --of K): give the "
+                               f"design it followed (--design, from memlens design) and which reference it is")
+        d, doc = declared
+        index = indices[k] if indices and indices[k] is not None else k
+        if not 0 <= index < d.k:
+            raise MemlensError(f"{enc.label}: reference {index} is outside the design's 0..{d.k - 1}")
+        records.append({"k": d.k, "seed": d.seed, "pool": list(d.pool), "design": "halves", "index": index,
+                        "membership_sha256": doc["references"][index]["membership_sha256"], "declared": True})
     params = {(r["k"], r["seed"], tuple(r["pool"]), r.get("design", "halves")) for r in records}
     if len(params) != 1:
         raise MemlensError("the references come from different designs (k, seed or pool differ); give the runs of "
@@ -120,9 +134,12 @@ def references_design(refs: list[AuditEncoder], target: AuditEncoder | None) -> 
         encoders.append(target)
         roles.append("target")
     pairs = [(2 * j, 2 * j + 1) for j in range(len(order) // 2)]
+    declared_digests = {r["index"]: r["membership_sha256"] for r in records if r.get("declared")}
+    extra = {"declared": declared_digests, "declared_canaries": declared[1].get("canaries_sha256")} \
+        if declared_digests else {}
     return Design("references", encoders, roles, pairs,
                   reference={"k": k, "seed": seed, "pool": list(pool), "design": kind,
-                             "indices": sorted(index)})
+                             "indices": sorted(index), **extra})
 
 
 def membership(design: Design, points: Points, splits: Splits, cset) -> np.ndarray:
@@ -143,7 +160,7 @@ def membership(design: Design, points: Points, splits: Splits, cset) -> np.ndarr
         elif role == "ref":
             out[e] = ref_rows[e]
         else:
-            out[e] = _target_member(enc, points, cset)
+            out[e] = _target_member(enc, points, cset, design.target_subsets)
     return out
 
 
@@ -158,22 +175,28 @@ def _reference_rows(design: Design, points: Points, splits: Splits, cset) -> np.
     out = np.zeros((len(indices), len(points)), dtype=bool)
     nat, can = ~points.is_canary, points.is_canary
     ids = np.array(points.ids, dtype=object)
+    declared = p.get("declared") or {}
+    planted = p.get("declared_canaries")
+    if declared and planted and (cset is None or cset.manifest.sha256 != planted):
+        raise MemlensError("the design planted a canary set its references trained with; give the same set to the "
+                           "audit (canaries: DIR, --canaries DIR), or the references' membership cannot be checked")
     for k, index in enumerate(indices):
         images, canaries = reference_members(splits, canary_ids, d, index)
         rec = design.encoders[k].record
         digest = membership_digest(images, canaries)
-        if rec.reference.get("membership_sha256") != digest:
+        recorded = rec.reference.get("membership_sha256") if rec is not None and rec.reference else declared.get(index)
+        if recorded != digest:
             raise MemlensError(f"reference {design.encoders[k].label} did not train on what its design says (its "
                                f"recorded membership differs): other splits or canaries than this audit's")
         out[k] = (nat & np.isin(ids, images)) | (can & np.isin(ids, canaries))
     return out
 
 
-def _target_member(enc: AuditEncoder, points: Points, cset) -> np.ndarray:
+def _target_member(enc: AuditEncoder, points: Points, cset, target_subsets: list[str]) -> np.ndarray:
     """The target's membership from its run record: its training subsets (or reference half) and canaries."""
     rec = enc.record
-    if rec is None:
-        raise MemlensError(f"target {enc.label} must be a memlens run (its run record says what it trained on)")
+    if rec is None:  # trained elsewhere: what it trained on is declared (target_subsets); canaries: none declared
+        return np.isin(points.subset_of, list(target_subsets))
     subsets = rec.splits["subsets"] if rec.splits else []
     if rec.reference is not None:
         raise MemlensError(f"target {enc.label} is itself a reference run; the target is the encoder to be "

@@ -61,6 +61,7 @@ from memlens.data import Augmenter, Dataset, Splits, load
 from memlens.data.augment import EvalTransform
 from memlens.data.dataset import ConcatPixels
 from memlens.data.loader import Unit, fetch
+from memlens.data.references import read_design
 from memlens.device import resolve_device
 from memlens.errors import MemlensError
 from memlens.io import atomic_write_text, dumps, sha256_bytes
@@ -140,11 +141,17 @@ def run_audit(config: AuditConfig, *, cache_dir: str | Path | None = None, datas
     cfg = config
     device = resolve_device(cfg.device)
     rep = cfg.representation
+    declared = None
+    if cfg.design and not cfg.references:
+        raise MemlensError("design is for references trained outside memlens: give them with references")
     if cfg.references:
         refs = [resolve(e, default_rep=rep, device=device, side="reference") for e in cfg.references]
         target = resolve(cfg.target, default_rep=rep, device=device, side="target") if cfg.target is not None \
             else None
-        design = references_design(refs, target)
+        declared = read_design(cfg.design) if cfg.design else None
+        design = references_design(refs, target, declared=declared,
+                                   indices=[getattr(e, "reference", None) for e in cfg.references])
+        design.target_subsets = list(cfg.target_subsets)
     else:
         f_enc = [resolve(e, default_rep=rep, device=device, side="f") for e in (f if f is not None else cfg.f)]
         g_enc = [resolve(e, default_rep=rep, device=device, side="g") for e in (g if g is not None else cfg.g)]
@@ -153,6 +160,8 @@ def run_audit(config: AuditConfig, *, cache_dir: str | Path | None = None, datas
                                                                collective=D.active())
     check_data(design.encoders, dataset)  # before the splits: a run of other data is the run's problem
     splits = Splits.load(cfg.splits, dataset)
+    if cfg.design and declared[1]["splits_hash"] != splits.hash:
+        raise MemlensError(f"the design {cfg.design} was made from other splits than {cfg.splits}")
     from memlens.data.splits import check_duplicates
 
     check_duplicates(dataset, splits)

@@ -60,6 +60,8 @@ class EncoderSpec(Strict):
     std: list[float] | None = None
     dp: DeclaredDP | None = Field(None, description="a DP guarantee the encoder was trained with (declared)")
     name: str | None = Field(None, description="label in reports")
+    reference: int | None = Field(None, ge=0, description="which reference of the design (memlens design) this "
+                                                          "encoder trained on: the list ref-NN.txt it followed")
 
     @field_validator("representation")
     @classmethod
@@ -166,8 +168,14 @@ class AuditConfig(Strict):
     g: list[EncoderSpec] = Field([], description="encoders trained on S_S + S_I")
     references: list[EncoderSpec] = Field([], description="reference runs of a K-reference design (instead of f and "
                                                           "g)")
-    target: EncoderSpec | None = Field(None, description="the encoder to be released (a memlens run): its per-image "
-                                                         "membership scores, calibrated by the references")
+    target: EncoderSpec | None = Field(None, description="the encoder to be released (a memlens run, or timm:/py: "
+                                                         "with its weights): its per-image membership scores, "
+                                                         "calibrated by the references")
+    design: str | None = Field(None, description="the reference design (memlens design) that references trained "
+                                                 "outside memlens followed: its directory or design.json")
+    target_subsets: list[Subset] = Field(["S_S", "S_C", "S_I"], min_length=1,
+                                         description="what a target trained outside memlens trained on (a memlens "
+                                                     "run's own record says it)")
     splits: str
     data: DataConfig | None = Field(None, description="the images (default: the runs' data, or the data recorded "
                                                       "with the splits)")

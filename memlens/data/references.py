@@ -27,6 +27,7 @@ checks it against the digest the run recorded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -113,3 +114,53 @@ def membership_matrix(splits, canary_ids: list[str], design: Design, point_ids: 
         inside = set(images) | set(canaries)
         out[k] = [pid in inside for pid in point_ids]
     return out
+
+
+# ----------------------------------------------------------------------------- design files for any trainer
+
+DESIGN_FILE = "design.json"
+
+
+def write_design_files(splits, splits_path: str | Path, canary_ids: list[str], design: Design, out_dir: str | Path,
+                       *, canaries_sha256: str | None = None) -> Path:
+    """The design as files a training loop of any kind can follow: ``ref-NN.txt`` (the image ids reference NN
+    trains on, one per line: for folder data, paths relative to the folder), ``ref-NN.canaries.txt`` (its
+    canaries) and ``design.json`` (the parameters, the splits' hash and each reference's membership digest,
+    which the audit checks the declared references against). Returns design.json's path."""
+    from memlens.integrity import stamp
+    from memlens.io import atomic_write_text, dumps, sha256_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for i in range(design.k):
+        images, canaries = reference_members(splits, canary_ids, design, i)
+        name = f"ref-{i:02d}"
+        atomic_write_text(out / f"{name}.txt", "".join(f"{x}\n" for x in images))
+        atomic_write_text(out / f"{name}.canaries.txt", "".join(f"{x}\n" for x in canaries))
+        refs.append({"index": i, "pair": design.pair_of(i), "images": f"{name}.txt",
+                     "canaries": f"{name}.canaries.txt", "n_images": len(images), "n_canaries": len(canaries),
+                     "membership_sha256": membership_digest(images, canaries)})
+    doc = {"kind": "memlens-reference-design", "version": 1, "k": design.k, "seed": design.seed,
+           "pool": list(design.pool), "design": "halves", "splits": str(Path(splits_path).resolve()),
+           "splits_hash": splits.hash, "splits_sha256": sha256_file(splits_path),
+           "canaries_sha256": canaries_sha256, "references": refs}
+    files = {r[k]: sha256_file(out / r[k]) for r in refs for k in ("images", "canaries")}
+    atomic_write_text(out / DESIGN_FILE, dumps(stamp(doc, files=files)) + "\n")
+    return out / DESIGN_FILE
+
+
+def read_design(path: str | Path) -> tuple[Design, dict]:
+    """A design written by :func:`write_design_files` (a directory or its design.json), verified.
+
+    Raises:
+        MemlensError: not a design, or its files changed since.
+    """
+    from memlens.integrity import read_verified
+
+    p = Path(path)
+    p = p / DESIGN_FILE if p.is_dir() else p
+    doc = read_verified(p, what="reference design")
+    if doc.get("kind") != "memlens-reference-design":
+        raise MemlensError(f"{p} is not a memlens reference design (memlens design writes one)")
+    return Design(k=int(doc["k"]), seed=int(doc["seed"]), pool=tuple(doc["pool"])), doc
