@@ -836,6 +836,13 @@ def gate(
         from memlens.policy.schema import Baseline
 
         pol = pol.model_copy(update={"baseline": Baseline()})
+    defaulted = False
+    if base is not None and not pol.baseline.max_increase.model_dump(exclude_none=True):
+        # --baseline gates: a policy without rules on change gets the ones a release team would start from
+        from memlens.policy.schema import DEFAULT_INCREASES
+
+        pol = pol.model_copy(update={"baseline": pol.baseline.model_copy(update={"max_increase": DEFAULT_INCREASES})})
+        defaulted = True
     from memlens.io import sha256_file
 
     for w in weights:
@@ -853,9 +860,10 @@ def gate(
     for r in result.results:
         if not r.passed and r.detail:
             console.print(f"[red]{r.audit}[/]: {r.detail}", highlight=False)
-    if base is not None and not pol.baseline.max_increase.model_dump(exclude_none=True):
-        console.print("note: the policy has no baseline.max_increase rules; the baseline is compared in the report "
-                      "only", highlight=False)
+    if defaulted:
+        console.print("note: the policy has no baseline.max_increase rules; --baseline applied the defaults "
+                      "(membership AUC +0.02, empirical epsilon +0.25, mean candidate score +0.01): set "
+                      "baseline.max_increase in the policy to choose others", highlight=False)
     if junit:
         to_junit(result, junit)
     if markdown:
@@ -920,7 +928,7 @@ def run(
     from memlens.integrity import public_key_text
     from memlens.pipeline import run_pipeline
 
-    cfg = load_yaml(PipelineConfig, config)
+    cfg = load_yaml(PipelineConfig, config).resolved(config.parent)  # paths relative to the pipeline file
     check_writable(out, what="pipeline directory")
     key_path = sign_key or (Path(os.environ["MEMLENS_SIGNING_KEY"]) if os.environ.get("MEMLENS_SIGNING_KEY")
                             else None)

@@ -12,7 +12,39 @@ from memlens.dp import train
 pytestmark = pytest.mark.slow
 
 
-def test_canaries_are_found_without_dp_and_bounded_with_it(tmp_path):
+@pytest.fixture(scope="module")
+def canary_world(tmp_path_factory):
+    """Synthetic data with 100 natural canaries, a non-private supervised ResNet9 f/g pair and a DP-SGD ViT pair
+    at epsilon 1 trained with them, and the audit of each."""
+    from memlens.data.canaries import make_canaries, save_canaries
+
+    root = tmp_path_factory.mktemp("canaries")
+    data = DataConfig(source="synthetic", synthetic=SyntheticConfig(n=400, n_test=60, image_size=16, classes=10,
+                                                                    seed=3))
+    ds = load(data)
+    splits = make_splits(ds, SplitConfig(sizes=SplitSizes(S_S=120, S_C=30, S_I=30, S_E=60), seed=0))
+    splits.data = data
+    splits.save(root / "splits.json")
+    cset = make_canaries(ds, m=100, kinds=["natural"], seed=0, exclude_ids=set(splits.ids("S_S", "S_C", "S_I", "S_E")))
+    save_canaries(cset, root / "canaries")
+    recipe = {"framework": "supervised", "data": data.model_dump(), "splits": str(root / "splits.json"),
+              "model": {"arch": "resnet9"}, "augment": "none", "epochs": 30, "batch_size": 64,
+              "optim": {"lr": 0.003}, "canaries": str(root / "canaries")}
+    for side in ("f", "g"):
+        train(TrainConfig.model_validate({**recipe, "subsets": side}), root / side, dataset=ds)
+    # DP at epsilon 1 (a ViT: BatchNorm cannot be trained privately), the same canaries
+    dp = {**recipe, "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "epochs": 4,
+          "dp": {"epsilon": 1.0}}
+    for side in ("f", "g"):
+        train(TrainConfig.model_validate({**dp, "subsets": side}), root / f"dp-{side}", dataset=ds)
+    audits = {}
+    for name, (f, g) in {"plain": ("f", "g"), "dp": ("dp-f", "dp-g")}.items():
+        audits[name] = run_audit(AuditConfig(f=[str(root / f)], g=[str(root / g)], splits=str(root / "splits.json"),
+                                             views=4, augment="weak"), dataset=ds)
+    return root, ds, cset, audits
+
+
+def test_canaries_are_found_without_dp_and_bounded_with_it(canary_world):
     """Planted canaries end to end: a non-private encoder gives them away (AUC > 0.8, an epsilon lower
     bound above 0 at 95% confidence); a DP-SGD encoder at epsilon 1 keeps the bound within 1.
 
@@ -21,24 +53,11 @@ def test_canaries_are_found_without_dp_and_bounded_with_it(tmp_path):
     import json
 
     from memlens.audit.privacy import epsilon_lower_bound
-    from memlens.data.canaries import make_canaries, save_canaries
 
-    data = DataConfig(source="synthetic", synthetic=SyntheticConfig(n=400, n_test=60, image_size=16, classes=10,
-                                                                    seed=3))
-    ds = load(data)
-    splits = make_splits(ds, SplitConfig(sizes=SplitSizes(S_S=120, S_C=30, S_I=30, S_E=60), seed=0))
-    splits.save(tmp_path / "splits.json")
-    cset = make_canaries(ds, m=100, kinds=["natural"], seed=0, exclude_ids=set(splits.ids("S_S", "S_C", "S_I", "S_E")))
-    save_canaries(cset, tmp_path / "canaries")
-    recipe = {"framework": "supervised", "data": data.model_dump(), "splits": str(tmp_path / "splits.json"),
-              "model": {"arch": "resnet9"}, "augment": "none", "epochs": 30, "batch_size": 64,
-              "optim": {"lr": 0.003}, "canaries": str(tmp_path / "canaries")}
-    for side in ("f", "g"):
-        train(TrainConfig.model_validate({**recipe, "subsets": side}), tmp_path / side, dataset=ds)
-    rec = json.loads((tmp_path / "f" / "run.json").read_text())
+    root, ds, cset, audits = canary_world
+    rec = json.loads((root / "f" / "run.json").read_text())
     assert rec["canaries"]["members_trained"] == len(cset.membership().included)
-    result = run_audit(AuditConfig(f=[str(tmp_path / "f")], g=[str(tmp_path / "g")],
-                                   splits=str(tmp_path / "splits.json"), views=4, augment="weak"), dataset=ds)
+    result = audits["plain"]
     p = result.summary.privacy
     m = p["canaries"]["metrics"]["loss_ref"]
     assert p["primary_score"] == "loss_ref" and m["auc"] > 0.8 and m["mann_whitney_p"] < 0.05
@@ -50,14 +69,35 @@ def test_canaries_are_found_without_dp_and_bounded_with_it(tmp_path):
     again = epsilon_lower_bound(table.loc[table.included, "score_loss_ref"],
                                 table.loc[~table.included, "score_loss_ref"], delta=p["delta"])
     assert again.epsilon == pytest.approx(p["epsilon_lower_bound"]["epsilon"], rel=1e-6)
-
-    # DP at epsilon 1 (a ViT: BatchNorm cannot be trained privately), the same canaries
-    dp = {**recipe, "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "epochs": 4,
-          "dp": {"epsilon": 1.0}}
-    for side in ("f", "g"):
-        train(TrainConfig.model_validate({**dp, "subsets": side}), tmp_path / f"dp-{side}", dataset=ds)
-    dp_res = run_audit(AuditConfig(f=[str(tmp_path / "dp-f")], g=[str(tmp_path / "dp-g")],
-                                   splits=str(tmp_path / "splits.json"), views=4, augment="weak"), dataset=ds)
-    q = dp_res.summary.privacy
+    q = audits["dp"].summary.privacy
     assert q["primary_score"] == "loss_ref" and q["claimed_epsilon"] <= 1.0
     assert q["epsilon_lower_bound"]["epsilon"] <= 1.0
+
+
+def test_ci_recipe_passes_the_dp_encoder_and_fails_the_non_private_one(canary_world, tmp_path):
+    """docs/ci/github-actions.yml as a release job runs it, with the default policy: the DP encoder passes
+    (its positive control: the non-private audit, whose canaries are found), the non-private one fails."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from test_release import _run_workflow
+
+    root, _, _, audits = canary_world
+    audits["plain"].save(tmp_path / "control")
+    repo = Path(__file__).resolve().parents[1]
+    for enc, expected in (("dp-", 0), ("", 1)):
+        work = tmp_path / f"job-{enc or 'plain'}"
+        work.mkdir()
+        summary = work / "summary.md"
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               "F_ENCODER": str(root / f"{enc}f"), "G_ENCODER": str(root / f"{enc}g"),
+               "SPLITS": str(root / "splits.json"), "POLICY": str(repo / "policies" / "default.yaml"),
+               "CONTROL": str(tmp_path / "control"), "OUT": "memlens-out", "GITHUB_STEP_SUMMARY": str(summary),
+               "AUDIT_ARGS": "--views 4 --augment weak"}
+        env.pop("BASELINE", None)
+        code, ran = _run_workflow(repo / "docs" / "ci" / "github-actions.yml", env, work)
+        assert code == expected, (enc, ran, summary.read_text() if summary.exists() else "")
+        text = summary.read_text()
+        assert ("memlens gate: PASSED" if expected == 0 else "memlens gate: FAILED") in text
+        assert (work / "memlens-out" / "report.pdf").is_file() and (work / "memlens-out" / "gate.json").is_file()

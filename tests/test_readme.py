@@ -37,3 +37,24 @@ def test_audit_your_own_encoder_section_runs_as_written(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (ex / "audit-api" / "audit.json").is_file() and "layermem" in r.stdout
+
+
+def test_references_from_your_own_trainer_section_runs_as_written(tmp_path):
+    work = tmp_path / "clone"
+    work.mkdir()
+    venv = Path(sys.executable).parents[1]
+    for name, target in ((".venv", venv), ("examples", ROOT / "examples"), ("policies", ROOT / "policies")):
+        (work / name).symlink_to(target)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", "-eo", "pipefail", "-c", _block("own-references")], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ex = work / "refs-example"
+    assert sorted(p.name for p in (ex / "design").glob("ref-*.txt") if "canaries" not in p.name) == [
+        f"ref-{i:02d}.txt" for i in range(4)]
+    from memlens.audit import read_audit
+
+    a = read_audit(ex / "audit")
+    assert a.summary.design["kind"] == "references" and a.summary.design["pairs"] == 2
+    assert a.summary.design["target"] and a.points["target_member"].any()
+    assert "require_weights" in (ex / "gate.md").read_text() and "memorized at" not in r.stderr

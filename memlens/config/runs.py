@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -99,6 +100,17 @@ class PipelineConfig(Strict):
     @classmethod
     def _eps(cls, v: Any) -> list[float]:
         return epsilon_list(v)
+
+    def resolved(self, base: str | Path) -> "PipelineConfig":
+        """A copy whose relative file paths (data, test data, candidates, policy) are taken relative to
+        ``base``, the pipeline file's folder: a pipeline runs the same from any working directory."""
+        def at(value: str | None) -> str | None:
+            return str((Path(base) / value).resolve()) if value and not Path(value).is_absolute() else value
+
+        data = self.data.model_copy(update={"path": at(self.data.path), "test_path": at(self.data.test_path)}) \
+            if self.data.source not in ("digits", "synthetic") else self.data
+        split = self.split.model_copy(update={"candidates_file": at(self.split.candidates_file)})
+        return self.model_copy(update={"data": data, "split": split, "policy": at(self.policy)})
 
     @model_validator(mode="after")
     def _parts(self) -> "PipelineConfig":

@@ -133,6 +133,12 @@ class Increases(Strict):
                                                                     "baseline")
 
 
+# what `memlens gate --baseline` applies when the policy has no rules on change: a release may not make
+# membership inference easier by more than 0.02 AUC, the empirical epsilon rise by more than 0.25, or the
+# candidates' mean score rise by more than 0.01
+DEFAULT_INCREASES = Increases(membership_auc=0.02, empirical_epsilon=0.25, mean_candidate_score=0.01)
+
+
 class Baseline(Strict):
     path: str | None = Field(None, description="the previous release's audit directory (--baseline overrides)")
     at_risk_score: float = Field(0.2, description="a candidate is at risk when its score exceeds this")

@@ -37,7 +37,7 @@ def model_card_section(audits: list[Audit], *, gate: GateResult | None = None, p
     """The markdown section (see the module docstring)."""
     lines = ["## Privacy and memorization", ""]
     first = audits[0].summary
-    lines.append(f"Audited with [memlens](https://example.invalid/memlens) {first.memlens_version}: per-image "
+    lines.append(f"Audited with memlens {first.memlens_version}: per-image "
                  f"memorization (SSLMem, Wang et al. ICLR 2024), its localization to layers and units (LayerMem, "
                  f"UnitMem, Wang et al. NeurIPS 2024), membership inference and, where canaries were planted, an "
                  f"empirical epsilon lower bound (Steinke et al. 2023; Mahloujifar et al. 2024).")
