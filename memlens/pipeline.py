@@ -124,9 +124,8 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
     total_epochs = len(runs) * sweep_cfg.train.epochs
     done_epochs = 0
 
-    def on_run(run, what):
+    def on_run(run, what):  # the progress lines come from run_sweep's log (memlens.progress)
         nonlocal done_epochs
-        say(f"train {run.name}: {what}")
         if what == "done":  # a run trained in another process: its epochs at once
             done_epochs += run.config.epochs
             if progress:
@@ -139,7 +138,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
             progress("training", done_epochs, total_epochs)
 
     outcomes = run_sweep(sweep_cfg, sweep_dir, cache_dir=cache_dir, dataset=dataset, on_run=on_run, on_epoch=on_epoch,
-                         jobs=jobs, sign_key=sign_key)
+                         jobs=jobs, sign_key=sign_key, log=say)
     key = load_private_key(sign_key) if sign_key is not None else None
     result.stages["train"] = ", ".join(sorted({w for _, w in outcomes}))
 

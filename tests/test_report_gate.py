@@ -202,6 +202,7 @@ policy: {ROOT / 'policies' / 'default.yaml'}
     passed = json.loads((out_dir / "gate.json").read_text())["passed"]
     assert code == (0 if passed else 1), err  # as memlens gate: 1 when the policy fails
     assert "signing run records and audits with" in out
+    assert "train eps-8/f: started (" in out and "train eps-8/g: done in" in out  # progress a user can plan by
     for f in ("splits.json", "report.pdf", "report.html", "gate.json", "gate.md", "junit.xml",
               "audits/eps-inf/audit.json", "audits/eps-8/audit.json", "sweep/eps-8/f/model.safetensors"):
         assert (out_dir / f).is_file(), f

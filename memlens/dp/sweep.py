@@ -26,6 +26,7 @@ from memlens.data import Dataset, load
 from memlens.dp import check_feasible, train
 from memlens.errors import MemlensError
 from memlens.io import read_json
+from memlens.progress import TrainingProgress
 from memlens.train.loop import EpochInfo, prepare
 from memlens.train.run import RUN_FILE, read_run
 
@@ -72,7 +73,8 @@ def plan_runs(config: SweepConfig, out_dir: str | Path) -> list[SweepRun]:
 def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, cache_dir: str | Path | None = None,
               dataset: Dataset | None = None, on_run: Callable[[SweepRun, str], None] | None = None,
               on_epoch: Callable[[EpochInfo], None] | None = None, jobs: int = 1,
-              sign_key: str | Path | None = None) -> list[tuple[SweepRun, str]]:
+              sign_key: str | Path | None = None, log: Callable[[str], None] | None = None
+              ) -> list[tuple[SweepRun, str]]:
     """Train every run of the sweep that is not finished yet.
 
     Args:
@@ -81,6 +83,8 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
             ``jobs`` > 1) after it, with "done".
         on_epoch: called after every epoch of every run (in this process only: not with ``jobs`` > 1).
         sign_key: an Ed25519 private key file signing every finished run record.
+        log: receives progress lines (:class:`memlens.progress.TrainingProgress`): which runs train, wait
+            and are done, each run's elapsed time and the time left (also with ``jobs`` > 1).
         jobs: runs trained at once, each in its own process with its share of the CPU threads. The
             runs of a sweep are independent jobs (a coupled pair's DP key is a 0600 file this function
             creates before the pair trains and deletes once both sides have finished); several small
@@ -114,16 +118,30 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
             pending.append((run, status is not None))
     keys = _pair_secrets(runs, [run for run, _ in pending], out, create=D.is_main())
     D.barrier()
+    side_by_side = jobs > 1 and len(pending) > 1
+    tracker = TrainingProgress({run.name: run.config.epochs for run, _ in pending}, jobs=jobs if side_by_side else 1,
+                               log=log) if log is not None and D.is_main() else None
     try:
-        if jobs > 1 and len(pending) > 1:
+        if side_by_side:
             _train_side_by_side(pending, jobs=jobs, cache_dir=cache_dir, on_run=on_run, keys=keys,
-                                sign_key=None if sign_key is None else str(sign_key))
+                                sign_key=None if sign_key is None else str(sign_key), tracker=tracker)
         else:
             for run, resume in pending:
                 if on_run:  # before the run starts: what is about to happen
                     on_run(run, "resuming" if resume else "training")
-                train(run.config, run.run_dir, resume=resume, dataset=dataset, on_epoch=on_epoch,
+                if tracker:
+                    tracker.start(run.name)
+
+                def epoch_done(info, run=run):
+                    if tracker:
+                        tracker.epoch(run.name, info.epoch, info.seconds)
+                    if on_epoch:
+                        on_epoch(info)
+
+                train(run.config, run.run_dir, resume=resume, dataset=dataset, on_epoch=epoch_done,
                       pair_secret=keys.get(run.run_dir), sign_key=sign_key)
+                if tracker:
+                    tracker.finish(run.name)
     finally:
         if D.is_main():
             _forget_finished_pairs(runs, keys)
@@ -163,9 +181,10 @@ def _forget_finished_pairs(runs: list[SweepRun], keys: dict[Path, Path]) -> None
 
 def _train_side_by_side(pending: list[tuple[SweepRun, bool]], *, jobs: int, cache_dir: str | Path | None,
                         on_run: Callable[[SweepRun, str], None] | None, keys: dict[Path, Path],
-                        sign_key: str | None = None) -> None:
+                        sign_key: str | None = None, tracker: TrainingProgress | None = None) -> None:
     """Train runs in ``jobs`` worker processes (spawned: no state of this process is shared); the first
-    failure cancels what has not started and is raised here."""
+    failure cancels what has not started and is raised here. Workers report their epochs through a queue,
+    which ``tracker`` turns into progress lines."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -173,7 +192,10 @@ def _train_side_by_side(pending: list[tuple[SweepRun, bool]], *, jobs: int, cach
     from memlens.resources import available_cores
 
     threads = max(1, available_cores() // jobs)
-    with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=multiprocessing.get_context("spawn"),
+    context = multiprocessing.get_context("spawn")
+    manager = context.Manager() if tracker is not None else None
+    events = manager.Queue() if manager is not None else None
+    with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=context,
                              initializer=_worker_threads, initargs=(threads,)) as pool:
         futures = {}
         for run, resume in pending:
@@ -182,10 +204,11 @@ def _train_side_by_side(pending: list[tuple[SweepRun, bool]], *, jobs: int, cach
             key = keys.get(run.run_dir)
             futures[pool.submit(_train_job, run.config.model_dump(mode="json"), str(run.run_dir), resume,
                                 None if cache_dir is None else str(cache_dir),
-                                None if key is None else str(key), sign_key)] = run
+                                None if key is None else str(key), sign_key, run.name, events)] = run
         left = set(futures)
         while left:
-            finished, left = wait(left, return_when=FIRST_COMPLETED)
+            finished, left = wait(left, timeout=1.0 if events is not None else None, return_when=FIRST_COMPLETED)
+            starts = _drain(events, tracker)  # epochs now; starts after the finished runs (the order they came in)
             for fut in finished:
                 exc = fut.exception()
                 if exc is not None:
@@ -195,8 +218,35 @@ def _train_side_by_side(pending: list[tuple[SweepRun, bool]], *, jobs: int, cach
                         raise MemlensError(f"the process training {futures[fut].name} died ({exc}); re-run the "
                                            f"same command to resume the unfinished runs") from None
                     raise exc
+                if tracker is not None:
+                    tracker.finish(futures[fut].name)
                 if on_run:
                     on_run(futures[fut], "done")
+            for name in starts:
+                tracker.start(name)
+    if manager is not None:
+        manager.shutdown()
+
+
+def _drain(events, tracker: TrainingProgress | None) -> list[str]:
+    """Hand the workers' queued epoch events to the tracker; return the runs that started meanwhile."""
+    import queue
+
+    starts: list[str] = []
+    while events is not None and tracker is not None:
+        try:
+            kind, name, epoch, seconds = events.get_nowait()
+        except queue.Empty:
+            break
+        if kind == "start":
+            starts.append(name)
+        elif name in starts:  # started and already past an epoch: start it first
+            starts.remove(name)
+            tracker.start(name)
+            tracker.epoch(name, epoch, seconds)
+        else:
+            tracker.epoch(name, epoch, seconds)
+    return starts
 
 
 def _worker_threads(threads: int) -> None:
@@ -206,10 +256,18 @@ def _worker_threads(threads: int) -> None:
 
 
 def _train_job(config: dict, run_dir: str, resume: bool, cache_dir: str | None, pair_secret: str | None,
-               sign_key: str | None) -> None:
-    """One run in a worker process (module-level: spawned workers import it by name)."""
+               sign_key: str | None, name: str = "", events=None) -> None:
+    """One run in a worker process (module-level: spawned workers import it by name); its start and epochs
+    go to ``events`` (a manager queue) for the parent's progress lines."""
+    if events is not None:
+        events.put(("start", name, 0, 0.0))
+
+    def on_epoch(info):
+        if events is not None:
+            events.put(("epoch", name, info.epoch, info.seconds))
+
     train(TrainConfig.model_validate(config), Path(run_dir), resume=resume, cache_dir=cache_dir,
-          pair_secret=pair_secret, sign_key=sign_key)
+          pair_secret=pair_secret, sign_key=sign_key, on_epoch=on_epoch)
 
 
 def check_sweep(runs: list[SweepRun], *, dataset: Dataset, cache_dir: str | Path | None = None) -> None:
