@@ -281,6 +281,7 @@ def test_reference_audit_counts_training_randomness(refs, digits, tmp_path):
     assert "so +1.0000 means it beat every one of them" in html and "encoder of one pair" in html
     assert not re.search(r"\d\.0 of \d", html) and "reference encoders (4, each on the shared images" in html
     assert "encoders f (trained with S_C)" not in html
+    assert str(tmp_path) not in html and "/tmp/" not in html  # no absolute path of the auditor's machine
     # a target: the release candidate, attacked with all references
     tgt = run_audit(AuditConfig(references=[str(refs / f"ref-{i}") for i in range(4)], target=str(refs / "release"),
                                 splits=str(refs / "s.json"), views=4), dataset=digits)

@@ -63,6 +63,13 @@ def candidates(audit: Audit):
     return pts[pts["subset"] == "S_C"]
 
 
+def _candidate_words(audit: Audit) -> str:
+    """What the candidate rules judge, named: S_C under f and g, the pool under references."""
+    n = len(candidates(audit))
+    return f"the {n} pool images (S_C and S_I)" if (audit.summary.design or {}).get("kind") == "references" else \
+        f"the {n} S_C candidates"
+
+
 def natural_signal_test(audit: Audit):
     """The test behind require_natural_signal: S_C > S_S (Welch) under f and g; under references,
     the candidates' memorization above the control images' (Welch): both offset-free."""
@@ -295,8 +302,8 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
                               "deliver its guarantee (a bug in clipping, sampling, noise or accounting)")
         if r.max_mean_candidate_score is not None:
             m = float(np.mean(cand)) if len(cand) else float("nan")
-            add("max_mean_candidate_score", f"<= {r.max_mean_candidate_score:g} ({policy.score})", _fmt(m),
-                m <= r.max_mean_candidate_score)
+            add("max_mean_candidate_score", f"<= {r.max_mean_candidate_score:g} ({policy.score})",
+                f"{_fmt(m)} (mean over {_candidate_words(audit)})", m <= r.max_mean_candidate_score)
         if r.max_fraction_candidates_above is not None:
             rule = r.max_fraction_candidates_above
             frac = float(np.mean(cand > rule.score)) if len(cand) else float("nan")

@@ -144,13 +144,16 @@ SCORE_NAMES = {"sslmem": "SSLMem (f vs reference g)", "neg_align_f": "f's alignm
 
 def roc_chart(metrics: dict[str, dict], *, title: str) -> str:
     """ROC curves of membership scores (log-scaled FPR shows the low-FPR regime that matters)."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(6.4, 2.7))
-    palette = ["#c0392b", "#2471a3", "#27ae60", "#7f8c8d", "#8e44ad", "#d35400", "#16a085", "#2c3e50"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(6.4, 3.4))
+    # eight distinct colours and two line styles: one look per score (the legend sits below the plots)
+    palette = ["#c0392b", "#2471a3", "#27ae60", "#f39c12", "#8e44ad", "#7f8c8d", "#16a085", "#2c3e50"]
+    styles = ["-", "--"]
     for k, (name, m) in enumerate(metrics.items()):
         f, t = np.asarray(m["roc_fpr"]), np.asarray(m["roc_tpr"])
         label = f"{SCORE_NAMES.get(name, name)}: AUC {m['auc']:.2f}"
         for ax in (ax1, ax2):
-            ax.plot(f, t, color=palette[k % 4], linewidth=1.2, label=label)
+            ax.plot(f, t, color=palette[k % len(palette)], linestyle=styles[(k // len(palette)) % 2],
+                    linewidth=1.2, label=label)
     for ax in (ax1, ax2):
         ax.plot([1e-4, 1], [1e-4, 1], color="black", linewidth=0.5, linestyle=":")
         ax.set_xlabel("false-positive rate")
@@ -162,9 +165,10 @@ def roc_chart(metrics: dict[str, dict], *, title: str) -> str:
     ax2.set_xlim(1e-3, 1)
     ax2.set_ylim(1e-3, 1)
     ax2.set_title("log scale", fontsize=7)
-    ax1.legend(frameon=False, fontsize=6, loc="lower right")
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, frameon=False, fontsize=6, loc="lower center", ncol=2)
     fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08 + 0.035 * ((len(labels) + 1) // 2), 1, 1))
     return _svg(fig)
 
 

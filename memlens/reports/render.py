@@ -239,6 +239,22 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
     }
 
 
+def _relative(path: str | None, base: str | Path) -> str:
+    """A recorded path shown relative to the audit directory (the digests beside it carry identity; an
+    absolute path would print the auditor's machine layout into a report that leaves it)."""
+    import os
+
+    if not path:
+        return ""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    try:
+        return os.path.relpath(p, Path(base).resolve())
+    except ValueError:  # another drive
+        return p.name
+
+
 def _candidates_sentence(sc) -> str:
     """The candidates' mean memorization: offset-free first, then SSLMem as the paper defines it."""
     if sc is None:
@@ -424,7 +440,7 @@ def build_context(audits: list[Audit], *, policy: Policy | None = None, redact: 
                           f"{(first.framework or 'external').upper()} encoder",
         "date": dt.date.today().isoformat(), "created": dt.datetime.now().isoformat(timespec="seconds"),
         "audits": ctxs, "gate": gate, "policy": policy, "comparison": comparison, "redact": redact,
-        "memlens_version": memlens.__version__, "fmt": _f, "p": _p,
+        "memlens_version": memlens.__version__, "fmt": _f, "p": _p, "rel": _relative,
     }
 
 
