@@ -949,7 +949,7 @@ def run(
         with _writer(out):
             result = run_pipeline(cfg, out, force=force, cache_dir=_cache_dir(), progress=progress,
                                   log=lambda msg: console.print(msg, highlight=False, soft_wrap=True), jobs=jobs,
-                                  sign_key=key_path)
+                                  sign_key=key_path, log_detail=console.is_terminal)
     console.print(f"\n[bold]pipeline complete[/] in {result.seconds:.0f} s: {out}", highlight=False)
     for stage, status in result.stages.items():
         console.print(f"  {stage:<7} {status}", highlight=False)

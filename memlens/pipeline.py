@@ -43,12 +43,13 @@ Progress = Callable[[str, int, int], None]
 def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = False,
                  cache_dir: str | Path | None = None, progress: Progress | None = None,
                  log: Callable[[str], None] | None = None, jobs: int = 1,
-                 sign_key: str | Path | None = None) -> PipelineResult:
+                 sign_key: str | Path | None = None, log_detail: bool = True) -> PipelineResult:
     """Run (or resume) the whole pipeline into ``out_dir``.
 
     Args:
         progress: progress(stage, done, total) for long stages.
-        log: one line per stage event.
+        log: one line per stage event (and per encoder started and finished; with ``log_detail``, also at
+            each quarter of its epochs, with the time left).
         jobs: encoders trained at once in separate processes (see :func:`memlens.dp.sweep.run_sweep`).
         sign_key: an Ed25519 private key file: every run record and audit is signed with it (an audit
             already written counts as up to date only if it is signed by that key).
@@ -138,7 +139,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
             progress("training", done_epochs, total_epochs)
 
     outcomes = run_sweep(sweep_cfg, sweep_dir, cache_dir=cache_dir, dataset=dataset, on_run=on_run, on_epoch=on_epoch,
-                         jobs=jobs, sign_key=sign_key, log=say)
+                         jobs=jobs, sign_key=sign_key, log=say, log_detail=log_detail)
     key = load_private_key(sign_key) if sign_key is not None else None
     result.stages["train"] = ", ".join(sorted({w for _, w in outcomes}))
 

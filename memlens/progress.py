@@ -23,9 +23,10 @@ def clock(seconds: float) -> str:
 class TrainingProgress:
     """Training events of several runs in, log lines out (see the module docstring)."""
 
-    def __init__(self, runs: dict[str, int], *, jobs: int, log: Callable[[str], None],
+    def __init__(self, runs: dict[str, int], *, jobs: int, log: Callable[[str], None], quarters: bool = True,
                  now: Callable[[], float] = time.monotonic):
         self.epochs = dict(runs)  # run name -> planned epochs
+        self.quarters = quarters  # a line at each quarter of a run (a terminal); else start and end only (CI logs)
         self.jobs, self.log, self.now = max(1, jobs), log, now
         self.started: dict[str, float] = {}
         self.done_epochs: dict[str, int] = {name: 0 for name in runs}
@@ -57,7 +58,7 @@ class TrainingProgress:
         self.rate[name] = (self.now() - self.started[name]) / max(epoch, 1)
         total = self.epochs[name]
         marks = {max(1, round(total * f)) for f in (0.25, 0.5, 0.75)} - {total}
-        if epoch in marks:
+        if self.quarters and epoch in marks:
             elapsed = self.now() - self.started[name]
             run_left = elapsed / epoch * (total - epoch)
             left = self._left()

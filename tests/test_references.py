@@ -376,6 +376,12 @@ def test_references_trained_elsewhere_audit_like_runs(refs, digits, tmp_path):
     a = read_audit(tmp_path / "audit")
     assert a.summary.design["target"] and "target_member" in a.points and a.points.target_member.any()
     assert a.summary.privacy["targets"] == [a.summary.design["target"]]
+    # the same from Python: references, target and design
+    api = memlens.audit(references=specs, target={**target, "name": "release"}, design=tmp_path / "design",
+                        dataset=digits, augment="mae", **common)
+    assert api.summary.design["target"] == "release"
+    np.testing.assert_allclose(api.points.set_index("id").loc[a.points["id"], "target_align"].to_numpy(),
+                               a.points["target_align"].to_numpy(), rtol=1e-5)  # the CSV keeps 6 digits
 
 
 def _digits_yaml(tmp_path, splits):

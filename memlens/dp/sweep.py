@@ -73,8 +73,8 @@ def plan_runs(config: SweepConfig, out_dir: str | Path) -> list[SweepRun]:
 def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, cache_dir: str | Path | None = None,
               dataset: Dataset | None = None, on_run: Callable[[SweepRun, str], None] | None = None,
               on_epoch: Callable[[EpochInfo], None] | None = None, jobs: int = 1,
-              sign_key: str | Path | None = None, log: Callable[[str], None] | None = None
-              ) -> list[tuple[SweepRun, str]]:
+              sign_key: str | Path | None = None, log: Callable[[str], None] | None = None,
+              log_detail: bool = True) -> list[tuple[SweepRun, str]]:
     """Train every run of the sweep that is not finished yet.
 
     Args:
@@ -84,7 +84,8 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
         on_epoch: called after every epoch of every run (in this process only: not with ``jobs`` > 1).
         sign_key: an Ed25519 private key file signing every finished run record.
         log: receives progress lines (:class:`memlens.progress.TrainingProgress`): which runs train, wait
-            and are done, each run's elapsed time and the time left (also with ``jobs`` > 1).
+            and are done, each run's elapsed time and the time left (also with ``jobs`` > 1); with
+            ``log_detail`` False only when each run starts and ends (CI logs).
         jobs: runs trained at once, each in its own process with its share of the CPU threads. The
             runs of a sweep are independent jobs (a coupled pair's DP key is a 0600 file this function
             creates before the pair trains and deletes once both sides have finished); several small
@@ -120,7 +121,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
     D.barrier()
     side_by_side = jobs > 1 and len(pending) > 1
     tracker = TrainingProgress({run.name: run.config.epochs for run, _ in pending}, jobs=jobs if side_by_side else 1,
-                               log=log) if log is not None and D.is_main() else None
+                               log=log, quarters=log_detail) if log is not None and D.is_main() else None
     try:
         if side_by_side:
             _train_side_by_side(pending, jobs=jobs, cache_dir=cache_dir, on_run=on_run, keys=keys,
