@@ -8,7 +8,3 @@ class MemlensError(Exception):
 
     The message is a single line that names the problem and, where it helps, the fix.
     """
-
-
-class BudgetExhausted(MemlensError):
-    """Taking another DP-SGD step would spend more than the target epsilon."""

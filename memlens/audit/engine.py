@@ -56,7 +56,7 @@ from memlens.audit.reliability import ranking_reliability
 from memlens.audit.results import AUDIT_FILE, AuditSummary
 from memlens.audit.sslmem import alignment_from_distances
 from memlens.audit.unitmem import unitmem_null_p
-from memlens.config import AuditConfig, EncoderSpec
+from memlens.config import AuditConfig
 from memlens.data import Augmenter, Dataset, Splits, load
 from memlens.data.augment import EvalTransform
 from memlens.data.dataset import ConcatPixels
@@ -612,8 +612,3 @@ def write_audit(result: AuditResult, out_dir: str | Path, *, force: bool = False
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def spec_of(value: Any) -> EncoderSpec | Any:
-    """A CLI/API value as an encoder spec (strings are run directories or timm:/py: names)."""
-    return EncoderSpec(model=value) if isinstance(value, str) else value

@@ -105,17 +105,6 @@ def membership_digest(images: list[str], canaries: list[str]) -> str:
     return sha256_json({"images": sorted(images), "canaries": sorted(canaries)})
 
 
-def membership_matrix(splits, canary_ids: list[str], design: Design, point_ids: list[str],
-                      point_is_canary: np.ndarray) -> np.ndarray:
-    """(K, n) bool: whether reference k trained on each scored point (natural ids and canaries)."""
-    out = np.zeros((design.k, len(point_ids)), dtype=bool)
-    for k in range(design.k):
-        images, canaries = reference_members(splits, canary_ids, design, k)
-        inside = set(images) | set(canaries)
-        out[k] = [pid in inside for pid in point_ids]
-    return out
-
-
 # ----------------------------------------------------------------------------- design files for any trainer
 
 DESIGN_FILE = "design.json"

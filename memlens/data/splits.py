@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from memlens.config import SUBSETS, DataConfig, SplitConfig, Subset, format_validation_error
 from memlens.data.dataset import Dataset
 from memlens.errors import MemlensError
-from memlens.io import read_json, sha256_file, sha256_json, write_json
+from memlens.io import read_json, sha256_json, write_json
 
 SIDES: dict[str, tuple[str, ...]] = {"f": ("S_S", "S_C"), "g": ("S_S", "S_I"), "all": ()}
 
@@ -209,10 +209,6 @@ def _one_subset_per_image(dataset: Dataset, subsets: dict[str, list[str]],
             (where[i] for i in group), key=SUBSETS.index)
         drop |= {i for i in group if where[i] != keep}
     return {name: [i for i in subsets[name] if i not in drop] for name in SUBSETS}, sorted(drop)
-
-
-def file_hash(path: str | Path) -> str:
-    return sha256_file(path)
 
 
 # ----------------------------------------------------------------------------- membership

@@ -296,9 +296,6 @@ class GhostClipper:
         out.update({p: gs.unsqueeze(1) for p, gs in self._expanded_grads().items()})  # (B, 1, ...) = (B, *shape)
         return out
 
-    def clip_coefficients(self, *, max_grad_norm: float) -> torch.Tensor:
-        return (max_grad_norm / (self.norms() + 1e-6)).clamp(max=1.0)
-
     @torch.no_grad()
     def accumulate_clipped(self, *, max_grad_norm: float, coef: torch.Tensor | None = None) -> torch.Tensor:
         """Add sum_b c_b g_b to every ``p.grad`` (c_b = min(1, C / (||g_b|| + 1e-6)) unless ``coef`` is
