@@ -19,15 +19,21 @@ def _block(marker: str) -> str:
     return m.group(1)
 
 
-def test_audit_your_own_encoder_section_runs_as_written(tmp_path):
+def _run_block(marker: str, tmp_path, timeout: int) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    """Run a README shell block as written, in a folder laid out like the project (venv, examples, policies)."""
     work = tmp_path / "clone"
     work.mkdir()
     venv = Path(sys.executable).parents[1]
     for name, target in ((".venv", venv), ("examples", ROOT / "examples"), ("policies", ROOT / "policies")):
         (work / name).symlink_to(target)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(["bash", "-eo", "pipefail", "-c", _block("own-encoder")], cwd=work, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(["bash", "-eo", "pipefail", "-c", _block(marker)], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    return work, env, r
+
+
+def test_audit_your_own_encoder_section_runs_as_written(tmp_path):
+    work, env, r = _run_block("own-encoder", tmp_path, 600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     ex = work / "example"
     assert (ex / "splits.json").is_file() and (ex / "splits.manifest.csv").is_file()
@@ -40,14 +46,7 @@ def test_audit_your_own_encoder_section_runs_as_written(tmp_path):
 
 
 def test_references_from_your_own_trainer_section_runs_as_written(tmp_path):
-    work = tmp_path / "clone"
-    work.mkdir()
-    venv = Path(sys.executable).parents[1]
-    for name, target in ((".venv", venv), ("examples", ROOT / "examples"), ("policies", ROOT / "policies")):
-        (work / name).symlink_to(target)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(["bash", "-eo", "pipefail", "-c", _block("own-references")], cwd=work, env=env,
-                       capture_output=True, text=True, timeout=900)
+    work, _, r = _run_block("own-references", tmp_path, 900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     ex = work / "refs-example"
     assert sorted(p.name for p in (ex / "design").glob("ref-*.txt") if "canaries" not in p.name) == [

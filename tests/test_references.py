@@ -353,23 +353,16 @@ def test_references_trained_elsewhere_audit_like_runs(refs, digits, tmp_path):
     # the release candidate as itself, from its weights
     target = export_run(refs / "release", tmp_path / "release.safetensors")
     ordered = sorted(specs, key=lambda s: s["reference"])
-    code, out, err = run("audit", "--design", tmp_path / "design", *[x for s in ordered for x in ("--references",
-                                                                                                  s["model"])],
-                         *[x for s in ordered for x in ("--reference-weights", s["weights"])],
-                         "--model-kwargs", json.dumps(specs[0]["kwargs"]), "--input-size",
-                         str(specs[0]["input_size"]), "--mean", ",".join(map(str, specs[0]["mean"])), "--std",
-                         ",".join(map(str, specs[0]["std"])), "--target", target["model"], "--target-weights",
-                         target["weights"], "--config", _digits_yaml(tmp_path, refs / "s.json"), "--views", "4",
-                         "--augment", "mae", "--out", tmp_path / "audit")
+    cli = ["audit", "--design", tmp_path / "design", *[x for s in ordered for x in ("--references", s["model"])],
+           *[x for s in ordered for x in ("--reference-weights", s["weights"])],
+           "--model-kwargs", json.dumps(specs[0]["kwargs"]), "--input-size", str(specs[0]["input_size"]),
+           "--mean", ",".join(map(str, specs[0]["mean"])), "--std", ",".join(map(str, specs[0]["std"])),
+           "--target", target["model"], "--target-weights", target["weights"],
+           "--config", _digits_yaml(tmp_path, refs / "s.json"), "--views", "4", "--augment", "mae",
+           "--out", tmp_path / "audit"]
+    code, out, err = run(*cli)
     assert code == 2 and "give the same set to the audit" in err  # the design planted canaries
-    code, out, err = run("audit", "--design", tmp_path / "design", *[x for s in ordered for x in ("--references",
-                                                                                                  s["model"])],
-                         *[x for s in ordered for x in ("--reference-weights", s["weights"])],
-                         "--model-kwargs", json.dumps(specs[0]["kwargs"]), "--input-size",
-                         str(specs[0]["input_size"]), "--mean", ",".join(map(str, specs[0]["mean"])), "--std",
-                         ",".join(map(str, specs[0]["std"])), "--target", target["model"], "--target-weights",
-                         target["weights"], "--config", _digits_yaml(tmp_path, refs / "s.json"), "--views", "4",
-                         "--augment", "mae", "--canaries", refs / "canaries", "--out", tmp_path / "audit")
+    code, out, err = run(*cli, "--canaries", refs / "canaries")
     assert code == 0, err
     from memlens.audit import read_audit
 

@@ -382,7 +382,8 @@ def _control_null(values, member, pairs, st: Statistic, eligible, null: ControlN
         here = slot[assigned == k]
         control_mem[here] = nst.mem[here]
         control_member[:, here] = columns[:, k][:, None]
-        checks.append(nulls.cross_kind_p(nst.ranked, kind_all, kind_none))
+        if not checks:  # the self-check needs one labelling (the checks of one audit share their controls)
+            checks.append(nulls.cross_kind_p(nst.ranked, kind_all, kind_none))
         t_null = nst.t[here]
         models.append(np.where(np.isfinite(t_null), stats.t.sf(t_null, nst.df[here]), np.nan))
     facts = {"method": "controls", "controls": n_c, "in_every_encoder": int(kind_all.sum()),
