@@ -38,7 +38,7 @@ from memlens.audit import run_audit
 from memlens.audit.encoders import resolve
 from memlens.config import AuditConfig, DataConfig, SplitConfig, SplitSizes, TrainConfig
 from memlens.data import Augmenter, load, make_splits
-from memlens.dp import train
+from memlens.dp.training import train_encoder
 from memlens.rng import RowStreams, derive_seed
 
 
@@ -48,7 +48,7 @@ def run_pair(root: Path, data: DataConfig, sizes: dict, recipe: dict) -> tuple[d
     for side in ("f", "g"):
         cfg = TrainConfig.model_validate({**recipe, "data": data.model_dump(), "splits": str(root / "splits.json"),
                                           "subsets": side, "epochs": 1})
-        train(cfg, root / side, force=True, dataset=ds)
+        train_encoder(cfg, root / side, force=True, dataset=ds)
     return {"f": [str(root / "f")], "g": [str(root / "g")], "splits": str(root / "splits.json")}, ds
 
 

@@ -72,7 +72,7 @@ def _train(out: Path, ds, data, *, name: str, subsets: str, seed: int, epochs: i
     """Train one encoder on the training splits and export it as a spec the audit loads by its weights
     (SimCLR ResNet9; under DP a MAE ViT, since DP-SGD needs a per-example loss)."""
     from memlens.config import TrainConfig
-    from memlens.dp import train
+    from memlens.dp.training import train_encoder
     from memlens.train.export import export_run
 
     model = {"framework": "mae", "model": {"arch": "vit_micro"}, "augment": "none"} if dp else \
@@ -82,7 +82,7 @@ def _train(out: Path, ds, data, *, name: str, subsets: str, seed: int, epochs: i
     run = out / name
     if not (run / "model.safetensors").exists():
         shutil.rmtree(run, ignore_errors=True)
-        train(TrainConfig.model_validate(recipe), run, dataset=ds)
+        train_encoder(TrainConfig.model_validate(recipe), run, dataset=ds)
     weights = out / f"{name}.export.safetensors"
     weights.unlink(missing_ok=True)
     return {**export_run(run, weights), "name": name}

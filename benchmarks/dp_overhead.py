@@ -6,7 +6,7 @@ One MAE optimisation step (forward, backward, per-example clipping and noise, Ad
 pre-augmented batches, for four copies of the same model in one process:
 
 * ``non-private``: plain backward pass;
-* ``ghost-bk``: memlens's one-pass book-keeping ghost engine (:mod:`memlens.dp.engine`);
+* ``ghost-bk``: memlens's one-pass book-keeping ghost engine (:mod:`memlens.dp.ghost_clipping`);
 * ``opacus-ghost``: Opacus's ghost clipping (``grad_sample_mode="ghost"``: norms during a first
   backward pass, the clipped gradient from a second);
 * ``opacus-hooks``: Opacus's per-sample gradients (hook mode).
@@ -52,7 +52,7 @@ def make_step(setup: dict, mode: str, device: torch.device):
 
     from memlens.config import TrainConfig
     from memlens.data import Augmenter
-    from memlens.dp.engine import GhostClipper
+    from memlens.dp.ghost_clipping import GhostClipper
     from memlens.dp.optimizer import FusedDPOptimizer
     from memlens.dp.step import register_opacus_samplers
     from memlens.models import build_encoder

@@ -41,7 +41,7 @@ from scipy import stats
 from memlens.audit import read_audit, run_audit, write_audit
 from memlens.config import AuditConfig, DataConfig, SplitConfig, SplitSizes, TrainConfig
 from memlens.data import load, make_splits
-from memlens.dp import train
+from memlens.dp.training import train_encoder
 from memlens.train import read_run
 from memlens.train.probe import probe_run
 
@@ -104,7 +104,7 @@ class Bench:
                 status = read_run(run_dir).status if (run_dir / "run.json").is_file() else None
                 if status not in ("complete", "stopped_budget"):
                     self.say(f"train {name}/{run_dir.name} ({cfg.epochs} epochs)")
-                    train(cfg, run_dir, resume=status is not None, dataset=dataset)
+                    train_encoder(cfg, run_dir, resume=status is not None, dataset=dataset)
                 if read_run(run_dir).probe is None and dataset.labels is not None:
                     probe_run(run_dir, dataset=dataset)
                 dirs[side].append(str(run_dir))

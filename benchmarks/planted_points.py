@@ -34,7 +34,7 @@ def main() -> int:
     from memlens.audit import run_audit
     from memlens.config import AuditConfig, DataConfig, SplitConfig, SplitSizes, SyntheticConfig, TrainConfig
     from memlens.data import load, make_splits
-    from memlens.dp import train
+    from memlens.dp.training import train_encoder
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -51,7 +51,7 @@ def main() -> int:
               "optim": {"lr": 0.003}}
     for side in ("f", "g"):
         for seed in range(args.seeds):
-            train(TrainConfig.model_validate({**recipe, "subsets": side, "seed": seed}), out / f"{side}{seed}",
+            train_encoder(TrainConfig.model_validate({**recipe, "subsets": side, "seed": seed}), out / f"{side}{seed}",
                   dataset=ds)
     result = run_audit(AuditConfig(f=[str(out / f"f{s}") for s in range(args.seeds)],
                                    g=[str(out / f"g{s}") for s in range(args.seeds)],

@@ -55,7 +55,7 @@ def _replicate(a, b, score: str, flag: str) -> tuple[float, float, float, int, i
 
 def _train_designs(cfg, data, splits, canaries, out: Path, kmax: int) -> dict:
     from memlens.config import TrainConfig
-    from memlens.dp import train
+    from memlens.dp.training import train_encoder
 
     seconds = {}
     for design in (0, 1):
@@ -66,7 +66,7 @@ def _train_designs(cfg, data, splits, canaries, out: Path, kmax: int) -> dict:
                                                  "splits": str(splits[design]), "canaries": canaries,
                                                  "seed": 1000 * design + i // 2,
                                                  "reference": {"index": i, "k": kmax, "seed": design}})
-                train(tc, run, dataset=data, force=True)
+                train_encoder(tc, run, dataset=data, force=True)
             seconds[(design, i)] = json.loads((run / "run.json").read_text())["wall_seconds"]
     return seconds
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from memlens.config import TrainConfig
-from memlens.train import train
+from memlens.train import train_loop
 
 SETUPS = [
     # (data, arch)
@@ -47,7 +47,7 @@ def main() -> None:
             cfg = TrainConfig.model_validate({"framework": fw, "data": data, "subsets": "all", "epochs": args.epochs,
                                               "batch_size": args.batch_size, "model": {"arch": arch}})
             t0 = time.perf_counter()
-            rec = train(cfg, out / f"{data['source']}-{arch}-{fw}", force=True).record
+            rec = train_loop(cfg, out / f"{data['source']}-{arch}-{fw}", force=True).record
             rates = [h["images_per_s"] for h in rec.history[1:]] or [rec.history[0]["images_per_s"]]
             row.append(f"{sum(rates) / len(rates):,.0f}")
             del t0

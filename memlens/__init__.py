@@ -1,26 +1,27 @@
 """memlens: audit self-supervised vision encoders for memorization of their training data.
 
-``memlens.audit(f=..., g=..., splits=...)`` audits encoders from Python (see
-:func:`memlens.audit.api.audit`); ``memlens.load_encoder(run_dir)`` loads a memlens run.
+``memlens.audit_encoders(f=..., g=..., splits=...)`` audits encoders from Python (see
+:func:`memlens.audit.api.audit_encoders`); ``memlens.train_encoder(config, out_dir)``
+trains one (with DP-SGD when the config says so); ``memlens.load_encoder(run_dir)`` loads a memlens run.
+Both load on first use (PEP 562), so ``import memlens`` does not import torch.
 """
 
-__version__ = "0.2.0"
+import importlib
 
+from memlens.version import __version__
 
-def load_encoder(run_dir):
-    """The trained encoder of a run directory, in eval mode (see :func:`memlens.train.run.load_encoder`)."""
-    from memlens.train.run import load_encoder as _load
-
-    return _load(run_dir)
+# name -> module that defines it: imported on first use (torch and timm take seconds to import)
+_LAZY = {"audit_encoders": "memlens.audit.api", "load_encoder": "memlens.train.run",
+         "train_encoder": "memlens.dp.training"}
+_SUBPACKAGES = ("audit", "data", "models", "train", "dp", "reports", "policy")
 
 
 def __getattr__(name):
-    # Heavy subpackages (torch, timm) load on first use, so `import memlens` stays cheap.
-    if name in ("audit", "data", "models", "train", "dp", "reports", "policy"):
-        import importlib
-
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBPACKAGES:
         return importlib.import_module(f"memlens.{name}")
     raise AttributeError(f"module 'memlens' has no attribute '{name}'")
 
 
-__all__ = ["__version__", "load_encoder"]
+__all__ = ["__version__", "audit_encoders", "load_encoder", "train_encoder"]

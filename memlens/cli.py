@@ -5,7 +5,11 @@ Exit codes: 0 success; 1 a gate failed; 2 bad input (one line on stderr); 130 in
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import glob
+import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -13,7 +17,32 @@ from typing import Any, Optional
 
 import typer
 
+from memlens.audit.results import calibration_sentence, read_audit, skipped_sentence, write_audit
+from memlens.config import (
+    AuditConfig,
+    CanaryConfig,
+    DataConfig,
+    EncoderSpec,
+    PipelineConfig,
+    ReferencesConfig,
+    SplitFile,
+    SweepConfig,
+    TrainConfig,
+    deep_update,
+    load_yaml,
+    validate,
+)
+from memlens.data.canaries import load_canaries, make_canaries, save_canaries
+from memlens.data.references import DESIGN_FILE, ReferenceDesign, write_design_files
 from memlens.errors import MemlensError
+from memlens.integrity import generate_key, load_private_key, public_key_text
+from memlens.io import check_writable as _check
+from memlens.io import output_lock, read_json, sha256_file, write_json
+from memlens.policy import evaluate, load_policy, to_junit
+from memlens.policy.gate import write_markdown
+from memlens.policy.schema import DEFAULT_INCREASES, Baseline
+from memlens.reports import render_report
+from memlens.reports.card import write_card
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audit self-supervised vision encoders for memorization of their training data.")
@@ -59,6 +88,7 @@ def command(fn, *, on=None):
 
 
 def _console():
+    # rich: optional or slow to import, loaded only on this path
     from rich.console import Console
 
     return Console()
@@ -97,7 +127,7 @@ def split(
     Either at random (the papers' setup, for encoders memlens will train) or from the membership
     of encoders trained elsewhere: --members-f/--members-g/--extra lists, or --manifest.
     """
-    from memlens.config import DataConfig, SplitFile, deep_update, load_yaml, validate
+    # torch: loaded where this runs, so importing memlens.cli stays light
     from memlens.data import load, make_splits
 
     if out.exists() and not force:
@@ -105,6 +135,7 @@ def split(
     check_writable(out, what="splits file")
     written: Path | None = None  # the manifest this command writes, kept only if the splits are written too
     if members_f or members_g or manifest:
+        # torch: loaded where this runs, so importing memlens.cli stays light
         from memlens.data.splits import (
             check_duplicates,
             membership_subsets,
@@ -219,9 +250,9 @@ def train(
 
     Under torchrun, every process trains its share of each global batch (batch_size is global).
     """
+    # torch and timm: imported by the commands that train or score, not by gate, report or card
     from memlens import distributed as dist
-    from memlens.config import TrainConfig, deep_update, load_yaml, validate
-    from memlens.dp import train as run_train
+    from memlens.dp.training import train_encoder
 
     over = _overrides({"framework": framework, "model.arch": arch, "epochs": epochs, "batch_size": batch_size,
                        "optim.lr": lr, "seed": seed, "splits": splits, "subsets": subsets, "data.source": source,
@@ -249,7 +280,7 @@ def train(
     check_writable(out, what="run directory")
     key = _signing_key(sign_key)
     with _writer(out):
-        result = run_train(cfg, out, resume=resume, force=force, cache_dir=_cache_dir(), on_epoch=on_epoch,
+        result = train_encoder(cfg, out, resume=resume, force=force, cache_dir=_cache_dir(), on_epoch=on_epoch,
                            sign_key=key)
     rec = result.record
     if not dist.is_main():
@@ -272,6 +303,7 @@ def probe(
     max_train: int = typer.Option(5000, help="cap on probe training images"),
 ):
     """Linear-probe accuracy of a run's frozen encoder (stored in its run.json)."""
+    # timm, torch: loaded where this runs, so importing memlens.cli stays light
     from memlens.train.probe import probe_run
 
     r = probe_run(run_dir, cache_dir=_cache_dir(), max_train=max_train)
@@ -293,7 +325,7 @@ def privacy(
     dp_noise_multiplier: Optional[float] = typer.Option(None),
 ):
     """The differential-privacy guarantee of a run (or of a config, before training)."""
-    from memlens.config import TrainConfig, load_yaml
+    # opacus, timm, torch: loaded where this runs, so importing memlens.cli stays light
     from memlens.dp.guarantee import planned_guarantee, run_guarantee
 
     if (run_dir is None) == (config is None):
@@ -320,9 +352,8 @@ def selfcheck(
     Exit 0 when the empirical epsilon lower bound is below the accountant's epsilon, 1 when it is
     above (the implementation leaks more than it claims).
     """
-    from memlens.config import TrainConfig, load_yaml
-    from memlens.dp.selfcheck import selfcheck as run_selfcheck
-    from memlens.io import write_json
+    # opacus, timm, torch: loaded where this runs, so importing memlens.cli stays light
+    from memlens.audit.dp_selfcheck import selfcheck as run_selfcheck
 
     cfg = load_yaml(TrainConfig, config, overrides=_overrides({"dp.epsilon": dp_epsilon}))
     r = run_selfcheck(cfg, m=m, seed=seed, cache_dir=_cache_dir())
@@ -352,7 +383,7 @@ def sweep(
                                                           "its share of the CPU threads (not under torchrun)"),
 ):
     """Train f and g at every epsilon of a sweep (finished runs are skipped, interrupted ones resumed)."""
-    from memlens.config import SweepConfig, load_yaml
+    # opacus, timm, torch: loaded where this runs, so importing memlens.cli stays light
     from memlens.dp.sweep import run_sweep
 
     cfg = load_yaml(SweepConfig, config)
@@ -400,23 +431,20 @@ def _encoder_specs(side: str, models: list[str], weights: list[str], common: dic
 
 def _writer(out: Path):
     """One writer per output folder: process 0 holds its lock (the others write nothing)."""
-    import contextlib
 
+    # torch: loaded where this runs, so importing memlens.cli stays light
     from memlens import distributed as dist
-    from memlens.io import output_lock
 
     return output_lock(out) if dist.is_main() else contextlib.nullcontext()
 
 
 def check_writable(path: Path, *, what: str) -> None:
-    from memlens.io import check_writable as _check
 
     _check(path, what=what)
 
 
 def _signing_key(path: Optional[Path]):
     """The private key to sign with: --sign-key, else $MEMLENS_SIGNING_KEY, else none."""
-    from memlens.integrity import load_private_key
 
     chosen = path or (Path(os.environ["MEMLENS_SIGNING_KEY"]) if os.environ.get("MEMLENS_SIGNING_KEY") else None)
     return load_private_key(chosen) if chosen else None
@@ -424,7 +452,6 @@ def _signing_key(path: Optional[Path]):
 
 def _expand_runs(values: list[str]) -> list[str]:
     """Run directories, each value a path or a glob (quoted, so the shell leaves it to memlens)."""
-    import glob
 
     out = []
     for v in values:
@@ -439,7 +466,6 @@ def _expand_runs(values: list[str]) -> list[str]:
 
 
 def _json_option(value: Optional[str], name: str) -> Optional[dict]:
-    import json
 
     if value is None:
         return None
@@ -508,10 +534,10 @@ def audit(
                                                                      "(default: $MEMLENS_SIGNING_KEY)"),
 ):
     """Measure memorization: SSLMem per point, LayerMem per layer, UnitMem per unit, and the tests."""
+    # torch and timm: imported by the commands that train or score, not by gate, report or card
     from memlens import distributed as dist
-    from memlens.audit import run_audit, write_audit
     from memlens.audit.api import data_config_for_path
-    from memlens.config import AuditConfig, deep_update, load_yaml, validate
+    from memlens.audit.engine import run_audit
     from memlens.device import resolve_device
 
     common = {"kwargs": _json_option(model_kwargs, "--model-kwargs"), "key_prefix": key_prefix,
@@ -544,6 +570,7 @@ def audit(
     main = dist.is_main()
     if main and cfg.device == "auto":
         typer.echo(f"device: {resolve_device('auto')} (auto)", err=True)
+    # rich: optional or slow to import, loaded only on this path
     from rich.progress import Progress
 
     with _writer(out), Progress(transient=True, disable=not main) as bar:
@@ -560,13 +587,11 @@ def audit(
                f"{s.views['count']} views per point, {s.environment['device']})")
     for name, st in s.subsets.items():
         typer.echo(f"  {name}: mean SSLMem {st.mean:+.4f} (95% CI {st.ci_low:+.4f} .. {st.ci_high:+.4f}, n={st.n})")
-    from memlens.audit.results import skipped_sentence
 
     if skipped_sentence(s.data):
         typer.echo(f"  {skipped_sentence(s.data)}")
     inf = s.inference or {}
     if inf.get("family"):
-        from memlens.audit.results import calibration_sentence
 
         typer.echo(f"  {calibration_sentence(inf, 'SSLMem')}")
         withheld = (inf.get("null") or {}).get("withheld")
@@ -623,8 +648,8 @@ def layers(
     input_size: Optional[int] = typer.Option(None, help="input side, when the model does not say"),
 ):
     """List the layers an audit would hook, with their kind and number of units."""
+    # timm, torch: loaded where this runs, so importing memlens.cli stays light
     from memlens.audit.encoders import resolve
-    from memlens.config import EncoderSpec, validate
 
     # Listing layers reads the architecture only: a timm:/py: spec without weights is fine here.
     if weights is None and (model.startswith("timm:") or model.startswith("py:")):
@@ -650,8 +675,8 @@ def export(
     force: bool = typer.Option(False, "--force", help="overwrite --to"),
 ):
     """Export a run's encoder as plain safetensors for timm (ViTs) or a py: factory (ResNets)."""
-    import json
 
+    # timm, torch: loaded where this runs, so importing memlens.cli stays light
     from memlens.train.export import export_run
 
     check_writable(to, what="weights file")
@@ -678,10 +703,8 @@ def design(
     folder), ref-NN.canaries.txt its canaries; train reference NN on those with your own code, then
     memlens audit --design DIR --references ... (in the order of the lists) checks and audits them.
     """
-    from memlens.config import ReferencesConfig, validate
+    # torch: loaded where this runs, so importing memlens.cli stays light
     from memlens.data import Splits
-    from memlens.data.references import DESIGN_FILE, Design, write_design_files
-    from memlens.io import read_json
 
     if (out / DESIGN_FILE).exists() and not force:
         raise MemlensError(f"{out / DESIGN_FILE} already exists; pass --force to overwrite it")
@@ -695,12 +718,11 @@ def design(
         raise MemlensError(f"{splits} is not a memlens splits file: {str(exc).splitlines()[0]}") from None
     canary_ids, digest = [], None
     if canaries_dir is not None:
-        from memlens.data.canaries import load_canaries
 
         cset = load_canaries(canaries_dir)
         canary_ids, digest = list(cset.ids), cset.manifest.sha256
-    path = write_design_files(parsed, splits, canary_ids, Design(k=cfg.k, seed=cfg.seed, pool=tuple(cfg.pool)), out,
-                              canaries_sha256=digest)
+    design = ReferenceDesign(k=cfg.k, seed=cfg.seed, pool=tuple(cfg.pool))
+    path = write_design_files(parsed, splits, canary_ids, design, out, canaries_sha256=digest)
     typer.echo(f"wrote {path} and {cfg.k} image lists (ref-00.txt ... ref-{cfg.k - 1:02d}.txt): train reference i on "
                f"ref-i.txt (and ref-i.canaries.txt), references 2j and 2j+1 with one seed; then memlens audit "
                f"--design {out} --references ...")
@@ -724,11 +746,9 @@ def canaries(
     Train f with it (canaries: DIR in the training YAML); the audit then reports canary
     membership inference and an empirical epsilon lower bound.
     """
+    # timm, torch: loaded where this runs, so importing memlens.cli stays light
     from memlens.audit.api import data_config_for_path
-    from memlens.config import CanaryConfig, DataConfig, validate
     from memlens.data import Splits, load
-    from memlens.data.canaries import make_canaries, save_canaries
-    from memlens.io import read_json
 
     if out.exists() and any(out.iterdir()) and not force:
         raise MemlensError(f"{out} already holds files; pass --force to overwrite it")
@@ -759,7 +779,6 @@ def keygen(
     out: Path = typer.Option(..., "--out", "-o", help="private key file to write (PEM, mode 0600)"),
 ):
     """Make an Ed25519 key pair for signing audits; prints the public key to put in a policy."""
-    from memlens.integrity import generate_key
 
     if out.exists():
         raise MemlensError(f"{out} already exists; a key is never overwritten")
@@ -787,8 +806,6 @@ def report(
                                                                       "comparison section"),
 ):
     """Render the HTML and PDF compliance report of one or more audits."""
-    from memlens.policy import load_policy
-    from memlens.reports import render_report
 
     pol = load_policy(policy) if policy else None
     for path, what in ((out, "report"), (html, "HTML report")):
@@ -818,12 +835,9 @@ def gate(
                                                              "passes only if it audited these very weights"),
 ):
     """Check audits against a policy: exit 0 if every rule passes, 1 if any fails, 2 on bad input."""
+    # rich: optional or slow to import, loaded only on this path
     from rich.table import Table
 
-    from memlens.audit import read_audit
-    from memlens.io import write_json
-    from memlens.policy import evaluate, load_policy, to_junit
-    from memlens.policy.gate import write_markdown
 
     pol = load_policy(policy)
     # every output checked before the verdict: a passing gate must never exit 1 for want of a file
@@ -833,17 +847,13 @@ def gate(
     base_path = baseline or (Path(pol.baseline.path) if pol.baseline and pol.baseline.path else None)
     base = read_audit(base_path) if base_path else None
     if base is not None and pol.baseline is None:
-        from memlens.policy.schema import Baseline
 
         pol = pol.model_copy(update={"baseline": Baseline()})
     defaulted = False
     if base is not None and not pol.baseline.max_increase.model_dump(exclude_none=True):
-        # --baseline gates: a policy without rules on change gets the ones a release team would start from
-        from memlens.policy.schema import DEFAULT_INCREASES
 
         pol = pol.model_copy(update={"baseline": pol.baseline.model_copy(update={"max_increase": DEFAULT_INCREASES})})
         defaulted = True
-    from memlens.io import sha256_file
 
     for w in weights:
         if not w.is_file():
@@ -887,8 +897,6 @@ def card(
     report: Optional[Path] = typer.Option(None, "--report", help="the compliance report PDF: its sha256 is cited"),
 ):
     """Write the "Privacy and memorization" section of a model card from verified audits."""
-    from memlens.policy import load_policy
-    from memlens.reports.card import write_card
 
     if report is not None and not report.is_file():
         raise MemlensError(f"report not found: {report}")
@@ -922,10 +930,10 @@ def run(
     Exits as memlens gate does: 0 when the gate passes (or the pipeline has no policy), 1 when it fails,
     2 on bad input.
     """
+    # rich: optional or slow to import, loaded only on this path
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from memlens.config import PipelineConfig, load_yaml
-    from memlens.integrity import public_key_text
+    # opacus, timm, torch: loaded where this runs, so importing memlens.cli stays light
     from memlens.pipeline import run_pipeline
 
     cfg = load_yaml(PipelineConfig, config).resolved(config.parent)  # paths relative to the pipeline file
@@ -967,6 +975,7 @@ def _init_distributed() -> bool:
     """Join the process group torchrun describes in the environment (NCCL on GPUs, Gloo on CPUs)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
+    # torch: loaded where this runs, so importing memlens.cli stays light
     import torch
     import torch.distributed as td
 
@@ -980,7 +989,6 @@ def _init_distributed() -> bool:
 
 
 def main() -> None:
-    import logging
 
     # WeasyPrint and fontTools log font-subsetting notices at WARNING; they are not the user's concern.
     for name in ("weasyprint", "fontTools"):
@@ -990,6 +998,7 @@ def main() -> None:
         app()
     finally:
         if started:
+            # torch: loaded where this runs, so importing memlens.cli stays light
             import torch.distributed as td
 
             if td.is_initialized():

@@ -8,6 +8,7 @@ single-process identity, so the same code runs in one process or many.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Sequence
 
 import numpy as np
@@ -84,7 +85,6 @@ def local_world_size() -> int:
     if not active():
         return 1
     if _LOCAL is None:
-        import socket
 
         hosts = all_gather_object(socket.gethostname())
         _LOCAL = sum(h == hosts[rank()] for h in hosts)

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from memlens.errors import MemlensError
-from memlens.io import canonical_json, dumps, sha256_bytes, sha256_file
+from memlens.io import canonical_json, dumps, read_json, sha256_bytes, sha256_file
 
 FIELD = "integrity"
 
@@ -80,7 +81,6 @@ def verify(doc: dict, path: Path, *, base: Path | None = None, require: bool = T
 
 def read_verified(path: str | Path, *, what: str, require: bool = True) -> dict:
     """A JSON record from ``path``, verified (see :func:`verify`)."""
-    from memlens.io import read_json
 
     path = Path(path)
     doc = read_json(path, what=what)
@@ -95,6 +95,7 @@ def read_verified(path: str | Path, *, what: str, require: bool = True) -> dict:
 
 def load_private_key(path: str | Path):
     """An Ed25519 private key from a PEM file (``memlens keygen`` writes one)."""
+    # cryptography: optional or slow to import, loaded only on this path
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -112,6 +113,7 @@ def load_private_key(path: str | Path):
 
 def public_key_text(key) -> str:
     """The base64 of an Ed25519 public key's 32 raw bytes (what policies and records hold)."""
+    # cryptography: optional or slow to import, loaded only on this path
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     pub = key.public_key() if hasattr(key, "public_key") else key
@@ -120,6 +122,7 @@ def public_key_text(key) -> str:
 
 def parse_public_key(text: str):
     """A public key given as base64 raw bytes, or a PEM file's path or content."""
+    # cryptography: optional or slow to import, loaded only on this path
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -144,6 +147,7 @@ def sign(digest: str, key) -> dict:
 
 
 def check_signature(digest: str, sig: dict, *, where: Path | str) -> None:
+    # cryptography: optional or slow to import, loaded only on this path
     from cryptography.exceptions import InvalidSignature
 
     if sig.get("algorithm") != "ed25519":
@@ -166,8 +170,8 @@ def signed_by(block: dict | None, public_key: str) -> bool:
 
 def generate_key(out: str | Path) -> str:
     """Write a new Ed25519 private key (PEM, mode 0600) and return its public key (base64)."""
-    import os
 
+    # cryptography: optional or slow to import, loaded only on this path
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 

@@ -7,6 +7,7 @@ leaves a half-written artefact behind.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -194,7 +195,6 @@ class output_lock:  # noqa: N801 - a context manager used as a function
         self.fd: int | None = None
 
     def __enter__(self) -> "output_lock":
-        import fcntl
 
         self.lock.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)

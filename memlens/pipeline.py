@@ -19,10 +19,20 @@ from pathlib import Path
 from typing import Callable
 
 from memlens import distributed as D
+from memlens.audit.engine import run_audit
+from memlens.audit.results import AUDIT_FILE, read_audit, write_audit
 from memlens.config import PipelineConfig, claim_resumable_dir, format_epsilon
 from memlens.data import Splits, load, make_splits
+from memlens.data.canaries import SET_FILE, load_canaries, make_canaries, save_canaries
+from memlens.dp.sweep import check_sweep, plan_runs, run_sweep
 from memlens.errors import MemlensError
-from memlens.io import write_json
+from memlens.integrity import load_private_key, public_key_text, signed_by
+from memlens.io import sha256_file, write_json
+from memlens.policy import load_policy, to_junit
+from memlens.policy.gate import write_markdown
+from memlens.reports import render_report
+from memlens.train.probe import probe_run
+from memlens.train.run import read_run
 
 PIPELINE_FILE = "pipeline.json"
 
@@ -54,15 +64,6 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
         sign_key: an Ed25519 private key file: every run record and audit is signed with it (an audit
             already written counts as up to date only if it is signed by that key).
     """
-    from memlens.audit import run_audit, write_audit
-    from memlens.audit.results import AUDIT_FILE, read_audit
-    from memlens.dp.sweep import check_sweep, plan_runs, run_sweep
-    from memlens.integrity import load_private_key, public_key_text, signed_by
-    from memlens.policy import load_policy, to_junit
-    from memlens.policy.gate import write_markdown
-    from memlens.reports import render_report
-    from memlens.train.probe import probe_run
-    from memlens.train.run import read_run
 
     t0 = time.perf_counter()
     main = D.is_main()
@@ -105,7 +106,6 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
 
     # 1b. canaries (made from the splits: marked canaries use images no encoder trains on)
     if config.canaries:
-        from memlens.data.canaries import SET_FILE, load_canaries, make_canaries, save_canaries
 
         if (canaries_dir / SET_FILE).is_file():
             load_canaries(canaries_dir, dataset=dataset)
@@ -212,6 +212,5 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
 
 
 def _sha(path: Path) -> str:
-    from memlens.io import sha256_file
 
     return sha256_file(path) if path.is_file() else ""

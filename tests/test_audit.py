@@ -15,7 +15,7 @@ from memlens.config import AuditConfig, EncoderSpec, SplitConfig, SplitSizes, Tr
 from memlens.data import Augmenter, Splits, make_splits
 from memlens.errors import MemlensError
 from memlens.rng import RowStreams, derive_seed
-from memlens.train import load_encoder, train
+from memlens.train import load_encoder, train_loop
 
 RECIPE = {"framework": "mae", "epochs": 1, "batch_size": 64, "model": {"arch": "vit_micro", "depth": 2,
                                                                        "embed_dim": 32},
@@ -28,9 +28,9 @@ def pair(tmp_path_factory, digits):
     make_splits(digits, SplitConfig(sizes=SplitSizes(S_S=120, S_C=40, S_I=40, S_E=40), seed=3)).save(root / "s.json")
     for side in ("f", "g"):
         cfg = TrainConfig.model_validate({**RECIPE, "splits": str(root / "s.json"), "subsets": side})
-        train(cfg, root / side, dataset=digits)
+        train_loop(cfg, root / side, dataset=digits)
     cfg = TrainConfig.model_validate({**RECIPE, "splits": str(root / "s.json"), "subsets": "f", "seed": 5})
-    train(cfg, root / "f5", dataset=digits)
+    train_loop(cfg, root / "f5", dataset=digits)
     # 4 views per point, and UnitMem on the same 4 views: the single-pass configuration
     audit_cfg = AuditConfig(f=[str(root / "f")], g=[str(root / "g")], splits=str(root / "s.json"), views=4,
                             batch_points=16, bootstrap=500, reliability={"bootstrap": 50})
@@ -229,7 +229,7 @@ def test_mismatched_runs_are_refused(pair, digits, tmp_path):
     with pytest.raises(MemlensError, match=r"trained on S_S\+S_I, but a f run must be trained on S_S\+S_C"):
         run_audit(cfg.model_copy(update={"f": cfg.g, "g": cfg.f}), dataset=digits)
     other = TrainConfig.model_validate({**RECIPE, "epochs": 2, "splits": cfg.splits, "subsets": "g"})
-    train(other, tmp_path / "g2", dataset=digits)
+    train_loop(other, tmp_path / "g2", dataset=digits)
     with pytest.raises(MemlensError, match=r"differ in their recipe \(epochs: 1 vs 2\)"):
         run_audit(cfg.model_copy(update={"g": [EncoderSpec(model=str(tmp_path / "g2"))]}), dataset=digits)
     other = make_splits(digits, SplitConfig(sizes=SplitSizes(S_S=120, S_C=40, S_I=40, S_E=40), seed=9))

@@ -7,7 +7,7 @@ import pytest
 from memlens.audit import run_audit
 from memlens.config import AuditConfig, DataConfig, SplitConfig, SplitSizes, SyntheticConfig, TrainConfig
 from memlens.data import load, make_splits
-from memlens.dp import train
+from memlens.dp.training import train_encoder
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +31,12 @@ def canary_world(tmp_path_factory):
               "model": {"arch": "resnet9"}, "augment": "none", "epochs": 30, "batch_size": 64,
               "optim": {"lr": 0.003}, "canaries": str(root / "canaries")}
     for side in ("f", "g"):
-        train(TrainConfig.model_validate({**recipe, "subsets": side}), root / side, dataset=ds)
+        train_encoder(TrainConfig.model_validate({**recipe, "subsets": side}), root / side, dataset=ds)
     # DP at epsilon 1 (a ViT: BatchNorm cannot be trained privately), the same canaries
     dp = {**recipe, "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "epochs": 4,
           "dp": {"epsilon": 1.0}}
     for side in ("f", "g"):
-        train(TrainConfig.model_validate({**dp, "subsets": side}), root / f"dp-{side}", dataset=ds)
+        train_encoder(TrainConfig.model_validate({**dp, "subsets": side}), root / f"dp-{side}", dataset=ds)
     audits = {}
     for name, (f, g) in {"plain": ("f", "g"), "dp": ("dp-f", "dp-g")}.items():
         audits[name] = run_audit(AuditConfig(f=[str(root / f)], g=[str(root / g)], splits=str(root / "splits.json"),

@@ -13,6 +13,7 @@ from scipy import stats
 from sklearn.metrics import roc_curve
 
 import memlens
+import memlens.dp.training
 from memlens.audit import nulls
 from memlens.audit.inference import ControlNull, per_image
 from memlens.audit.privacy import (
@@ -207,7 +208,7 @@ def test_random_init_encoders_memorize_nothing(random_pair, tmp_path):
     # fired in one order, p = 8e-16, and the views-only p-values listed images in the other)
     spec = lambda side: {"model": "timm:resnet18", "weights": str(root / f"{side}.safetensors"),  # noqa: E731
                          "kwargs": {"num_classes": 0}, "input_size": 32}
-    swapped = memlens.audit(f=spec("g"), g=spec("f"), splits=root / "s.json", views=6, layers=["layer4*"])
+    swapped = memlens.audit_encoders(f=spec("g"), g=spec("f"), splits=root / "s.json", views=6, layers=["layer4*"])
     _check_nothing_found(swapped.summary, swapped.units, swapped.points)
 
 
@@ -218,12 +219,13 @@ def test_encoders_trained_on_identical_data_memorize_nothing(tmp_path, digits):
     splits.save(tmp_path / "s.json")
     specs = {}
     for k, side in enumerate(("f", "g")):
-        memlens.dp.train(small_train_config(seed=k, splits=str(tmp_path / "s.json"), epochs=3), tmp_path / side,
+        memlens.dp.training.train_encoder(
+            small_train_config(seed=k, splits=str(tmp_path / "s.json"), epochs=3), tmp_path / side,
                          dataset=digits)
         code, out, err = run("export", tmp_path / side, "--to", tmp_path / f"{side}.safetensors")
         assert code == 0, err
         specs[side] = json.loads(out.splitlines()[-1])
-    res = memlens.audit(f=specs["f"], g=specs["g"], splits=tmp_path / "s.json", dataset=digits, views=6,
+    res = memlens.audit_encoders(f=specs["f"], g=specs["g"], splits=tmp_path / "s.json", dataset=digits, views=6,
                         augment="mae")
     _check_nothing_found(res.summary, res.units, res.points)
 

@@ -136,11 +136,12 @@ def test_distributed_dp_step_clipped_sum_and_noise(tmp_path):
 
 def test_sharded_audit_equals_single_process(recipe, tmp_path, digits):
     from memlens.config import TrainConfig
-    from memlens.dp import train
+    from memlens.dp.training import train_encoder
 
     root, base = recipe
     for side in ("f", "g"):
-        train(TrainConfig.model_validate({**base, "epochs": 1, "subsets": side}), tmp_path / side, dataset=digits)
+        train_encoder(TrainConfig.model_validate({**base, "epochs": 1, "subsets": side}), tmp_path / side,
+                      dataset=digits)
     args = ["-m", "memlens", "audit", "--f", tmp_path / "f", "--g", tmp_path / "g", "--splits", root / "s.json",
             "--views", "4", "--max-per-subset", "30"]
     single(*args, "--out", tmp_path / "a1", "--batch-points", "16")
@@ -163,18 +164,18 @@ def test_sharded_audit_equals_single_process(recipe, tmp_path, digits):
 def test_a_run_resumes_with_another_world_size(recipe, tmp_path, digits):
     """Interrupted after one epoch in one process, resumed by two: the weights of an uninterrupted run."""
     from memlens.config import TrainConfig
-    from memlens.dp import train
+    from memlens.dp.training import train_encoder
 
     root, base = recipe
     cfg = TrainConfig.model_validate({**base, "subsets": "f"})
-    train(cfg, tmp_path / "straight", dataset=digits)
+    train_encoder(cfg, tmp_path / "straight", dataset=digits)
 
     def stop(info):
         if info.epoch == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "cut", dataset=digits, on_epoch=stop)
+        train_encoder(cfg, tmp_path / "cut", dataset=digits, on_epoch=stop)
     torchrun("-m", "memlens", "train", "--out", tmp_path / "cut", "--resume")
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "cut")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
@@ -187,7 +188,7 @@ def test_sharded_audit_over_tar_shards_equals_single_process(tmp_path):
     each (a fresh cache), read only their points, and give the single process's audit."""
     from memlens.config import DataConfig, TrainConfig
     from memlens.data import load
-    from memlens.dp import train
+    from memlens.dp.training import train_encoder
     from tests.conftest import write_jpeg_folder
     from tests.test_lazy_data import _to_shards
 
@@ -200,7 +201,7 @@ def test_sharded_audit_over_tar_shards_equals_single_process(tmp_path):
             "batch_size": 8, "augment": "mae", "mae": {"decoder_dim": 16},
             "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2, "input_size": 16}}
     for side in ("f", "g"):
-        train(TrainConfig.model_validate({**base, "subsets": side}), tmp_path / side)
+        train_encoder(TrainConfig.model_validate({**base, "subsets": side}), tmp_path / side)
     args = ["-m", "memlens", "audit", "--f", tmp_path / "f", "--g", tmp_path / "g", "--splits", tmp_path / "s.json",
             "--views", "4", "--workers", "0"]
     single(*args, "--out", tmp_path / "a1", "--batch-points", "16")
@@ -221,12 +222,12 @@ def test_reference_audit_in_two_processes_equals_one(recipe, tmp_path, digits):
     """K = 4 references: two processes score half the points each; the per-image inference, the FDR
     list and the privacy attacks come out as in one process."""
     from memlens.config import TrainConfig
-    from memlens.dp import train
+    from memlens.dp.training import train_encoder
 
     root, base = recipe
     for i in range(4):
         cfg = {**base, "epochs": 1, "seed": i // 2, "reference": {"index": i, "k": 4}}
-        train(TrainConfig.model_validate(cfg), tmp_path / f"ref-{i}", dataset=digits)
+        train_encoder(TrainConfig.model_validate(cfg), tmp_path / f"ref-{i}", dataset=digits)
     args = ["-m", "memlens", "audit", "--references", str(tmp_path / "ref-*"), "--splits", root / "s.json",
             "--views", "4", "--max-per-subset", "24"]
     single(*args, "--out", tmp_path / "a1", "--batch-points", "16")

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 
 from memlens.config import DPConfig, TrainConfig
 from memlens.data import Augmenter
-from memlens.dp import train
-from memlens.dp.accounting import default_delta, plan
-from memlens.dp.engine import GhostClipper
+from memlens.dp.accounting import default_delta, privacy_plan
+from memlens.dp.ghost_clipping import GhostClipper
 from memlens.dp.optimizer import FusedDPOptimizer
+from memlens.dp.training import train_encoder
 from memlens.errors import MemlensError
 from memlens.models import build_encoder
 from memlens.train import read_run
@@ -194,7 +194,7 @@ DP_MAE = {"framework": "mae", "subsets": "all", "batch_size": 128, "seed": 1,
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_recorded_epsilon_is_within_the_target(tmp_path, digits, accountant):
     cfg = TrainConfig.model_validate({**DP_MAE, "epochs": 2, "dp": {"epsilon": 4.0, "accountant": accountant}})
-    rec = train(cfg, tmp_path / "run", dataset=digits).record
+    rec = train_encoder(cfg, tmp_path / "run", dataset=digits).record
     d = rec.dp
     assert rec.status == "complete" and d["steps_taken"] == d["planned_steps"] == 2 * int(1797 / 128)
     assert 0.9 * 4.0 <= d["epsilon_spent"] <= 4.0
@@ -211,7 +211,7 @@ def test_recorded_epsilon_is_within_the_target(tmp_path, digits, accountant):
 def test_epsilon_is_computed_on_a_cadence_and_exactly_at_the_end(tmp_path, digits):
     # 27 epochs: epsilon on every second epoch (about 25 rows in all) and on the last one
     cfg = TrainConfig.model_validate({**DP_MAE, "epochs": 27, "batch_size": 600, "dp": {"epsilon": 4.0}})
-    rec = train(cfg, tmp_path / "run", dataset=digits).record
+    rec = train_encoder(cfg, tmp_path / "run", dataset=digits).record
     shown = [h["epoch"] for h in rec.history if "epsilon" in h]
     assert shown == list(range(2, 27, 2)) + [27]
     d = rec.dp
@@ -244,16 +244,16 @@ def test_memoised_rdp_changes_no_epsilon(monkeypatch):
 
 def test_resume_restores_the_accountant(tmp_path, digits):
     cfg = TrainConfig.model_validate({**DP_MAE, "epochs": 3, "dp": {"epsilon": 6.0, "reproducible": True}})
-    straight = train(cfg, tmp_path / "a", dataset=digits).record
+    straight = train_encoder(cfg, tmp_path / "a", dataset=digits).record
 
     def stop(info):
         if info.epoch == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "b", dataset=digits, on_epoch=stop)
+        train_encoder(cfg, tmp_path / "b", dataset=digits, on_epoch=stop)
     assert read_run(tmp_path / "b").dp["steps_taken"] == 2 * int(1797 / 128)
-    resumed = train(None, tmp_path / "b", resume=True, dataset=digits).record
+    resumed = train_encoder(None, tmp_path / "b", resume=True, dataset=digits).record
     assert resumed.dp["epsilon_spent"] == straight.dp["epsilon_spent"]
     assert resumed.dp["accountant_history"] == straight.dp["accountant_history"]
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
@@ -262,20 +262,20 @@ def test_resume_restores_the_accountant(tmp_path, digits):
 
 def test_training_stops_at_the_budget(tmp_path, digits):
     cfg = TrainConfig.model_validate({**DP_MAE, "epochs": 4, "dp": {"epsilon": 3.0, "noise_multiplier": 0.8}})
-    p = plan(cfg.dp, n=1797, batch_size=128, epochs=4)
+    p = privacy_plan(cfg.dp, n=1797, batch_size=128, epochs=4)
     assert p.max_steps < p.planned_steps
-    rec = train(cfg, tmp_path / "run", dataset=digits).record
+    rec = train_encoder(cfg, tmp_path / "run", dataset=digits).record
     assert rec.status == "stopped_budget" and "privacy budget reached" in rec.message
     assert rec.dp["steps_taken"] == p.max_steps and rec.dp["epsilon_spent"] <= 3.0
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
 def test_planning_rules():
-    p = plan(DPConfig(epsilon=8), n=1000, batch_size=100, epochs=5)
+    p = privacy_plan(DPConfig(epsilon=8), n=1000, batch_size=100, epochs=5)
     assert p.sample_rate == 0.1 and p.planned_steps == 50 and p.calibrated and p.planned_epsilon <= 8
     assert "epsilon = " in p.sentence() and "delta = 0.0001" in p.sentence()
     with pytest.raises(MemlensError, match=r"not below 1/N = 1/1000"):
-        plan(DPConfig(epsilon=8, delta=0.001), n=1000, batch_size=100, epochs=5)
+        privacy_plan(DPConfig(epsilon=8, delta=0.001), n=1000, batch_size=100, epochs=5)
     with pytest.raises(MemlensError, match="epsilon must be finite"):
         from memlens.config import validate
 
@@ -286,13 +286,13 @@ def test_non_per_sample_objectives_are_refused(tmp_path, digits):
     cfg = TrainConfig.model_validate({**DP_MAE, "framework": "simclr", "dp": {"epsilon": 8}})
     with pytest.raises(MemlensError, match="framework 'simclr' cannot be trained with DP-SGD: SimCLR does not "
                                            "decompose into per-example losses"):
-        train(cfg, tmp_path / "run", dataset=digits)
+        train_encoder(cfg, tmp_path / "run", dataset=digits)
     cfg = TrainConfig.model_validate({**DP_MAE, "framework": "supervised", "model": {"arch": "resnet9"},
                                       "dp": {"epsilon": 8}})
     with pytest.raises(MemlensError, match="BatchNorm"):
-        train(cfg, tmp_path / "run2", dataset=digits)
+        train_encoder(cfg, tmp_path / "run2", dataset=digits)
     sup = TrainConfig.model_validate({**DP_MAE, "framework": "supervised", "epochs": 1, "dp": {"epsilon": 8}})
-    assert train(sup, tmp_path / "run3", dataset=digits).record.dp["epsilon_spent"] <= 8
+    assert train_encoder(sup, tmp_path / "run3", dataset=digits).record.dp["epsilon_spent"] <= 8
 
 
 def test_timm_vit_per_example_gradients_equal_single_example_backward():

@@ -17,7 +17,7 @@ from scipy.stats import mannwhitneyu
 import memlens
 from memlens.config import DataConfig, SplitConfig, SplitSizes
 from memlens.data import make_splits
-from memlens.dp import train
+from memlens.dp.training import train_encoder
 from memlens.errors import MemlensError
 
 VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 0}
@@ -50,7 +50,7 @@ def _vit_spec(root, side, **extra):
 def test_cli_yaml_and_api_give_identical_audits(bundle, digits, tmp_path):
     root = bundle
     # Python API
-    api = memlens.audit(f=_vit_spec(root, "f"), g=_vit_spec(root, "g"), splits=root / "s.json", dataset=digits,
+    api = memlens.audit_encoders(f=_vit_spec(root, "f"), g=_vit_spec(root, "g"), splits=root / "s.json", dataset=digits,
                         **SETTINGS)
     # YAML
     cfg = {"f": [_vit_spec(root, "f")], "g": [_vit_spec(root, "g")], "splits": str(root / "s.json"), **SETTINGS}
@@ -84,7 +84,7 @@ def test_timm_resnet_layers_and_layer_globs(bundle, digits):
     root = bundle
     spec = lambda side: {"model": "timm:resnet18", "weights": str(root / f"rn_{side}.safetensors"),  # noqa: E731
                          "kwargs": {"num_classes": 0}, "input_size": 32}
-    res = memlens.audit(f=spec("f"), g=spec("g"), splits=root / "s.json", dataset=digits,
+    res = memlens.audit_encoders(f=spec("f"), g=spec("g"), splits=root / "s.json", dataset=digits,
                         layers=["layer4.*.act*", "layer4"], **SETTINGS)
     assert list(res.layers["layer"]) == ["layer4.0.act1", "layer4.0.act2", "layer4.1.act1", "layer4.1.act2", "layer4"]
     assert (res.layers.set_index("layer").loc["layer4.0.act1", "units"]) == 512
@@ -101,22 +101,22 @@ def test_memlens_run_and_its_export_audit_identically(tmp_path, digits, bundle):
     from memlens.config import TrainConfig
 
     for side in ("f", "g"):
-        train(TrainConfig.model_validate({**recipe, "subsets": side}), tmp_path / side, dataset=digits)
-    as_runs = memlens.audit(f=str(tmp_path / "f"), g=str(tmp_path / "g"), splits=root / "s.json", dataset=digits,
-                            **SETTINGS)
+        train_encoder(TrainConfig.model_validate({**recipe, "subsets": side}), tmp_path / side, dataset=digits)
+    as_runs = memlens.audit_encoders(f=str(tmp_path / "f"), g=str(tmp_path / "g"), splits=root / "s.json",
+                                     dataset=digits, **SETTINGS)
     specs = {}
     for side in ("f", "g"):
         code, out, err = run("export", tmp_path / side, "--to", tmp_path / f"{side}.safetensors")
         assert code == 0, err
         specs[side] = json.loads(out.splitlines()[-1])
-    as_timm = memlens.audit(f=specs["f"], g=specs["g"], splits=root / "s.json", dataset=digits, augment="mae",
+    as_timm = memlens.audit_encoders(f=specs["f"], g=specs["g"], splits=root / "s.json", dataset=digits, augment="mae",
                             **SETTINGS)
     assert np.array_equal(as_runs.points["sslmem"].to_numpy(), as_timm.points["sslmem"].to_numpy())
     # a py: factory with the run's own weights: memlens's ResNet9 builder
     rn = {**recipe, "framework": "simclr", "model": {"arch": "resnet9"}}
     for side in ("f", "g"):
-        train(TrainConfig.model_validate({**rn, "subsets": side}), tmp_path / f"r{side}", dataset=digits)
-    a = memlens.audit(f=str(tmp_path / "rf"), g=str(tmp_path / "rg"), splits=root / "s.json", dataset=digits,
+        train_encoder(TrainConfig.model_validate({**rn, "subsets": side}), tmp_path / f"r{side}", dataset=digits)
+    a = memlens.audit_encoders(f=str(tmp_path / "rf"), g=str(tmp_path / "rg"), splits=root / "s.json", dataset=digits,
                       **SETTINGS)
     norm = json.loads((tmp_path / "rf" / "run.json").read_text())["data"]["normalize"]
 
@@ -126,7 +126,8 @@ def test_memlens_run_and_its_export_audit_identically(tmp_path, digits, bundle):
                 "weights": str(tmp_path / f"r{side}" / "model.safetensors"), "representation": "features",
                 "input_size": 8, "mean": norm["mean"], "std": norm["std"]}
 
-    b = memlens.audit(f=py("f"), g=py("g"), splits=root / "s.json", dataset=digits, augment="normal", **SETTINGS)
+    b = memlens.audit_encoders(f=py("f"), g=py("g"), splits=root / "s.json", dataset=digits, augment="normal",
+                               **SETTINGS)
     assert np.array_equal(a.points["sslmem"].to_numpy(), b.points["sslmem"].to_numpy())
 
 
@@ -143,8 +144,8 @@ class Tiny(torch.nn.Module):
 def test_plain_modules_through_the_api(bundle, digits):
     torch.manual_seed(0)
     f, g = Tiny(), Tiny()
-    res = memlens.audit(f=f, g=g, splits=bundle / "s.json", dataset=digits, input_size=8, mean=[0.3], std=[0.3],
-                        **SETTINGS)
+    res = memlens.audit_encoders(f=f, g=g, splits=bundle / "s.json", dataset=digits, input_size=8, mean=[0.3],
+                                 std=[0.3], **SETTINGS)
     assert list(res.layers["layer"]) == ["act"] and res.summary.encoders[0].source == "module"
     assert res.summary.model["representation"] == "output"
 
@@ -176,14 +177,14 @@ def test_bad_specs_are_one_line_errors(bundle, tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert ("CUDA is not available" in err) if not torch.cuda.is_available() else True
     with pytest.raises(MemlensError, match="give its input_size"):
-        memlens.audit(f=Tiny(), g=Tiny(), splits=root / "s.json")
+        memlens.audit_encoders(f=Tiny(), g=Tiny(), splits=root / "s.json")
 
 
 def test_bf16_stays_close_to_fp32(bundle, digits):
     root = bundle
-    a = memlens.audit(f=_vit_spec(root, "f"), g=_vit_spec(root, "g"), splits=root / "s.json", dataset=digits,
+    a = memlens.audit_encoders(f=_vit_spec(root, "f"), g=_vit_spec(root, "g"), splits=root / "s.json", dataset=digits,
                       **SETTINGS)
-    b = memlens.audit(f=_vit_spec(root, "f"), g=_vit_spec(root, "g"), splits=root / "s.json", dataset=digits,
+    b = memlens.audit_encoders(f=_vit_spec(root, "f"), g=_vit_spec(root, "g"), splits=root / "s.json", dataset=digits,
                       precision="bf16", **SETTINGS)
     # bf16 forwards (8 mantissa bits) with fp32/fp64 metrics: alignment within 2% of its scale
     scale = np.abs(a.points["align_f"]).mean()
@@ -212,12 +213,13 @@ def test_planted_outliers_rank_first_through_a_timm_model(tmp_path):
               "optim": {"lr": 0.003}}
     # two f seeds: SSLMem's expectation over the encoders trained with the candidates
     for side, seed in (("f", 0), ("f1", 1), ("g", 0)):
-        train(TrainConfig.model_validate({**recipe, "subsets": side[0], "seed": seed}), tmp_path / side, dataset=ds)
+        train_encoder(TrainConfig.model_validate({**recipe, "subsets": side[0], "seed": seed}), tmp_path / side,
+                      dataset=ds)
     norm = json.loads((tmp_path / "f" / "run.json").read_text())["data"]["normalize"]
     spec = lambda side: {"model": "timm:test_resnet", "kwargs": {"num_classes": 0},  # noqa: E731
                          "weights": str(tmp_path / side / "model.safetensors"), "input_size": 16,
                          "representation": "features", **norm}
-    res = memlens.audit(f=[spec("f"), spec("f1")], g=spec("g"), splits=tmp_path / "s.json", augment="mae",
+    res = memlens.audit_encoders(f=[spec("f"), spec("f1")], g=spec("g"), splits=tmp_path / "s.json", augment="mae",
                         views=10)
     order = res.points.sort_values("sslmem", ascending=False)["id"].tolist()
     ranks = sorted(order.index(p) + 1 for p in planted)

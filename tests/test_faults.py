@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import memlens
 from memlens.config import SplitConfig, SplitSizes, TrainConfig
 from memlens.data import make_splits
-from memlens.dp import train
+from memlens.dp.training import train_encoder
 from memlens.errors import MemlensError
 
 
@@ -45,7 +45,7 @@ class Net(nn.Module):
 
 def test_nan_activations_name_the_layer(splits, digits):
     with pytest.raises(MemlensError, match=r"layer 'act2' produced NaN or inf activations"):
-        memlens.audit(f=Net(), g=Net(), splits=splits, dataset=digits, input_size=8, mean=[0.3], std=[0.3],
+        memlens.audit_encoders(f=Net(), g=Net(), splits=splits, dataset=digits, input_size=8, mean=[0.3], std=[0.3],
                       views=2, max_per_subset=4, bootstrap=100)
 
 
@@ -57,20 +57,20 @@ def test_nan_weights_are_refused_naming_the_tensor(splits, digits, tmp_path):
     spec = {"model": "py:test_faults:Net", "kwargs": {"bad": False}, "weights": str(tmp_path / "w.safetensors"),
             "input_size": 8, "mean": [0.3], "std": [0.3]}
     with pytest.raises(MemlensError, match=r"tensor 'conv.weight' holds 1 NaN/inf value\(s\)"):
-        memlens.audit(f=spec, g=spec, splits=splits, dataset=digits)
+        memlens.audit_encoders(f=spec, g=spec, splits=splits, dataset=digits)
 
 
 def test_a_diverged_run_is_marked_failed_with_a_hint_that_works(tmp_path, digits):
     cfg = small_train_config(epochs=3, optim={"name": "sgd", "lr": 1e12, "warmup_epochs": 0})
     with pytest.raises(MemlensError, match=r"training diverged at epoch \d .*lower optim.lr"):
-        train(cfg, tmp_path / "run", dataset=digits)
+        train_encoder(cfg, tmp_path / "run", dataset=digits)
     rec = json.loads((tmp_path / "run" / "run.json").read_text())
     assert rec["status"] == "failed" and "start again with --force" in rec["message"]
     code, _, err = run("train", "--out", tmp_path / "run", "--resume")
     assert code == 2 and "failed" in err and "--force" in err and len(err.strip().splitlines()) == 1
     # the hint works: --force with a sane learning rate trains
     cfg_ok = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 1e-3})})
-    assert train(cfg_ok, tmp_path / "run", force=True, dataset=digits).record.status == "complete"
+    assert train_encoder(cfg_ok, tmp_path / "run", force=True, dataset=digits).record.status == "complete"
 
 
 def test_refused_commands_leave_no_folder(tmp_path, splits):
@@ -103,8 +103,8 @@ def test_single_class_data_warns(tmp_path):
 
 def test_edited_weights_and_other_data_are_refused(tmp_path, splits, digits):
     cfg = small_train_config(epochs=1, splits=str(splits), subsets="f")
-    train(cfg, tmp_path / "f", dataset=digits)
-    train(cfg.model_copy(update={"subsets": "g"}), tmp_path / "g", dataset=digits)
+    train_encoder(cfg, tmp_path / "f", dataset=digits)
+    train_encoder(cfg.model_copy(update={"subsets": "g"}), tmp_path / "g", dataset=digits)
     # the audit names the run and both data when the images differ
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "o.npz", x=rng.integers(0, 255, (200, 8, 8, 1), dtype=np.uint8))
@@ -155,7 +155,8 @@ def test_report_respects_the_cache_dir(tmp_path, monkeypatch):
             "splits": str(tmp_path / "s.json"), "epochs": 1, "batch_size": 16,
             "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "mae": {"decoder_dim": 16}}
     for side in ("f", "g"):
-        train(TrainConfig.model_validate({**base, "subsets": side}), tmp_path / side, cache_dir=tmp_path / "cache")
+        train_encoder(TrainConfig.model_validate({**base, "subsets": side}), tmp_path / side,
+                      cache_dir=tmp_path / "cache")
     assert run("audit", "--f", tmp_path / "f", "--g", tmp_path / "g", "--splits", tmp_path / "s.json", "--views",
                "2", "--out", tmp_path / "a")[0] == 0
     assert run("report", tmp_path / "a", "--out", tmp_path / "r.pdf")[0] == 0

@@ -180,7 +180,7 @@ def test_eval_transform_matches_timm(photos):
 def _pair(tmp_path, data: DataConfig, *, dp: bool = False, **model):
     ds = load(data)
     make_splits(ds, SplitConfig(sizes=SplitSizes(S_S=14, S_C=8, S_I=8, S_E=8), seed=0)).save(tmp_path / "s.json")
-    from memlens.dp import train
+    from memlens.dp.training import train_encoder
 
     base = {"framework": "mae", "data": data.model_dump(), "splits": str(tmp_path / "s.json"), "epochs": 2,
             "batch_size": 8, "augment": "mae", "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16,
@@ -189,7 +189,7 @@ def _pair(tmp_path, data: DataConfig, *, dp: bool = False, **model):
     if dp:
         base["dp"] = {"epsilon": 50.0, "delta": 1e-3, "max_grad_norm": 1.0}
     for side in ("f", "g"):
-        train(TrainConfig.model_validate({**base, "subsets": side}), tmp_path / side)
+        train_encoder(TrainConfig.model_validate({**base, "subsets": side}), tmp_path / side)
     return ds
 
 
@@ -258,7 +258,7 @@ def test_unreadable_image_at_read_time_fails_or_is_skipped(photos, tmp_path):
     import shutil
 
     from memlens.audit import run_audit
-    from memlens.dp import train
+    from memlens.dp.training import train_encoder
     from memlens.train.run import read_run
 
     root, _ = photos
@@ -281,7 +281,7 @@ def test_unreadable_image_at_read_time_fails_or_is_skipped(photos, tmp_path):
             "batch_size": 8, "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2,
                                        "input_size": 16}, "mae": {"decoder_dim": 16}}
     for side in ("f", "g"):
-        train(TrainConfig.model_validate({**base, "subsets": side}), tmp_path / side)
+        train_encoder(TrainConfig.model_validate({**base, "subsets": side}), tmp_path / side)
     assert {"id": victim, "when": "read"}.items() <= read_run(tmp_path / "f").data["skipped"][0].items()
     res = run_audit(AuditConfig(f=[str(tmp_path / "f")], g=[str(tmp_path / "g")], splits=str(tmp_path / "s.json"),
                                 views=2))
@@ -289,7 +289,7 @@ def test_unreadable_image_at_read_time_fails_or_is_skipped(photos, tmp_path):
     assert res.summary.data["skipped"][0]["id"] == victim
     failing = {**base, "data": {**data.model_dump(), "on_bad_image": "fail"}}
     with pytest.raises(MemlensError, match=f"image '{victim}' could not be read.*on_bad_image: skip"):
-        train(TrainConfig.model_validate({**failing, "subsets": "f"}), tmp_path / "f2")
+        train_encoder(TrainConfig.model_validate({**failing, "subsets": "f"}), tmp_path / "f2")
 
 
 def test_decoded_cache_reads_the_same_pixels(tmp_path):

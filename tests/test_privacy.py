@@ -124,8 +124,8 @@ SELFCHECK = {"framework": "mae", "subsets": "all", "epochs": 4, "batch_size": 51
 
 
 def test_selfcheck_finds_a_leak_within_the_claim(digits):
+    from memlens.audit.dp_selfcheck import selfcheck
     from memlens.config import TrainConfig
-    from memlens.dp.selfcheck import selfcheck
 
     r = selfcheck(TrainConfig.model_validate({**SELFCHECK, "dp": {"epsilon": 50.0}}), m=20000, dataset=digits)
     best = max(r.lower_bound["epsilon"], r.lower_bound_other["epsilon"])
@@ -134,9 +134,9 @@ def test_selfcheck_finds_a_leak_within_the_claim(digits):
 
 
 def test_selfcheck_catches_a_trainer_that_adds_too_little_noise(digits, monkeypatch):
+    from memlens.audit.dp_selfcheck import selfcheck
     from memlens.config import TrainConfig
     from memlens.dp.optimizer import FusedDPOptimizer
-    from memlens.dp.selfcheck import selfcheck
 
     honest = FusedDPOptimizer.noise_std
     # a bug behind the accountant's back: a tenth of the noise the accountant assumes

@@ -10,7 +10,7 @@ from scipy import stats
 
 from memlens.config import AuditConfig, SplitConfig, SplitSizes, TrainConfig
 from memlens.data import make_splits
-from memlens.data.references import Design, canary_coins, natural_halves, reference_members
+from memlens.data.references import ReferenceDesign, canary_coins, natural_halves, reference_members
 from memlens.errors import MemlensError
 
 # ----------------------------------------------------------------------------- the design
@@ -19,7 +19,7 @@ from memlens.errors import MemlensError
 def test_halves_are_balanced_and_pair_zero_is_f_and_g(digits):
     splits = make_splits(digits, SplitConfig(sizes=SplitSizes(S_S=60, S_C=20, S_I=20, S_E=20), seed=3))
     canaries = [f"canary/{k:05d}" for k in range(200)]
-    d = Design(k=8, seed=5)
+    d = ReferenceDesign(k=8, seed=5)
     members = [reference_members(splits, canaries, d, i) for i in range(8)]
     pool = splits.ids("S_C", "S_I")
     counts = {p: sum(p in m[0] for m in members) for p in pool}
@@ -36,7 +36,7 @@ def test_halves_are_balanced_and_pair_zero_is_f_and_g(digits):
     coins = np.stack([canary_coins(canaries, d, j) for j in range(4)])
     assert abs(coins.mean() - 0.5) < 0.05 and abs(np.corrcoef(coins)[0, 1]) < 0.2
     with pytest.raises(MemlensError, match="even number"):
-        Design(k=3)
+        ReferenceDesign(k=3)
 
 
 # ----------------------------------------------------------------------------- inference
@@ -166,7 +166,7 @@ def test_rmia_matches_its_definition():
 def refs(tmp_path_factory, digits):
     """K = 4 references of a tiny MAE on digits (with 40 canaries), and f/g trained alike."""
     from memlens.data.canaries import make_canaries, save_canaries
-    from memlens.dp import train
+    from memlens.dp.training import train_encoder
 
     root = tmp_path_factory.mktemp("refs")
     splits = make_splits(digits, SplitConfig(sizes=SplitSizes(S_S=60, S_C=30, S_I=30, S_E=30), seed=1))
@@ -179,14 +179,14 @@ def refs(tmp_path_factory, digits):
             "canaries": str(root / "canaries")}
     for i in range(4):
         cfg = TrainConfig.model_validate({**base, "seed": i // 2, "reference": {"index": i, "k": 4, "seed": 7}})
-        train(cfg, root / f"ref-{i}", dataset=digits)
+        train_encoder(cfg, root / f"ref-{i}", dataset=digits)
     nocan = {k: v for k, v in base.items() if k != "canaries"}
     for side in ("f", "g"):
-        train(TrainConfig.model_validate({**nocan, "subsets": side}), root / side, dataset=digits)
+        train_encoder(TrainConfig.model_validate({**nocan, "subsets": side}), root / side, dataset=digits)
     for i in range(2):
         cfg = TrainConfig.model_validate({**nocan, "reference": {"index": i, "k": 2, "seed": 7}})
-        train(cfg, root / f"pair-{i}", dataset=digits)
-    train(TrainConfig.model_validate({**base, "subsets": "all", "seed": 9}), root / "release", dataset=digits)
+        train_encoder(cfg, root / f"pair-{i}", dataset=digits)
+    train_encoder(TrainConfig.model_validate({**base, "subsets": "all", "seed": 9}), root / "release", dataset=digits)
     return root
 
 
@@ -338,7 +338,7 @@ def test_references_trained_elsewhere_audit_like_runs(refs, digits, tmp_path):
     common = dict(splits=str(refs / "s.json"), views=4, canaries=str(refs / "canaries"))
     as_runs = run_audit(AuditConfig(references=[str(refs / f"ref-{i}") for i in range(4)], **common),
                         dataset=digits).points.set_index("id")
-    ext = memlens.audit(references=specs, design=tmp_path / "design", dataset=digits, augment="mae",
+    ext = memlens.audit_encoders(references=specs, design=tmp_path / "design", dataset=digits, augment="mae",
                         **common).points.set_index("id").loc[as_runs.index]
     # (the exported encoders carry no MAE decoder, so the loss-based columns exist for the runs only)
     for col in ("align_in", "align_out", "sslmem", "mem", "mem_se", "mem_p", "mem_q", "at_risk"):
@@ -347,7 +347,7 @@ def test_references_trained_elsewhere_audit_like_runs(refs, digits, tmp_path):
     # the declaration is what the audit relies on: a reference declared on another list gives other numbers
     wrong = [dict(s) for s in specs]
     wrong[0]["reference"], wrong[1]["reference"] = wrong[1]["reference"], wrong[0]["reference"]
-    bad = memlens.audit(references=wrong, design=tmp_path / "design", dataset=digits, augment="mae", **common)
+    bad = memlens.audit_encoders(references=wrong, design=tmp_path / "design", dataset=digits, augment="mae", **common)
     assert not np.allclose(bad.points.set_index("id").loc[as_runs.index, "mem"].to_numpy(float),
                            as_runs["mem"].to_numpy(float), equal_nan=True)
     # the release candidate as itself, from its weights
@@ -370,7 +370,7 @@ def test_references_trained_elsewhere_audit_like_runs(refs, digits, tmp_path):
     assert a.summary.design["target"] and "target_member" in a.points and a.points.target_member.any()
     assert a.summary.privacy["targets"] == [a.summary.design["target"]]
     # the same from Python: references, target and design
-    api = memlens.audit(references=specs, target={**target, "name": "release"}, design=tmp_path / "design",
+    api = memlens.audit_encoders(references=specs, target={**target, "name": "release"}, design=tmp_path / "design",
                         dataset=digits, augment="mae", **common)
     assert api.summary.design["target"] == "release"
     np.testing.assert_allclose(api.points.set_index("id").loc[a.points["id"], "target_align"].to_numpy(),

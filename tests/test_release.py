@@ -17,7 +17,7 @@ from memlens.audit import read_audit, run_audit, write_audit
 from memlens.cli import app
 from memlens.config import AuditConfig, SplitConfig, SplitSizes, TrainConfig
 from memlens.data import make_splits
-from memlens.dp import train
+from memlens.dp.training import train_encoder
 from memlens.errors import MemlensError
 from memlens.policy import evaluate, load_policy
 
@@ -40,7 +40,7 @@ def releases(tmp_path_factory, digits):
         for side in ("f", "g"):
             cfg = TrainConfig.model_validate({**RECIPE, "splits": str(root / "s.json"), "subsets": side,
                                               "seed": seed})
-            train(cfg, root / f"r{seed}" / side, dataset=digits)
+            train_encoder(cfg, root / f"r{seed}" / side, dataset=digits)
         res = run_audit(AuditConfig(f=[str(root / f"r{seed}" / "f")], g=[str(root / f"r{seed}" / "g")],
                                     splits=str(root / "s.json"), views=4, bootstrap=200,
                                     reliability={"bootstrap": 20}), dataset=digits)

@@ -18,7 +18,7 @@ from memlens.data import load, make_splits
 from memlens.errors import MemlensError
 from memlens.policy import load_policy
 from memlens.reports import render_report
-from memlens.train import train
+from memlens.train import train_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIL = "<b>bold</b> & <script>x</script>"
@@ -39,7 +39,7 @@ def audit_dir(tmp_path_factory):
     recipe = {"framework": "mae", "data": data, "splits": str(root / "s.json"), "epochs": 1, "batch_size": 32,
               "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "mae": {"decoder_dim": 16}}
     for side in ("f", "g"):
-        train(TrainConfig.model_validate({**recipe, "subsets": side}), root / side, dataset=ds)
+        train_loop(TrainConfig.model_validate({**recipe, "subsets": side}), root / side, dataset=ds)
     res = run_audit(AuditConfig(f=[str(root / "f")], g=[str(root / "g")], splits=str(root / "s.json"), views=4,
                                 bootstrap=200, top_k=5), dataset=ds)
     return write_audit(res, root / "audit")

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from memlens.config import TrainConfig
-from memlens.dp import train
+from memlens.dp.training import train_encoder
 from memlens.errors import MemlensError
 from tests.conftest import run
 
@@ -51,8 +51,8 @@ def test_dp_noise_and_sampling_are_secret_by_default(tmp_path, digits, monkeypat
 
     monkeypatch.setattr(step_mod, "new_key", spy)
     cfg = TrainConfig.model_validate(DP)
-    a = train(cfg, tmp_path / "a", dataset=digits).record
-    train(cfg, tmp_path / "b", dataset=digits)
+    a = train_encoder(cfg, tmp_path / "a", dataset=digits).record
+    train_encoder(cfg, tmp_path / "b", dataset=digits)
     assert not _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))  # the same config, other noise
     assert a.dp["randomness"] == "secret" and "noise_seed" not in a.dp and len(keys) == 2 and keys[0] != keys[1]
     # nothing written holds the key, nor the seeds derived from it for the first steps
@@ -65,8 +65,8 @@ def test_dp_noise_and_sampling_are_secret_by_default(tmp_path, digits, monkeypat
     assert not (tmp_path / "a" / "checkpoint.safetensors").exists()
     # reproducible: the old, seeded behaviour, recorded as such
     rep = TrainConfig.model_validate({**DP, "dp": {**DP["dp"], "reproducible": True}})
-    train(rep, tmp_path / "c", dataset=digits)
-    r = train(rep, tmp_path / "d", dataset=digits).record
+    train_encoder(rep, tmp_path / "c", dataset=digits)
+    r = train_encoder(rep, tmp_path / "d", dataset=digits).record
     assert _same(_weights(tmp_path / "c"), _weights(tmp_path / "d")) and r.dp["randomness"] == "reproducible"
     code, out, _ = run("privacy", tmp_path / "d")
     assert code == 0 and "holds only while that record stays private" in out
@@ -84,12 +84,12 @@ def test_interrupted_secret_run_resumes_and_forgets_its_key(tmp_path, digits):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "r", dataset=digits, on_epoch=stop)
+        train_encoder(cfg, tmp_path / "r", dataset=digits, on_epoch=stop)
     with safe_open(str(tmp_path / "r" / "checkpoint.safetensors"), framework="pt") as fh:
         state = json.loads(fh.metadata()["memlens"])["state"]["loop"]
     key = state["secret"]
     assert len(key) == 64 and key not in (tmp_path / "r" / "run.json").read_text()
-    rec = train(None, tmp_path / "r", resume=True, dataset=digits).record
+    rec = train_encoder(None, tmp_path / "r", resume=True, dataset=digits).record
     assert rec.status == "complete" and rec.epochs_done == 3
     assert not (tmp_path / "r" / "checkpoint.safetensors").exists() and key not in _all_text(tmp_path / "r")
 
@@ -157,7 +157,8 @@ def _train_pair(out, splits, canaries, digits, sign_key=None):
             "model": {"arch": "vit_micro", "depth": 1, "embed_dim": 16, "num_heads": 2}, "mae": {"decoder_dim": 16},
             "canaries": str(canaries)}
     for side in ("f", "g"):
-        train(TrainConfig.model_validate({**base, "subsets": side}), out / side, dataset=digits, sign_key=sign_key)
+        train_encoder(TrainConfig.model_validate({**base, "subsets": side}), out / side, dataset=digits,
+                      sign_key=sign_key)
 
 
 @pytest.fixture(scope="module")

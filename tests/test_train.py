@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from memlens.config import SplitConfig, SplitSizes, TrainConfig
 from memlens.data import make_splits
 from memlens.errors import MemlensError
-from memlens.train import load_encoder, read_run, train
+from memlens.train import load_encoder, read_run, train_loop
 from memlens.train.probe import probe_run
 from tests.conftest import restamp, small_train_config
 
@@ -33,7 +33,7 @@ def small_splits(tmp_path_factory, digits):
 def test_each_framework_learns(framework, small_splits, tmp_path):
     cfg = TrainConfig.model_validate({"framework": framework, "splits": small_splits, "subsets": "f",
                                       "epochs": 5, "batch_size": 32, **CASES[framework]})
-    result = train(cfg, tmp_path / "run")
+    result = train_loop(cfg, tmp_path / "run")
     losses = [h["loss"] for h in result.record.history]
     assert losses[-1] < losses[0], losses
     rec = read_run(tmp_path / "run")
@@ -53,16 +53,16 @@ def _interrupt_after(epoch):
 def test_resume_gives_the_same_weights(framework, small_splits, tmp_path):
     cfg = TrainConfig.model_validate({"framework": framework, "splits": small_splits, "subsets": "g",
                                       "epochs": 3, "batch_size": 64, **CASES[framework]})
-    train(cfg, tmp_path / "straight")
+    train_loop(cfg, tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "cut", on_epoch=_interrupt_after(2))
+        train_loop(cfg, tmp_path / "cut", on_epoch=_interrupt_after(2))
     # Ctrl-C keeps the last complete checkpoint and marks the run
     assert read_run(tmp_path / "cut").status == "interrupted"
     assert (tmp_path / "cut" / "checkpoint.safetensors").is_file()
     assert not (tmp_path / "cut" / "model.safetensors").exists()
     with pytest.raises(MemlensError, match="not finished"):
         load_encoder(tmp_path / "cut")
-    train(None, tmp_path / "cut", resume=True)
+    train_loop(None, tmp_path / "cut", resume=True)
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -74,7 +74,7 @@ def test_resume_gives_the_same_weights(framework, small_splits, tmp_path):
 
 def test_load_encoder_round_trip_and_probe(tmp_path, digits):
     cfg = small_train_config(epochs=3)
-    result = train(cfg, tmp_path / "run", dataset=digits)
+    result = train_loop(cfg, tmp_path / "run", dataset=digits)
     enc = load_encoder(tmp_path / "run")
     assert not enc.training
     x = torch.randn(5, 1, 8, 8)
@@ -89,16 +89,16 @@ def test_load_encoder_round_trip_and_probe(tmp_path, digits):
 
 def test_existing_run_needs_force(tmp_path, digits):
     cfg = small_train_config(epochs=1)
-    train(cfg, tmp_path / "run", dataset=digits)
+    train_loop(cfg, tmp_path / "run", dataset=digits)
     with pytest.raises(MemlensError, match="already holds a previous output; pass --force"):
-        train(cfg, tmp_path / "run", dataset=digits)
-    train(cfg, tmp_path / "run", force=True, dataset=digits)
+        train_loop(cfg, tmp_path / "run", dataset=digits)
+    train_loop(cfg, tmp_path / "run", force=True, dataset=digits)
     # resuming a finished run does nothing
-    assert train(None, tmp_path / "run", resume=True).record.status == "complete"
+    assert train_loop(None, tmp_path / "run", resume=True).record.status == "complete"
 
 
 def test_checkpoint_that_does_not_match_its_config(tmp_path, digits):
-    train(small_train_config(epochs=1), tmp_path / "run", dataset=digits)
+    train_loop(small_train_config(epochs=1), tmp_path / "run", dataset=digits)
     # an edit is refused by the record's digest; behind it, a consistent-looking record whose weights do
     # not fit its architecture is refused too
     path = tmp_path / "run" / "run.json"
@@ -114,7 +114,7 @@ def test_checkpoint_that_does_not_match_its_config(tmp_path, digits):
 
 def test_sides_need_splits(digits, tmp_path):
     with pytest.raises(MemlensError, match="needs a splits file"):
-        train(small_train_config(subsets="f"), tmp_path / "run", dataset=digits)
+        train_loop(small_train_config(subsets="f"), tmp_path / "run", dataset=digits)
 
 
 def test_supervised_needs_labels(tmp_path):
@@ -124,7 +124,7 @@ def test_supervised_needs_labels(tmp_path):
 
     np.savez(tmp_path / "d.npz", x=np.zeros((20, 8, 8), np.uint8))
     with pytest.raises(MemlensError, match="needs labelled data"):
-        train(cfg, tmp_path / "run")
+        train_loop(cfg, tmp_path / "run")
 
 
 def test_average_of_the_last_epochs_is_their_mean_and_resumes(small_splits, tmp_path):
@@ -136,14 +136,14 @@ def test_average_of_the_last_epochs_is_their_mean_and_resumes(small_splits, tmp_
             **CASES["mae"]}
     plain = TrainConfig.model_validate(base)
     averaged = TrainConfig.model_validate({**base, "optim": {"average_epochs": 2}})
-    train(plain, tmp_path / "plain")  # the weights after epoch 3
+    train_loop(plain, tmp_path / "plain")  # the weights after epoch 3
     with pytest.raises(KeyboardInterrupt):
-        train(averaged, tmp_path / "avg", on_epoch=_interrupt_after(2))
+        train_loop(averaged, tmp_path / "avg", on_epoch=_interrupt_after(2))
     with safe_open(str(tmp_path / "avg" / "checkpoint.safetensors"), framework="pt") as fh:
         after2 = {k.removeprefix("model.encoder."): fh.get_tensor(k) for k in fh.keys()
                   if k.startswith("model.encoder.")}
         assert any(k.startswith("average.") for k in fh.keys())
-    rec = train(None, tmp_path / "avg", resume=True).record
+    rec = train_loop(None, tmp_path / "avg", resume=True).record
     assert rec.averaged_epochs == 2
     last, avg = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "avg" / "model.safetensors")
     assert avg.keys() == last.keys() and set(after2) >= set(avg)

@@ -1,18 +1,15 @@
-"""The audit: SSLMem, LayerMem/ΔLayerMem, UnitMem/ClassMem and the statistical tests.
+"""The audit: SSLMem, LayerMem/ΔLayerMem, UnitMem/ClassMem, membership inference, empirical privacy and
+the statistical tests.
 
-``memlens.audit`` is also callable: ``memlens.audit(f=..., g=..., splits=...)`` runs an audit from
-Python (see :func:`memlens.audit.api.audit`).
-
-The names below load on first use: reading an audit (``read_audit``, what ``gate``, ``report`` and
-``card`` need) does not import torch, timm or the encoders, which takes longer than the gate itself.
+The names below load on first use (PEP 562): reading an audit (``read_audit``, what ``gate``,
+``report`` and ``card`` need) does not import torch, timm or the encoders, which takes longer than the
+gate itself. memlens's own modules import from the defining module instead (tests/test_architecture.py).
 """
 
 import importlib
-import sys
-import types
 
-_WHERE = {"audit": "api", "AuditResult": "engine", "run_audit": "engine", "write_audit": "engine",
-          "Audit": "results", "AuditSummary": "results", "read_audit": "results", "read_signals": "signals"}
+_WHERE = {"audit_encoders": "api", "AuditResult": "results", "run_audit": "engine", "write_audit": "results",
+          "Audit": "results", "AuditSummary": "results", "read_audit": "results", "read_signals": "results"}
 
 __all__ = sorted(_WHERE)
 
@@ -21,15 +18,3 @@ def __getattr__(name):
     if name in _WHERE:
         return getattr(importlib.import_module(f"memlens.audit.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'memlens.audit' has no attribute '{name}'")
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``memlens.audit(...)`` call :func:`audit` while ``memlens.audit`` stays this package."""
-
-    def __call__(self, *args, **kwargs):
-        from memlens.audit.api import audit
-
-        return audit(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -7,6 +7,9 @@ from typing import Any, Sequence
 
 import torch.nn as nn
 
+from memlens.audit.encoders import from_module
+from memlens.audit.engine import run_audit
+from memlens.audit.results import AuditResult, write_audit
 from memlens.config import AuditConfig, DataConfig, EncoderSpec, validate
 from memlens.errors import MemlensError
 
@@ -33,7 +36,6 @@ def _specs(side: str, value: Any, *, input_size: int | None, mean, std) -> tuple
     specs, objects, any_module = [], [], False
     for k, item in enumerate(items):
         if isinstance(item, nn.Module):
-            from memlens.audit.encoders import from_module
 
             any_module = True
             label = f"{side}{k}" if len(items) > 1 else side
@@ -61,11 +63,11 @@ def _plain_specs(side: str, value: Any) -> list[EncoderSpec]:
     return out
 
 
-def audit(f: Any = None, g: Any = None, splits: str | Path | None = None, *, references: Sequence[Any] | None = None,
-          target: Any = None, design: str | Path | None = None, data: str | Path | DataConfig | None = None,
-          out: str | Path | None = None, force: bool = False, input_size: int | None = None,
-          mean: Sequence[float] | None = None, std: Sequence[float] | None = None, dataset=None, progress=None,
-          **settings: Any):
+def audit_encoders(f: Any = None, g: Any = None, splits: str | Path | None = None, *,
+                   references: Sequence[Any] | None = None, target: Any = None, design: str | Path | None = None,
+                   data: str | Path | DataConfig | None = None, out: str | Path | None = None, force: bool = False,
+                   input_size: int | None = None, mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None, dataset=None, progress=None, **settings: Any) -> AuditResult:
     """Audit encoders f (trained with the candidates S_C) against g (trained without them), or K
     reference encoders (and a target, the encoder to be released).
 
@@ -88,13 +90,12 @@ def audit(f: Any = None, g: Any = None, splits: str | Path | None = None, *, ref
             precision, layers, representation, augment, seed, ...).
 
     Returns:
-        :class:`~memlens.audit.engine.AuditResult` with pandas tables ``points``, ``layers``,
+        :class:`~memlens.audit.results.AuditResult` with pandas tables ``points``, ``layers``,
         ``units``, ``tests`` and ``.save(dir)``.
 
     Raises:
         MemlensError: bad settings or inputs (the message names the problem).
     """
-    from memlens.audit.engine import run_audit, write_audit
 
     if splits is None:
         raise MemlensError("splits: the splits.json naming S_S, S_C, S_I, S_E is needed")

@@ -14,17 +14,19 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats as sps
 
-import memlens
 from memlens import distributed as D
 from memlens.audit import nulls
+from memlens.audit.design import RECIPE_IGNORED
 from memlens.audit.inference import group_means, pair_differences
 from memlens.audit.layermem import delta_layermem, vit_block_table
-from memlens.audit.results import AuditSummary
+from memlens.audit.results import AuditResult, AuditSummary
 from memlens.audit.signals import signals_table
 from memlens.audit.sslmem import range_normalize, symmetric_normalize
 from memlens.audit.stats import (
@@ -39,13 +41,14 @@ from memlens.audit.unitmem import NONE, unitmem
 from memlens.config import SUBSETS
 from memlens.data.augment import describe
 from memlens.device import describe_device
+from memlens.io import sha256_file
 from memlens.rng import derive_seed
+from memlens.train.run import versions
+from memlens.version import __version__
 
 
 def assemble(s, *, res, align, losses, loss_name, est, rel, freq, n_views, unit_acc, class_acc, unit_views, groups,
              privacy, attacks, canary_table, t_start, unit_null=None):
-    from memlens.audit.engine import AuditResult
-
     t = time.perf_counter()
     points = points_table(s, align, losses, est, freq, attacks)
     layers, units, tests_extra, prime, lm = layers_units(s, res, unit_acc, class_acc, groups, unit_null, est)
@@ -244,7 +247,6 @@ def _units_null_summary(units: pd.DataFrame, unit_null) -> dict:
     """The units' flag rate beside what chance gives on an encoder that memorized nothing."""
     if unit_null is None:
         return {"null": None}
-    from scipy import stats as sps
 
     tested = int(units["unitmem_p"].notna().sum())
     flagged = int(units["flagged"].sum())
@@ -387,7 +389,6 @@ def statistics(s, points: pd.DataFrame, prime: np.ndarray, tests_extra: list, al
 def _offset_free_mean(points: pd.DataFrame, est, subset: str, confidence: float) -> dict:
     """The subset's mean offset-free memorization minus the controls' (under the pool's labellings), with
     the Welch interval of the difference: what the test against the controls measures."""
-    from scipy import stats as sps
 
     per = est.per_image
     mem = points.loc[(points["subset"] == subset).to_numpy(), "mem"].to_numpy(float)
@@ -407,9 +408,7 @@ def _offset_free_mean(points: pd.DataFrame, est, subset: str, confidence: float)
 def _pair_consistency(s, align: np.ndarray) -> list[dict]:
     """Top-k overlap and Kendall's tau between the rankings of different encoder pairs (seeds)."""
     design = s.design
-    from memlens.audit.engine import _scored_pairs
-
-    pairs = _scored_pairs(design)
+    pairs = design.scored_pairs()
     idx = np.flatnonzero(s.eligible)
     if len(pairs) >= 2:
         d = pair_differences(align[design.scored], design.member[design.scored], pairs)[:, idx]
@@ -448,7 +447,7 @@ def summary_of(s, *, points, layers, units, tests, consistency, subsets, est, re
     at_risk = points[points["at_risk"]].sort_values(["mem_q", "sslmem"], ascending=[True, False], kind="stable")
     keep = ["id", "subset", "label", "sslmem", "sslmem_sym_norm", "mem_ci_low", "mem_ci_high", "mem_q"]
     return AuditSummary(
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), memlens_version=memlens.__version__, settings=cfg,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), memlens_version=__version__, settings=cfg,
         environment={"device": describe_device(s.ctx.device), "precision": cfg.precision,
                      "world_size": D.world_size(), "backend": D.backend(), "versions": _versions(),
                      "resources": s.plan.to_dict()},
@@ -547,7 +546,6 @@ def _top_units(units: pd.DataFrame) -> list[dict]:
 
 
 def _recipe_of(rec) -> dict | None:
-    from memlens.audit.design import RECIPE_IGNORED
 
     if rec is None:
         return None
@@ -555,19 +553,16 @@ def _recipe_of(rec) -> dict | None:
 
 
 def _versions() -> dict[str, str]:
-    from memlens.train.run import versions
 
     return versions()
 
 
 def _resolve(path):
-    from pathlib import Path
 
     return Path(path).resolve()
 
 
 def _sha(path) -> str:
-    from memlens.io import sha256_file
 
     return sha256_file(path)
 

@@ -16,6 +16,7 @@ scored beside them: its membership comes from its own run record.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,9 @@ import numpy as np
 from memlens.audit.encoders import AuditEncoder
 from memlens.config import SUBSETS
 from memlens.data import Dataset, Splits
+from memlens.data.references import ReferenceDesign, membership_digest, reference_members
 from memlens.errors import MemlensError
+from memlens.rng import derive_seed
 
 RECIPE_IGNORED = ("seed", "subsets", "splits", "device", "precision", "workers", "threads", "distributed",
                   "canaries", "reference")
@@ -79,6 +82,11 @@ class Design:
     def units_encoder(self) -> int:
         """Whose units UnitMem measures: the target, else the first f, else reference 0."""
         return self.target if self.target is not None else 0
+
+    def scored_pairs(self) -> list[tuple[int, int]]:
+        """The pairs, as indices among the scored encoders (the target is not in a pair)."""
+        pos = {e: k for k, e in enumerate(self.scored)}
+        return [(pos[a], pos[b]) for a, b in self.pairs]
 
     def labels(self) -> list[str]:
         return [e.label for e in self.encoders]
@@ -165,11 +173,9 @@ def membership(design: Design, points: Points, splits: Splits, cset) -> np.ndarr
 
 
 def _reference_rows(design: Design, points: Points, splits: Splits, cset) -> np.ndarray:
-    from memlens.data.references import Design as RefDesign
-    from memlens.data.references import membership_digest, reference_members
 
     p = design.reference
-    d = RefDesign(k=p["k"], seed=p["seed"], pool=tuple(p["pool"]))
+    d = ReferenceDesign(k=p["k"], seed=p["seed"], pool=tuple(p["pool"]))
     canary_ids = list(cset.ids) if cset is not None else []
     indices = p.get("indices", list(range(d.k)))
     out = np.zeros((len(indices), len(points)), dtype=bool)
@@ -290,7 +296,6 @@ def check_design(design: Design, splits: Splits) -> list[str]:
 
 def weights_digest(module) -> str:
     """sha256 over a module's parameters and buffers (names, shapes, bytes): equal for equal weights."""
-    import hashlib
 
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
@@ -326,7 +331,6 @@ def check_not_degenerate(dist: np.ndarray, labels: list[str]) -> None:
 
 def choose_points(splits: Splits, dataset: Dataset, cfg) -> Points:
     """The natural points of the audit, candidates first (a random ``max_per_subset`` when set)."""
-    from memlens.rng import derive_seed
 
     rng = np.random.default_rng(derive_seed(cfg.seed, "points"))
     rows, subset_of, ids = [], [], []

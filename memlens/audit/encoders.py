@@ -35,6 +35,7 @@ from memlens.errors import MemlensError
 from memlens.io import sha256_file
 from memlens.models.external import factory_model, finite_parameters, load_into, timm_data_config, timm_model
 from memlens.models.layers import LayerSpec, discover_layers, select_layers
+from memlens.train.run import MODEL_FILE, RUN_FILE, load_encoder
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -242,7 +243,6 @@ def resolve(spec: EncoderSpec | nn.Module | str | AuditEncoder, *, default_rep: 
 def _from_spec(spec: EncoderSpec, default_rep: str | None, side: str = "") -> AuditEncoder:
     rep = spec.representation or default_rep
     if spec.kind == "run":
-        from memlens.train.run import MODEL_FILE, RUN_FILE, load_encoder
 
         if spec.weights or spec.kwargs or spec.key_prefix:
             raise MemlensError(f"{spec.model} is a memlens run directory: weights, kwargs and key_prefix apply to "
@@ -260,7 +260,8 @@ def _from_spec(spec: EncoderSpec, default_rep: str | None, side: str = "") -> Au
                             std=rec.data["normalize"]["std"], label=spec.name or path.name, source="run",
                             info=info, record=rec, eval_transform=evaluation)
     if spec.kind == "module":
-        raise MemlensError(f"'{spec.model}' stands for a Python object: pass the nn.Module itself to memlens.audit()")
+        raise MemlensError(f"'{spec.model}' stands for a Python object: pass the nn.Module itself to "
+                           f"memlens.audit_encoders()")
     if spec.kind == "timm":
         module = timm_model(spec.model[5:], spec.kwargs)
     else:

@@ -11,7 +11,7 @@
 5. :func:`_estimate`: per-image memorization with intervals, p-values and the FDR at-risk list,
    and the reliability of the ranking over views and over encoders
    (:mod:`memlens.audit.inference`);
-6. :func:`memlens.audit.membership.evaluate`: membership scores, metrics and the epsilon bound;
+6. :func:`memlens.audit.membership.membership_findings`: membership scores, metrics and the epsilon bound;
 7. :func:`_top_least`: UnitMem of the most and least memorized images (Table 11);
 8. :func:`memlens.audit.assemble.assemble`: the tables, the tests and ``audit.json``.
 
@@ -22,22 +22,20 @@ function of its own module.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn as nn
 
 from memlens import distributed as D
 from memlens import resources
 from memlens.audit import inference, nulls
+from memlens.audit import membership as mem
+from memlens.audit.assemble import assemble
 from memlens.audit.design import (
     Design,
     Points,
@@ -53,45 +51,24 @@ from memlens.audit.design import (
 from memlens.audit.encoders import AuditEncoder, resolve
 from memlens.audit.passes import Ctx, gather, loss_pass, merge_passes, scoring_pass, unit_pass
 from memlens.audit.reliability import ranking_reliability
-from memlens.audit.results import AUDIT_FILE, AuditSummary
+from memlens.audit.results import AuditResult
 from memlens.audit.sslmem import alignment_from_distances
 from memlens.audit.unitmem import unitmem_null_p
-from memlens.config import AuditConfig
+from memlens.config import AuditConfig, DataConfig, validate
 from memlens.data import Augmenter, Dataset, Splits, load
 from memlens.data.augment import EvalTransform
+from memlens.data.canaries import canary_labels, load_canaries
 from memlens.data.dataset import ConcatPixels
 from memlens.data.loader import Unit, fetch
 from memlens.data.references import read_design
+from memlens.data.splits import check_duplicates
 from memlens.device import resolve_device
 from memlens.errors import MemlensError
-from memlens.io import atomic_write_text, dumps, sha256_bytes
+from memlens.io import read_json, sha256_file
 from memlens.rng import derive_seed
+from memlens.train.run import load_objective
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class AuditResult:
-    """An audit in memory: the summary and pandas tables; :meth:`save` writes what ``memlens
-    report`` and ``memlens gate`` read."""
-
-    summary: AuditSummary
-    points: pd.DataFrame
-    layers: pd.DataFrame
-    units: pd.DataFrame
-    tests: pd.DataFrame
-    canaries: pd.DataFrame | None = None
-    notes: list[str] = field(default_factory=list)
-    signals: pd.DataFrame | None = None  # every encoder's score of every point (memlens.audit.signals)
-
-    def save(self, out_dir: str | Path, *, force: bool = False, sign_key=None) -> Path:
-        return write_audit(self, out_dir, force=force, sign_key=sign_key)
-
-    def tables(self) -> dict[str, pd.DataFrame]:
-        out = {"points": self.points, "layers": self.layers, "units": self.units, "tests": self.tests}
-        if self.canaries is not None:
-            out["canaries"] = self.canaries
-        return out
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -101,7 +78,6 @@ def resolve_data(cfg: AuditConfig, encoders: list[AuditEncoder], splits_path: st
                  cache_dir: str | Path | None, *, collective: bool = False) -> Dataset:
     """The images of the audit: ``data`` of the config, else the runs' data, else the data the
     splits file records (``memlens split`` of membership lists writes it)."""
-    from memlens.io import read_json
 
     if cfg.data is not None:
         return load(cfg.data, cache_dir=cache_dir, collective=collective)
@@ -110,7 +86,6 @@ def resolve_data(cfg: AuditConfig, encoders: list[AuditEncoder], splits_path: st
         return load(runs[0].record.config.data, cache_dir=cache_dir, collective=collective)
     raw = read_json(splits_path, what="splits file")
     if isinstance(raw, dict) and raw.get("data"):
-        from memlens.config import DataConfig, validate
 
         return load(validate(DataConfig, raw["data"], source=f"{splits_path}: data"), cache_dir=cache_dir,
                     collective=collective)
@@ -162,7 +137,6 @@ def run_audit(config: AuditConfig, *, cache_dir: str | Path | None = None, datas
     splits = Splits.load(cfg.splits, dataset)
     if cfg.design and declared[1]["splits_hash"] != splits.hash:
         raise MemlensError(f"the design {cfg.design} was made from other splits than {cfg.splits}")
-    from memlens.data.splits import check_duplicates
 
     check_duplicates(dataset, splits)
     warnings = check_design(design, splits)
@@ -201,8 +175,6 @@ class Setup:
 def _audit(cfg: AuditConfig, design: Design, splits: Splits, dataset: Dataset, device: torch.device,
            progress: Progress | None, t_start: float, plan: resources.ResourcePlan,
            warnings: list[str]) -> AuditResult:
-    from memlens.audit import membership as mem
-    from memlens.audit.assemble import assemble
 
     s = _setup(cfg, design, splits, dataset, device, progress, plan, warnings)
     s.timings["load"] = time.perf_counter() - t_start
@@ -220,7 +192,7 @@ def _audit(cfg: AuditConfig, design: Design, splits: Splits, dataset: Dataset, d
     est = _estimate(s, res, align, n_views, losses)
     _check_scores(s, est)
     t = time.perf_counter()
-    canary_table, privacy, attacks = mem.evaluate(
+    canary_table, privacy, attacks = mem.membership_findings(
         design, s.points, align, losses, cset=s.cset, settings=cfg.privacy, loss_name=loss_name,
         claimed=_claimed(design), n_train=_n_train(design, dataset), seed=derive_seed(cfg.seed, "privacy") % 2**32,
         coupled=_coupled(design))
@@ -362,7 +334,6 @@ def _alignments(dist: np.ndarray, pairing: str) -> np.ndarray:
 
 def _losses(s: Setup) -> tuple[np.ndarray | None, str | None]:
     """(E, n) training losses of per-example objectives (MAE, supervised) of memlens runs, else None."""
-    from memlens.train.run import load_objective
 
     encs = s.design.encoders
     framework = {e.record.config.framework if e.record is not None else None for e in encs}
@@ -401,7 +372,7 @@ def _estimate(s: Setup, res: dict, align: np.ndarray, n_views: int, losses: np.n
     # offset-free: every encoder's scores centred on the control images (nulls module docstring)
     a = nulls.centre_on_controls(align[scored], controls)
     view_var = inference.view_jackknife(dist, member, cfg.pairing)
-    pairs = _scored_pairs(design)
+    pairs = design.scored_pairs()
     common = {"fdr": cfg.inference.fdr, "confidence": cfg.confidence}
 
     def control_view_var(relabelled: np.ndarray) -> np.ndarray:
@@ -435,12 +406,6 @@ def _check_scores(s: Setup, est: Estimates) -> None:
     if len(mem) >= 2 and np.isfinite(mem).all() and float(np.ptp(mem)) <= 1e-12:
         raise MemlensError(f"every candidate has the same SSLMem ({mem[0]:.3g}): the encoders do not tell the "
                            f"images apart (identical or constant encoders?); nothing can be ranked or tested")
-
-
-def _scored_pairs(design: Design) -> list[tuple[int, int]]:
-    """The design's pairs, as indices among the scored encoders (the target is not in a pair)."""
-    pos = {e: k for k, e in enumerate(design.scored)}
-    return [(pos[a], pos[b]) for a, b in design.pairs]
 
 
 def _top_least(s: Setup, est: Estimates, unit_views: int) -> dict:
@@ -503,7 +468,6 @@ def _readable(dataset: Dataset, points: Points, device: torch.device, workers: i
 
 def _canary_set(cfg: AuditConfig, design: Design, dataset: Dataset):
     """The canary set of the audit: the config's, else the one the runs trained with (None without)."""
-    from memlens.data.canaries import load_canaries
 
     trained = [e for e, r in zip(design.encoders, design.roles, strict=True) if r in ("f", "ref", "target")]
     path = cfg.canaries
@@ -516,7 +480,6 @@ def _canary_set(cfg: AuditConfig, design: Design, dataset: Dataset):
     if path is None:
         return None
     cset = load_canaries(path, dataset=dataset)
-    from memlens.io import sha256_file
 
     membership_now = sha256_file(Path(path) / "membership.json")
     for r in trained:
@@ -535,7 +498,6 @@ def _class_labels(dataset: Dataset, points: Points, cset) -> np.ndarray | None:
         return None
     labels = dataset.labels[np.minimum(points.rows, len(dataset) - 1)].copy()
     if cset is not None:
-        from memlens.data.canaries import canary_labels
 
         extra = points.rows >= len(dataset)
         labels[extra] = canary_labels(cset, len(dataset.class_names))[points.rows[extra] - len(dataset)]
@@ -564,51 +526,3 @@ def _coupled(design: Design) -> bool:
     only if they recorded a shared key (what they did, not what their config asked for)."""
     return any((e.record.config.dp is None or (e.record.dp or {}).get("coupling") == "shared")
                for e in design.encoders if e.record is not None)
-
-
-def write_audit(result: AuditResult, out_dir: str | Path, *, force: bool = False, sign_key=None) -> Path:
-    """Write audit.json and the CSV tables into ``out_dir`` as one atomic step.
-
-    Everything is written into a temporary sibling directory which then replaces ``out_dir``,
-    so readers never see a half-written audit. audit.json records each table's sha256 and row
-    count and its own digest (:mod:`memlens.integrity`), which readers verify; with ``sign_key``
-    (an Ed25519 private key) the digest is signed.
-    """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise MemlensError(f"{out} already holds {'an audit' if (out / AUDIT_FILE).exists() else 'other files'}; "
-                           f"pass --force to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        from memlens.io import directory_mode
-
-        os.chmod(tmp, directory_mode())
-        infos = {}
-        for name, table in result.tables().items():
-            text = table.to_csv(index=False, float_format="%.6g")
-            atomic_write_text(tmp / f"{name}.csv", text)
-            infos[name] = {"sha256": sha256_bytes(text.encode("utf-8")), "rows": int(len(table))}
-        from memlens.audit.results import TableInfo
-
-        result.summary.tables = {name: TableInfo(**info) for name, info in infos.items()}
-        files = {f"{name}.csv": info["sha256"] for name, info in infos.items()}
-        if result.signals is not None:
-            from memlens.audit.signals import SIGNALS_FILE, write_signals
-
-            digest = write_signals(result.signals, tmp / SIGNALS_FILE)
-            result.summary.signals = {"file": SIGNALS_FILE, "sha256": digest, "rows": int(len(result.signals)),
-                                      "columns": list(result.signals.columns)}
-            files[SIGNALS_FILE] = digest
-        from memlens.integrity import stamp
-
-        doc = stamp(result.summary.model_dump(mode="json"), files=files, sign_key=sign_key)
-        result.summary.integrity = doc["integrity"]
-        atomic_write_text(tmp / AUDIT_FILE, dumps(doc) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out

@@ -62,6 +62,7 @@ import numpy as np
 from scipy import special, stats
 
 from memlens.audit import nulls
+from memlens.audit.reliability import spearman_brown
 
 # ----------------------------------------------------------------------------- differences
 
@@ -480,7 +481,6 @@ def encoder_reliability(align: np.ndarray, member: np.ndarray, pairs: list[tuple
     ib = per_image(align, member, b, view_var=view_var, fdr=fdr, confidence=confidence, eligible=eligible, null=null)
     x, y = ia.mem[eligible], ib.mem[eligible]
     r_half = float(stats.spearmanr(x, y).statistic) if np.std(x) > 0 and np.std(y) > 0 else float("nan")
-    from memlens.audit.reliability import spearman_brown
 
     factor = p_count / max(len(a), len(b))
     rel = spearman_brown(r_half, factor)

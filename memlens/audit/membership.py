@@ -35,6 +35,7 @@ from memlens.audit import mia, nulls
 from memlens.audit.design import Design, Points
 from memlens.audit.privacy import epsilon_lower_bound, membership_metrics
 from memlens.errors import MemlensError
+from memlens.io import sha256_file
 from memlens.rng import derive_seed
 
 FG_SCORES = {"sslmem": "align_g - align_f (reference g)", "neg_align_f": "-align_f (f alone)",
@@ -153,7 +154,7 @@ def _scores(stat: np.ndarray, t: int, refs: list[int], member: np.ndarray, popul
     return out
 
 
-def evaluate(design: Design, points: Points, align: np.ndarray, losses: np.ndarray | None, *, cset, settings,
+def membership_findings(design: Design, points: Points, align: np.ndarray, losses: np.ndarray | None, *, cset, settings,
              loss_name: str | None, claimed: dict, n_train: int, seed: int,
              coupled: bool) -> tuple[pd.DataFrame | None, dict, list[Attack]]:
     """The canary table, the privacy summary of audit.json and the attacks (for per-image columns)."""
@@ -192,7 +193,6 @@ def evaluate(design: Design, points: Points, align: np.ndarray, losses: np.ndarr
                                             confidence=settings.confidence, seed=seed).to_dict()
         out["epsilon_lower_bound"], out["epsilon_lower_bound_other"] = _bounds(atk, can, primary, delta, settings,
                                                                                seed)
-    from memlens.io import sha256_file
 
     out["canaries"] = {"path": str(cset.path), "sha256": cset.manifest.sha256, "m": len(cset),
                        "membership_sha256": sha256_file(cset.path / "membership.json"),

@@ -177,6 +177,7 @@ def tune_rmia_a(stat: np.ndarray, member: np.ndarray, images: np.ndarray, *, see
         member: (R, n) bool membership.
         images: (n,) bool, the images to use (natural images, not the canaries being audited).
     """
+    # sklearn: loaded where this runs, so importing memlens.audit.mia stays light
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(seed)

@@ -77,6 +77,7 @@ class MembershipMetrics:
 
 
 def _roc(in_scores: np.ndarray, out_scores: np.ndarray):
+    # sklearn: loaded where this runs, so importing memlens.audit.privacy stays light
     from sklearn.metrics import roc_curve
 
     y = np.r_[np.ones(len(in_scores)), np.zeros(len(out_scores))]
@@ -84,6 +85,7 @@ def _roc(in_scores: np.ndarray, out_scores: np.ndarray):
 
 
 def auc(in_scores, out_scores) -> float:
+    # sklearn: loaded where this runs, so importing memlens.audit.privacy stays light
     from sklearn.metrics import roc_auc_score
 
     a, b = np.asarray(in_scores, float), np.asarray(out_scores, float)

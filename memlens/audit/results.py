@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from memlens.audit.signals import SIGNALS_FILE, write_signals
 from memlens.audit.stats import Consistency, TestResult
 from memlens.config import AuditConfig, format_validation_error
 from memlens.errors import MemlensError
-from memlens.io import read_json, sha256_bytes, sha256_file
+from memlens.integrity import read_verified, stamp, verify
+from memlens.io import atomic_write_text, directory_mode, dumps, read_json, sha256_bytes, sha256_file
 
 AUDIT_FILE = "audit.json"
 TABLES = ("points", "layers", "units", "tests")
@@ -185,6 +191,22 @@ class Audit:
         self.points, self.layers, self.units, self.tests = (tables[t] for t in TABLES)
         self.canaries: pd.DataFrame | None = tables.get("canaries")
 
+    def signals(self) -> pd.DataFrame:
+        """Every encoder's score of every point (signals.parquet, :mod:`memlens.audit.signals`), verified
+        against the sha256 audit.json recorded.
+
+        Raises:
+            MemlensError: no signals file, or one that changed since the audit.
+        """
+        info = self.summary.signals
+        path = self.path / SIGNALS_FILE
+        if info is None or not path.is_file():
+            raise MemlensError(f"{self.path} has no {SIGNALS_FILE} (audits before memlens saved signals); re-run the "
+                               f"audit")
+        if sha256_file(path) != info["sha256"]:
+            raise MemlensError(f"{path} was modified after the audit wrote it (sha256 differs from audit.json)")
+        return pd.read_parquet(path)
+
 
 def read_audit(path: str | Path) -> Audit:
     """Read and verify an audit directory.
@@ -204,8 +226,6 @@ def read_audit(path: str | Path) -> Audit:
     if raw.get("version") != 3:
         raise MemlensError(f"{path / AUDIT_FILE} has schema version {raw.get('version')}, written by another memlens "
                            f"version; re-run memlens audit to update it")
-    from memlens.integrity import verify
-
     verify(raw, path / AUDIT_FILE)  # its own digest, its tables, its signature
     try:
         summary = AuditSummary.model_validate(raw)
@@ -235,6 +255,11 @@ def read_audit(path: str | Path) -> Audit:
     return Audit(path, summary, tables, sha256_file(path / AUDIT_FILE))
 
 
+def read_signals(audit_dir: str | Path) -> pd.DataFrame:
+    """The signals of an audit directory (:meth:`Audit.signals`), after verifying the audit."""
+    return read_audit(audit_dir).signals()
+
+
 def verify_inputs(summary: AuditSummary, where: Path) -> None:
     """The files an audit was computed from, wherever they are still present: every run record and its
     weights, the splits and the canary set must be the ones the audit recorded (sha256).
@@ -262,9 +287,74 @@ def verify_inputs(summary: AuditSummary, where: Path) -> None:
         check(Path(can["path"]) / "membership.json", can.get("membership_sha256"), "canary membership")
         check(Path(can["path"]) / "canaries.json", can.get("set_file_sha256"), "canary set")
         if (Path(can["path"]) / "canaries.json").is_file():  # and the images and membership the set recorded
-            from memlens.integrity import read_verified
-
             read_verified(Path(can["path"]) / "canaries.json", what="canary set")
+
+
+# ----------------------------------------------------------------------------- the audit in memory, written
+
+
+@dataclass
+class AuditResult:
+    """An audit in memory: the summary and pandas tables; :meth:`save` writes what ``memlens
+    report`` and ``memlens gate`` read."""
+
+    summary: AuditSummary
+    points: pd.DataFrame
+    layers: pd.DataFrame
+    units: pd.DataFrame
+    tests: pd.DataFrame
+    canaries: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+    signals: pd.DataFrame | None = None  # every encoder's score of every point (memlens.audit.signals)
+
+    def save(self, out_dir: str | Path, *, force: bool = False, sign_key=None) -> Path:
+        return write_audit(self, out_dir, force=force, sign_key=sign_key)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        out = {"points": self.points, "layers": self.layers, "units": self.units, "tests": self.tests}
+        if self.canaries is not None:
+            out["canaries"] = self.canaries
+        return out
+
+
+def write_audit(result: AuditResult, out_dir: str | Path, *, force: bool = False, sign_key=None) -> Path:
+    """Write audit.json and the CSV tables into ``out_dir`` as one atomic step.
+
+    Everything is written into a temporary sibling directory which then replaces ``out_dir``,
+    so readers never see a half-written audit. audit.json records each table's sha256 and row
+    count and its own digest (:mod:`memlens.integrity`), which readers verify; with ``sign_key``
+    (an Ed25519 private key) the digest is signed.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise MemlensError(f"{out} already holds {'an audit' if (out / AUDIT_FILE).exists() else 'other files'}; "
+                           f"pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        os.chmod(tmp, directory_mode())
+        infos = {}
+        for name, table in result.tables().items():
+            text = table.to_csv(index=False, float_format="%.6g")
+            atomic_write_text(tmp / f"{name}.csv", text)
+            infos[name] = {"sha256": sha256_bytes(text.encode("utf-8")), "rows": int(len(table))}
+        result.summary.tables = {name: TableInfo(**info) for name, info in infos.items()}
+        files = {f"{name}.csv": info["sha256"] for name, info in infos.items()}
+        if result.signals is not None:
+            digest = write_signals(result.signals, tmp / SIGNALS_FILE)
+            result.summary.signals = {"file": SIGNALS_FILE, "sha256": digest, "rows": int(len(result.signals)),
+                                      "columns": list(result.signals.columns)}
+            files[SIGNALS_FILE] = digest
+        doc = stamp(result.summary.model_dump(mode="json"), files=files, sign_key=sign_key)
+        result.summary.integrity = doc["integrity"]
+        atomic_write_text(tmp / AUDIT_FILE, dumps(doc) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 # ----------------------------------------------------------------------------- words (report, card, CLI)

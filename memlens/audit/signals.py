@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from memlens.errors import MemlensError
 from memlens.io import sha256_file
 
 SIGNALS_FILE = "signals.parquet"
@@ -67,24 +66,6 @@ def write_signals(table: pd.DataFrame, path: Path) -> str:
     """Write the table as parquet (pyarrow); returns its sha256."""
     table.to_parquet(path, index=False)
     return sha256_file(path)
-
-
-def read_signals(audit_dir: str | Path) -> pd.DataFrame:
-    """The signals of an audit directory, verified against the sha256 its audit.json recorded.
-
-    Raises:
-        MemlensError: no signals file, or one that changed since the audit.
-    """
-    from memlens.audit.results import read_audit
-
-    audit = read_audit(audit_dir)
-    info = audit.summary.signals
-    path = Path(audit_dir) / SIGNALS_FILE
-    if info is None or not path.is_file():
-        raise MemlensError(f"{audit_dir} has no {SIGNALS_FILE} (audits before memlens saved signals); re-run the audit")
-    if sha256_file(path) != info["sha256"]:
-        raise MemlensError(f"{path} was modified after the audit wrote it (sha256 differs from audit.json)")
-    return pd.read_parquet(path)
 
 
 def matrix(signals: pd.DataFrame, column: str, *, ids: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,9 @@ silently ignored setting. :func:`load_yaml` turns validation errors into a one-l
 
 from __future__ import annotations
 
+import difflib
 import math
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -15,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from memlens.errors import MemlensError
+from memlens.io import prepare_output_dir, read_json, write_json
 
 SUBSETS = ("S_S", "S_C", "S_I", "S_E")
 Subset = Literal["S_S", "S_C", "S_I", "S_E"]
@@ -50,7 +53,6 @@ M = TypeVar("M", bound=BaseModel)
 
 def _model_at(model: type[BaseModel] | None, path: tuple) -> type[BaseModel] | None:
     """The pydantic model that holds the field at ``path`` (through nested models, lists and dicts)."""
-    import typing
 
     def models_in(tp) -> list[type[BaseModel]]:
         if isinstance(tp, type) and issubclass(tp, BaseModel):
@@ -99,7 +101,6 @@ def format_validation_error(exc: ValidationError, *, source: str, model: type[Ba
                             lines: dict[tuple, int] | None = None) -> str:
     """Every problem at once, on one line: each with its key path, its YAML line where known, and a
     close match for a mistyped key."""
-    import difflib
 
     problems = []
     for err in exc.errors():
@@ -154,7 +155,6 @@ def claim_resumable_dir(path: str | Path, *, marker: str, config: M, what: str, 
     Raises:
         MemlensError: the directory holds another config's output or foreign files.
     """
-    from memlens.io import prepare_output_dir, read_json, write_json  # io is the lower layer
 
     out = Path(path)
     record = out / marker

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Literal
 
@@ -27,11 +28,11 @@ class ModelConfig(Strict):
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str) -> str:
+        # torch and timm: only a config that names an architecture pays for them, not gate or report
         from memlens.models import ARCHS
 
         if v.startswith("timm:"):
-            import difflib
-
+            # timm: loaded where this runs, so importing memlens.config.train stays light
             import timm
 
             if not timm.is_model(v[5:]):

@@ -19,7 +19,9 @@ png), ``label_column`` (default: the ``ClassLabel`` feature, else label, labels 
 from __future__ import annotations
 
 import glob
+import importlib
 import os
+from collections import Counter
 from pathlib import Path
 
 from memlens.config import DataConfig
@@ -36,7 +38,6 @@ ID_NAMES = ("id", "__key__", "key")
 
 
 def _need(module: str, extra: str):
-    import importlib
 
     try:
         return importlib.import_module(module)
@@ -111,7 +112,6 @@ def hf(config: DataConfig, *, cache_dir: Path, collective: bool = False) -> Data
 
 
 def _check_ids(index: Index, where: str) -> None:
-    from collections import Counter
 
     dup = next((i for i, c in Counter(index.ids).items() if c > 1), None)
     if dup is not None:
@@ -136,6 +136,7 @@ def _parquet_files(pattern: str) -> list[str]:
 
 def parquet(config: DataConfig, *, cache_dir: Path, collective: bool = False) -> Dataset:
     pa = _need("pyarrow", "hf")
+    # pyarrow: optional or slow to import, loaded only on this path
     import pyarrow.parquet as pq
 
     sources = [(f, "train") for f in _parquet_files(config.path)]
@@ -176,6 +177,7 @@ def _to_ipc(sources: list[tuple[str, str]], out: Path, image_col: str, label_col
             id_col: str | None) -> None:
     """Rewrite the parquet rows as one uncompressed Arrow IPC file (id, part, label, image bytes),
     batch by batch (memory stays one batch)."""
+    # pyarrow: optional or slow to import, loaded only on this path
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -315,6 +315,7 @@ class EvalTransform:
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         """CHW uint8 of any size -> CHW uint8 (size, size)."""
+        # torchvision: optional or slow to import, loaded only on this path
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 
@@ -361,6 +362,7 @@ class Geometry:
         in the batched pipeline; the crop is resized with torchvision's antialiased bilinear kernel
         (the originals are usually larger than the output).
         """
+        # torchvision: optional or slow to import, loaded only on this path
         from torchvision.transforms.v2 import functional as TF
 
         if self.crop is None:
@@ -565,6 +567,7 @@ def describe(name: str) -> str:
 
 def torchvision_pipeline(name: str, size: int):
     """The same set as a per-image ``torchvision.transforms.v2`` pipeline (float [0, 1] input)."""
+    # torchvision: optional or slow to import, loaded only on this path
     from torchvision.transforms import v2
 
     out = []

@@ -25,6 +25,7 @@ Canaries never enter g's training data: g is the reference a member is compared 
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +33,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from memlens.errors import MemlensError
-from memlens.io import read_json, sha256_bytes, write_json
+from memlens.integrity import file_digests, read_verified, stamp, verify
+from memlens.io import atomic_write_bytes, read_json, sha256_bytes, write_json
 
 CanaryKind = Literal["natural", "synthetic", "marked"]
 KINDS = ("natural", "synthetic", "marked")
@@ -82,6 +84,7 @@ class CanarySet:
 
     @property
     def pixels(self):
+        # torch: loaded where this runs, so importing memlens.data.canaries stays light
         from memlens.data.dataset import ArrayPixels, ListPixels
 
         return ArrayPixels(self.images) if isinstance(self.images, np.ndarray) else ListPixels(self.images)
@@ -92,7 +95,6 @@ class CanarySet:
     def membership(self) -> Membership:
         """Which canaries f trained on (read from ``membership.json`` and verified against its own digest and
         the one ``canaries.json`` recorded: for training and evaluation)."""
-        from memlens.integrity import read_verified
 
         if self.path is None:
             raise MemlensError("this canary set has not been saved; its membership is not recorded")
@@ -209,9 +211,7 @@ def canary_labels(canaries: CanarySet, num_classes: int) -> np.ndarray:
 
 def save_canaries(canaries: CanarySet, out_dir: str | Path) -> Path:
     """Write the set and its membership draw (see the module docstring)."""
-    import io
 
-    from memlens.io import atomic_write_bytes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +222,6 @@ def save_canaries(canaries: CanarySet, out_dir: str | Path) -> Path:
     else:  # one array per canary (no pickle): images of their own sizes
         np.savez(buf, ids=np.array(man.ids), **{f"x{k:07d}": im for k, im in enumerate(canaries.images)})
     atomic_write_bytes(out / IMAGES_FILE, buf.getvalue())
-    from memlens.integrity import file_digests, stamp
 
     rng = np.random.default_rng([man.membership_seed, 0x1D])
     draws = rng.random(man.m) < man.p_include
@@ -243,7 +242,6 @@ def load_canaries(path: str | Path, *, dataset=None) -> CanarySet:
     Raises:
         MemlensError: missing or altered files, or a set made for other data.
     """
-    from memlens.integrity import verify
 
     path = Path(path)
     raw = read_json(path / SET_FILE, what="canary set")

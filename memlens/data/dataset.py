@@ -21,6 +21,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from memlens.data.decode import BadImage, decode
 from memlens.errors import MemlensError
 
 # ----------------------------------------------------------------------------- pixels
@@ -137,7 +138,6 @@ class LazyPixels(Pixels):
         return len(self.ids)
 
     def read_chw(self, i: int) -> torch.Tensor:
-        from memlens.data.decode import BadImage, decode
 
         try:
             data = self.reader.read(int(i))
@@ -407,7 +407,6 @@ NORMALIZATION_SAMPLE = 1000
 
 
 def _sampled_moments(pixels: Pixels, rows: np.ndarray, *, skip_bad: bool) -> tuple[np.ndarray, np.ndarray]:
-    from memlens.data.decode import BadImage
 
     rng = np.random.default_rng(0x4E0)
     pick = np.sort(rng.choice(rows, min(NORMALIZATION_SAMPLE, len(rows)), replace=False))

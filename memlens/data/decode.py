@@ -40,6 +40,7 @@ class Header:
 
 def probe(data: bytes) -> Header:
     """Header and trailer check of encoded image bytes (no pixel decoding)."""
+    # PIL: optional or slow to import, loaded only on this path
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -85,6 +86,7 @@ def decode(data: bytes, *, channels: int, resize: int | None = None) -> torch.Te
     Raises:
         BadImage: the bytes are not a decodable image.
     """
+    # PIL: optional or slow to import, loaded only on this path
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -98,6 +100,7 @@ def decode(data: bytes, *, channels: int, resize: int | None = None) -> torch.Te
     arr = arr[..., None] if arr.ndim == 2 else arr
     x = torch.from_numpy(arr).permute(2, 0, 1)
     if resize is not None and tuple(x.shape[-2:]) != (resize, resize):
+        # torchvision: optional or slow to import, loaded only on this path
         from torchvision.transforms.v2 import functional as TF
 
         x = TF.resize(x.contiguous(), [resize, resize], antialias=True)

@@ -145,6 +145,7 @@ def archive(config: DataConfig, *, cache_dir: Path, collective: bool = False) ->
 
 def expand(pattern: str) -> list[str]:
     """Shard files of a brace pattern (``train-{0000..0127}.tar``) or a glob, in order."""
+    # braceexpand: optional or slow to import, loaded only on this path
     from braceexpand import braceexpand
 
     out: list[str] = []

@@ -24,6 +24,8 @@ table's its id column).
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from memlens import distributed as D
 from memlens.data.decode import Header, probe
 from memlens.errors import MemlensError
 from memlens.io import atomic_write_bytes, sha256_bytes
+from memlens.resources import available_cores
 
 INDEX_VERSION = "2"
 
@@ -76,7 +79,6 @@ class Index:
 
 
 def _worker_count() -> int:
-    from memlens.resources import available_cores
 
     return max(2, min(16, 2 * available_cores()))
 
@@ -126,7 +128,6 @@ def _cache_path(cache_dir: Path, kind: str, key: str) -> Path:
 
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    import io
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -186,7 +187,6 @@ def index_files(paths: list[str], cache_dir: Path, *, key: str,
 def cached_index(cache_dir: Path, kind: str, key: str, build: Callable[[], Index], *,
                  collective: bool = False) -> Index:
     """An index cached whole under ``key`` (archives, Arrow files: their (path, size, mtime))."""
-    import json
 
     path = _cache_path(cache_dir, kind, key)
     old = _load(path)

@@ -10,6 +10,7 @@ builds it when every image has one square size (after ``resize``) and the file s
 
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +24,7 @@ from memlens.data.decode import BadImage
 from memlens.data.index import Index, check_problems
 from memlens.errors import MemlensError
 from memlens.io import sha256_bytes
+from memlens.resources import available_cores
 
 AUTO_CACHE_BYTES = 4 << 30
 DECODED_VERSION = "1"
@@ -138,7 +140,6 @@ def decoded_array(ds: Dataset, cache_dir: Path) -> np.ndarray:
 
 
 def _write_decoded(ds: Dataset, path: Path, chunk: int = 1024) -> None:
-    from memlens.resources import available_cores
 
     side, c, n = ds.square_size, ds.channels, len(ds)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +174,6 @@ def verify_sample(ds: Dataset, *, k: int = 16, seed: int = 0) -> int:
     Raises:
         MemlensError: naming the first id whose bytes or pixels do not match.
     """
-    import hashlib
 
     digests = ds.meta.get("digests")
     encoded = getattr(ds, "encoded", None) or (ds.pixels if isinstance(ds.pixels, LazyPixels) else None)

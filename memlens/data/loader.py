@@ -31,6 +31,7 @@ import torch
 from memlens.data.augment import Cut, EvalTransform, Geometry
 from memlens.data.dataset import Pixels
 from memlens.data.decode import BadImage
+from memlens.resources import worker_init
 
 Mode = Literal["dense", "cut", "eval"]
 
@@ -143,7 +144,6 @@ def fetch(pixels: Pixels, units: list[Unit], *, mode: Mode, device: torch.device
     data = _Units(pixels, units, mode, geometry, evaluation, finish)
     pin = device.type == "cuda"
     if workers > 0 and len(units) > 1:
-        from memlens.resources import worker_init
 
         source = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                              pin_memory=pin, prefetch_factor=prefetch, worker_init_fn=worker_init,

@@ -119,6 +119,7 @@ class HFImages(ByteReader):
 
 def open_hf_splits(path: str, splits: list[str | None], column: str) -> list:
     """The splits of a saved ``datasets`` dataset with ``column`` left undecoded (bytes and path)."""
+    # datasets: loaded where this runs, so importing memlens.data.readers stays light
     import datasets
 
     loaded = datasets.load_from_disk(path)
@@ -161,6 +162,7 @@ class ArrowImages(ByteReader):
 
     def _column(self):
         if self._col is None or self._pid != os.getpid():
+            # pyarrow: loaded where this runs, so importing memlens.data.readers stays light
             import pyarrow as pa
 
             table = pa.ipc.open_file(pa.memory_map(self.path, "r")).read_all()

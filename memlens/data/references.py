@@ -32,13 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from memlens.errors import MemlensError
-from memlens.io import sha256_json
+from memlens.integrity import read_verified, stamp
+from memlens.io import atomic_write_text, dumps, sha256_file, sha256_json
 
 DEFAULT_POOL = ("S_C", "S_I")
 
 
 @dataclass(frozen=True)
-class Design:
+class ReferenceDesign:
     """A halves design (see the module docstring)."""
 
     k: int
@@ -65,16 +66,16 @@ def _rng(seed: int, *tags: int) -> np.random.Generator:
     return np.random.default_rng([seed, 0x5EF, *tags])
 
 
-def pool_ids(splits, design: Design) -> list[str]:
+def pool_ids(splits, design: ReferenceDesign) -> list[str]:
     return splits.ids(*design.pool)
 
 
-def shared_ids(splits, design: Design) -> list[str]:
+def shared_ids(splits, design: ReferenceDesign) -> list[str]:
     """Training images every reference has: S_S unless S_S is in the pool."""
     return [] if "S_S" in design.pool else splits.ids("S_S")
 
 
-def natural_halves(splits, design: Design, pair: int) -> tuple[list[str], list[str]]:
+def natural_halves(splits, design: ReferenceDesign, pair: int) -> tuple[list[str], list[str]]:
     """The two halves of the natural pool for ``pair`` (encoders 2 pair and 2 pair + 1)."""
     pool = pool_ids(splits, design)
     if pair == 0 and tuple(design.pool) == DEFAULT_POOL:
@@ -84,12 +85,13 @@ def natural_halves(splits, design: Design, pair: int) -> tuple[list[str], list[s
     return [pool[i] for i in sorted(order[:half])], [pool[i] for i in sorted(order[half:])]
 
 
-def canary_coins(canary_ids: list[str], design: Design, pair: int) -> np.ndarray:
+def canary_coins(canary_ids: list[str], design: ReferenceDesign, pair: int) -> np.ndarray:
     """True where the canary joins encoder 2 pair (else 2 pair + 1): independent fair coins."""
     return _rng(design.seed, 2, pair).random(len(canary_ids)) < 0.5
 
 
-def reference_members(splits, canary_ids: list[str], design: Design, index: int) -> tuple[list[str], list[str]]:
+def reference_members(splits, canary_ids: list[str], design: ReferenceDesign,
+                      index: int) -> tuple[list[str], list[str]]:
     """(training image ids, canary ids) of reference ``index``."""
     if not 0 <= index < design.k:
         raise MemlensError(f"reference index {index} is outside 0..{design.k - 1}")
@@ -110,14 +112,12 @@ def membership_digest(images: list[str], canaries: list[str]) -> str:
 DESIGN_FILE = "design.json"
 
 
-def write_design_files(splits, splits_path: str | Path, canary_ids: list[str], design: Design, out_dir: str | Path,
-                       *, canaries_sha256: str | None = None) -> Path:
+def write_design_files(splits, splits_path: str | Path, canary_ids: list[str], design: ReferenceDesign,
+                       out_dir: str | Path, *, canaries_sha256: str | None = None) -> Path:
     """The design as files a training loop of any kind can follow: ``ref-NN.txt`` (the image ids reference NN
     trains on, one per line: for folder data, paths relative to the folder), ``ref-NN.canaries.txt`` (its
     canaries) and ``design.json`` (the parameters, the splits' hash and each reference's membership digest,
     which the audit checks the declared references against). Returns design.json's path."""
-    from memlens.integrity import stamp
-    from memlens.io import atomic_write_text, dumps, sha256_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,17 +139,16 @@ def write_design_files(splits, splits_path: str | Path, canary_ids: list[str], d
     return out / DESIGN_FILE
 
 
-def read_design(path: str | Path) -> tuple[Design, dict]:
+def read_design(path: str | Path) -> tuple[ReferenceDesign, dict]:
     """A design written by :func:`write_design_files` (a directory or its design.json), verified.
 
     Raises:
         MemlensError: not a design, or its files changed since.
     """
-    from memlens.integrity import read_verified
 
     p = Path(path)
     p = p / DESIGN_FILE if p.is_dir() else p
     doc = read_verified(p, what="reference design")
     if doc.get("kind") != "memlens-reference-design":
         raise MemlensError(f"{p} is not a memlens reference design (memlens design writes one)")
-    return Design(k=int(doc["k"]), seed=int(doc["seed"]), pool=tuple(doc["pool"])), doc
+    return ReferenceDesign(k=int(doc["k"]), seed=int(doc["seed"]), pool=tuple(doc["pool"])), doc

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from memlens.config import DataConfig, SyntheticConfig
+from memlens.config import DataConfig, SyntheticConfig, validate
+from memlens.data import arrow, files
 from memlens.data.dataset import Dataset
 from memlens.errors import MemlensError
 
@@ -42,14 +45,12 @@ def load(config: DataConfig | None = None, *, cache_dir: str | Path | None = Non
         The dataset, with its fingerprint available as ``dataset.fingerprint``.
     """
     if config is None:
-        from memlens.config import validate
 
         config = validate(DataConfig, kwargs, source="data settings")
     elif kwargs:
         raise TypeError("pass either a DataConfig or keyword arguments, not both")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if config.source in LAZY_SOURCES:
-        from memlens.data import arrow, files
 
         build = {"folder": files.folder, "shards": files.shards, "manifest": files.manifest, "hf": arrow.hf,
                  "parquet": arrow.parquet}[config.source]
@@ -70,6 +71,7 @@ def load(config: DataConfig | None = None, *, cache_dir: str | Path | None = Non
 
 def digits() -> Dataset:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download)."""
+    # sklearn: optional or slow to import, loaded only on this path
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -225,8 +227,6 @@ def _numbered(parts: list[str]) -> Iterator[tuple[str, int]]:
 
 
 def _resize_dataset(ds: Dataset, size: int) -> Dataset:
-    import torch
-    import torch.nn.functional as F
 
     x = torch.from_numpy(ds.images).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

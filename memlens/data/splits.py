@@ -10,6 +10,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import os
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from memlens.config import SUBSETS, DataConfig, SplitConfig, Subset, format_validation_error
 from memlens.data.dataset import Dataset
 from memlens.errors import MemlensError
-from memlens.io import read_json, sha256_json, write_json
+from memlens.io import atomic_write_text, read_json, sha256_json, write_json
 
 SIDES: dict[str, tuple[str, ...]] = {"f": ("S_S", "S_C"), "g": ("S_S", "S_I"), "all": ()}
 
@@ -222,7 +226,6 @@ def read_path_list(path: str | Path, *, what: str) -> list[str]:
     for item in items:
         p = Path(item)
         out.append(str((p if p.is_absolute() else path.parent / p).resolve()))
-    from collections import Counter
 
     dup = next((i for i, c in Counter(items).items() if c > 1), None)
     if dup:
@@ -250,11 +253,7 @@ def membership_subsets(members_f: list[str], members_g: list[str], extra: list[s
 
 def write_manifest(path: str | Path, subsets: dict[str, list[str]]) -> Path:
     """Write a manifest CSV (path,subset), paths relative to its folder where possible."""
-    import csv
-    import io
-    import os
 
-    from memlens.io import atomic_write_text
 
     path = Path(path).resolve()
     buf = io.StringIO()

@@ -20,6 +20,10 @@ from opacus.accountants.utils import get_noise_multiplier
 from memlens.config import DPConfig
 from memlens.errors import MemlensError
 
+REPRODUCIBLE_WARNING = ("; WARNING: trained with reproducible randomness (dp.reproducible: true), so the noise and "
+                        "sampling follow from the seed in the run record: the guarantee holds only while that record "
+                        "stays private")
+
 EPSILON_TOLERANCE = 0.01
 
 
@@ -118,13 +122,11 @@ class PrivacyPlan:
             s += (f"; with this noise the target epsilon {self.target_epsilon:g} is reached after {self.max_steps} "
                   f"steps and training will stop there")
         if self.randomness == "reproducible":
-            from memlens.dp.guarantee import REPRODUCIBLE_WARNING
-
             s += REPRODUCIBLE_WARNING
         return s
 
 
-def plan(dp: DPConfig, *, n: int, batch_size: int, epochs: int) -> PrivacyPlan:
+def privacy_plan(dp: DPConfig, *, n: int, batch_size: int, epochs: int) -> PrivacyPlan:
     """Calibrate (or check) a DP-SGD run over ``epochs`` epochs of ``n`` points.
 
     Raises:

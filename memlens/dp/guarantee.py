@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from memlens.config import TrainConfig
-from memlens.dp.accounting import PrivacyPlan, epsilon_of_history, plan
+from memlens.dp.accounting import REPRODUCIBLE_WARNING, PrivacyPlan, epsilon_of_history, privacy_plan
 from memlens.errors import MemlensError
+from memlens.train.loop import prepare
 from memlens.train.run import read_run
-
-REPRODUCIBLE_WARNING = ("; WARNING: trained with reproducible randomness (dp.reproducible: true), so the noise and "
-                        "sampling follow from the seed in the run record: the guarantee holds only while that record "
-                        "stays private")
 
 
 class Guarantee(BaseModel):
@@ -61,12 +59,10 @@ def run_guarantee(run_dir: str | Path, *, recompute: bool = True) -> Guarantee:
 
 def planned_guarantee(config: TrainConfig, *, cache_dir=None) -> PrivacyPlan:
     """The guarantee a training config will give, computed before training."""
-    from memlens.train.loop import prepare
 
     if config.dp is None:
         raise MemlensError("this config has no dp section: it trains without differential privacy")
     prepared = prepare(config, cache_dir=cache_dir)
-    import dataclasses
 
-    out = plan(config.dp, n=len(prepared.rows), batch_size=config.batch_size, epochs=config.epochs)
+    out = privacy_plan(config.dp, n=len(prepared.rows), batch_size=config.batch_size, epochs=config.epochs)
     return dataclasses.replace(out, randomness="reproducible" if config.dp.reproducible else "secret")

@@ -50,6 +50,9 @@ from pathlib import Path
 
 import torch
 
+from memlens.errors import MemlensError
+from memlens.io import sha256_json
+
 PAIR_PREFIX = ".memlens-dp-secret-"
 
 
@@ -108,7 +111,6 @@ def pair_of(config) -> tuple[str, str] | None:
 
     f and g of one seed, and references 2j and 2j+1, are partners: the same recipe and seed, trained
     on complementary data. The id is a digest of what they share, so the two find the same file."""
-    from memlens.io import sha256_json
 
     dp = config.dp
     if dp is None or dp.reproducible or dp.coupling != "shared":
@@ -144,7 +146,6 @@ def create_pair_secret(where: Path, pair_id: str) -> Path:
 
 def read_pair_secret(path: Path) -> bytes:
     """The key of a pair-secret file (refusing one that is readable by others or too short)."""
-    from memlens.errors import MemlensError
 
     try:
         st = os.stat(path)

@@ -1,7 +1,7 @@
 """The DP-SGD gradient step: Poisson sampling, per-example clipping, Gaussian noise and accounting.
 
 Built on :class:`memlens.train.step.Step` and handed to the one training loop
-(:func:`memlens.dp.train`). One epoch is ``int(1 / q)`` logical steps. Each step:
+(:func:`memlens.dp.training.train_encoder`). One epoch is ``int(1 / q)`` logical steps. Each step:
 
 1. **Sampling.** Opacus's ``UniformWithReplacementSampler`` draws the logical batch: every
    training example independently with probability q = batch_size / N, from a generator seeded
@@ -10,7 +10,7 @@ Built on :class:`memlens.train.step.Step` and handed to the one training loop
    whatever the number of processes: the accountant's sample rate is unchanged, and a run can
    resume with another world size.
 2. **Clipping.** Each process splits its share into physical batches and clips every example's
-   gradient to ``max_grad_norm`` with memlens's ghost engine (:mod:`memlens.dp.engine`), or
+   gradient to ``max_grad_norm`` with memlens's ghost engine (:mod:`memlens.dp.ghost_clipping`), or
    Opacus's hooks (``grad_mode: opacus-hooks``, single process, a reference).
 3. **Noise and averaging** (:class:`memlens.dp.optimizer.FusedDPOptimizer`): noise of standard
    deviation sigma C added once, on process 0; one all-reduce of the sums; division by the
@@ -29,13 +29,14 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from opacus.accountants import create_accountant
+from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from memlens import distributed as D
 from memlens.config import TrainConfig
-from memlens.dp.accounting import epsilon_for, epsilon_of_history, plan
-from memlens.dp.engine import GhostClipper
+from memlens.dp.accounting import epsilon_for, epsilon_of_history, privacy_plan
+from memlens.dp.ghost_clipping import TOKEN_MODULES, GhostClipper
 from memlens.dp.optimizer import FusedDPOptimizer
 from memlens.dp.secrets import SecretStreams, key_id, new_key
 from memlens.errors import MemlensError
@@ -56,9 +57,7 @@ ACCOUNTING_NOTE = ("the global batch of every step is a Poisson sample of the wh
 
 def register_opacus_samplers() -> None:
     """Teach Opacus's hook mode the per-sample gradients of memlens's token modules."""
-    from opacus.grad_sample import GradSampleModule
 
-    from memlens.dp.engine import TOKEN_MODULES
 
     for cls in TOKEN_MODULES:
         GradSampleModule.GRAD_SAMPLERS.setdefault(
@@ -93,7 +92,7 @@ class DPStep(Step):
                                "under torchrun")
         n = len(prepared.rows)
         self.dp = dp
-        self.plan = plan(dp, n=n, batch_size=config.batch_size, epochs=config.epochs)
+        self.plan = privacy_plan(dp, n=n, batch_size=config.batch_size, epochs=config.epochs)
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.accountant = create_accountant(mechanism=dp.accountant)
         self.steps_taken = 0
@@ -116,7 +115,6 @@ class DPStep(Step):
             self.dp_optimizer = FusedDPOptimizer(optimizer, **common)
             self.dp_optimizer.secure = self.secret is not None
         else:
-            from opacus.grad_sample import GradSampleModule
 
             register_opacus_samplers()
             self.clipper = None

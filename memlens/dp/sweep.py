@@ -8,9 +8,15 @@ interrupted ones.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import queue
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 from memlens import distributed as D
 from memlens.config import (
@@ -23,10 +29,12 @@ from memlens.config import (
     validate,
 )
 from memlens.data import Dataset, load
-from memlens.dp import check_feasible, train
+from memlens.dp.secrets import create_pair_secret, delete_pair_secret, pair_of, pair_secret_path
+from memlens.dp.training import check_feasible, train_encoder
 from memlens.errors import MemlensError
 from memlens.io import read_json
 from memlens.progress import TrainingProgress
+from memlens.resources import available_cores
 from memlens.train.loop import EpochInfo, prepare
 from memlens.train.run import RUN_FILE, read_run
 
@@ -139,7 +147,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
                     if on_epoch:
                         on_epoch(info)
 
-                train(run.config, run.run_dir, resume=resume, dataset=dataset, on_epoch=epoch_done,
+                train_encoder(run.config, run.run_dir, resume=resume, dataset=dataset, on_epoch=epoch_done,
                       pair_secret=keys.get(run.run_dir), sign_key=sign_key)
                 if tracker:
                     tracker.finish(run.name)
@@ -152,7 +160,6 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
 def _pair_secrets(runs: list[SweepRun], pending: list[SweepRun], out: Path, *, create: bool) -> dict[Path, Path]:
     """The key file of every coupled pair with a side still to train (:mod:`memlens.dp.secrets`): created
     now, right before the pair trains, or kept from an interrupted pair. Run directory -> key file."""
-    from memlens.dp.secrets import create_pair_secret, pair_of, pair_secret_path
 
     by_pair: dict[str, list[SweepRun]] = {}
     for run in runs:
@@ -170,7 +177,6 @@ def _pair_secrets(runs: list[SweepRun], pending: list[SweepRun], out: Path, *, c
 
 def _forget_finished_pairs(runs: list[SweepRun], keys: dict[Path, Path]) -> None:
     """Delete the key of every pair whose two runs have finished (an interrupted pair keeps it to resume)."""
-    from memlens.dp.secrets import delete_pair_secret
 
     finished = {run.run_dir for run in runs if (run.run_dir / RUN_FILE).is_file()
                 and read_run(run.run_dir).status in ("complete", "stopped_budget")}
@@ -186,11 +192,7 @@ def _train_side_by_side(pending: list[tuple[SweepRun, bool]], *, jobs: int, cach
     """Train runs in ``jobs`` worker processes (spawned: no state of this process is shared); the first
     failure cancels what has not started and is raised here. Workers report their epochs through a queue,
     which ``tracker`` turns into progress lines."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
 
-    from memlens.resources import available_cores
 
     threads = max(1, available_cores() // jobs)
     context = multiprocessing.get_context("spawn")
@@ -231,7 +233,6 @@ def _train_side_by_side(pending: list[tuple[SweepRun, bool]], *, jobs: int, cach
 
 def _drain(events, tracker: TrainingProgress | None) -> list[str]:
     """Hand the workers' queued epoch events to the tracker; return the runs that started meanwhile."""
-    import queue
 
     starts: list[str] = []
     while events is not None and tracker is not None:
@@ -251,7 +252,6 @@ def _drain(events, tracker: TrainingProgress | None) -> list[str]:
 
 
 def _worker_threads(threads: int) -> None:
-    import torch
 
     torch.set_num_threads(threads)
 
@@ -267,7 +267,7 @@ def _train_job(config: dict, run_dir: str, resume: bool, cache_dir: str | None, 
         if events is not None:
             events.put(("epoch", name, info.epoch, info.seconds))
 
-    train(TrainConfig.model_validate(config), Path(run_dir), resume=resume, cache_dir=cache_dir,
+    train_encoder(TrainConfig.model_validate(config), Path(run_dir), resume=resume, cache_dir=cache_dir,
           pair_secret=pair_secret, sign_key=sign_key, on_epoch=on_epoch)
 
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 from memlens.errors import MemlensError
 from memlens.models.layers import LayerSpec
 from memlens.models.resnet import ResNet9, ResNet18
-from memlens.models.vit import ViTEncoder, check_patch, default_patch
+from memlens.models.vit import ViTEncoder, check_patch, default_patch, timm_encoder
 
 VIT_PRESETS: dict[str, dict[str, Any]] = {
     # The papers' ViT-Tiny (patch 4 at 32x32 px).
@@ -32,7 +32,6 @@ def build_encoder(arch: str, *, image_size: int, in_chans: int, patch_size: int 
     they are refused for ResNets.
     """
     if arch.startswith("timm:"):
-        from memlens.models.vit import timm_encoder
 
         model = timm_encoder(arch[5:], image_size=image_size, in_chans=in_chans, patch_size=patch_size,
                              embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)

@@ -31,6 +31,7 @@ def timm_model(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     Raises:
         MemlensError: unknown model name (with close matches) or kwargs the model rejects.
     """
+    # timm: optional or slow to import, loaded only on this path
     import timm
 
     kwargs = dict(kwargs or {})
@@ -107,6 +108,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise MemlensError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
+        # safetensors: optional or slow to import, loaded only on this path
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -231,6 +233,7 @@ def timm_data_config(model: nn.Module) -> dict[str, Any] | None:
     """
     if not hasattr(model, "pretrained_cfg"):
         return None
+    # timm: optional or slow to import, loaded only on this path
     from timm.data import resolve_model_data_config
 
     cfg = resolve_model_data_config(model)

@@ -17,6 +17,7 @@ paper measures them: after the non-linearity. A layer's ``unit_kind`` says what 
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
@@ -42,6 +43,7 @@ def unit_kind_of(module: nn.Module) -> UnitKind:
     if isinstance(module, GELU_LIKE):
         return "gelu"
     try:  # timm's own GELU / QuickGELU wrappers
+        # timm: optional or slow to import, loaded only on this path
         from timm.layers.activations import GELU, GELUTanh, QuickGELU
 
         if isinstance(module, (GELU, GELUTanh, QuickGELU)):
@@ -193,7 +195,6 @@ def select_layers(specs: list[LayerSpec], model: nn.Module, patterns: list[str] 
     matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
-        import difflib
 
         close = difflib.get_close_matches(unmatched[0], names, n=3)
         raise MemlensError(f"layer pattern '{unmatched[0]}' matches no module"

@@ -18,7 +18,9 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from memlens.models.layers import LayerSpec
+from memlens.errors import MemlensError
+from memlens.models.external import timm_model
+from memlens.models.layers import LayerSpec, discover_layers
 
 
 class PosEmbed(nn.Module):
@@ -205,7 +207,7 @@ class TimmViTMixin:
     parameter names stay timm's own (a run's weights load with ``timm.create_model`` and no key
     prefix) while MAE gets its masked forward pass. Parameters held directly on the model
     (``cls_token``, ``pos_embed``, ``reg_token``) are handled by the DP engine's per-sample
-    expansion (:mod:`memlens.dp.engine`).
+    expansion (:mod:`memlens.dp.ghost_clipping`).
     """
 
     family = "vit"
@@ -228,7 +230,6 @@ class TimmViTMixin:
         """(B, C, H, W) -> tokens (B, prefix + K, D), with MAE's masking of the patch tokens; also
         mask and ids_restore (None without masking). Positions are added before masking."""
         if getattr(self, "dynamic_img_size", False):
-            from memlens.errors import MemlensError
 
             raise MemlensError("timm ViTs with dynamic_img_size are not supported for training")
         x = self.patch_embed(x)
@@ -262,7 +263,6 @@ class TimmViTMixin:
         return self.forward_features(x).flatten(1)
 
     def layer_specs(self) -> list[LayerSpec]:
-        from memlens.models.layers import discover_layers
 
         p = next(self.parameters())
         size = self.patch_embed.img_size
@@ -296,7 +296,6 @@ class TimmConvMixin:
         return self.forward_features(x).flatten(1)
 
     def layer_specs(self) -> list[LayerSpec]:
-        from memlens.models.layers import discover_layers
 
         p = next(self.parameters())
         size = getattr(self, "_memlens_image_size", 32)
@@ -313,10 +312,7 @@ class TimmConvMixin:
 def timm_encoder(name: str, *, image_size: int, in_chans: int, **overrides) -> nn.Module:
     """Any timm model as a memlens training backbone: ViTs through :func:`timm_vit` (MAE included),
     other models (conv nets) with :class:`TimmConvMixin` (SimCLR, SimSiam, DINO, supervised)."""
-    from timm.models.vision_transformer import VisionTransformer
 
-    from memlens.errors import MemlensError
-    from memlens.models.external import timm_model
 
     probe = timm_model(name, {"in_chans": in_chans, "num_classes": 0})
     if isinstance(probe, VisionTransformer):
@@ -334,10 +330,7 @@ def timm_vit(name: str, *, image_size: int, in_chans: int, **overrides) -> nn.Mo
     ``overrides`` (patch_size, embed_dim, depth, num_heads, mlp_ratio, ...) go to
     ``timm.create_model``; the classifier is removed (num_classes=0).
     """
-    from timm.models.vision_transformer import VisionTransformer
 
-    from memlens.errors import MemlensError
-    from memlens.models.external import timm_model
 
     kwargs = {k: v for k, v in overrides.items() if v is not None}
     model = timm_model(name, {"img_size": image_size, "in_chans": in_chans, "num_classes": 0, **kwargs})
@@ -390,7 +383,6 @@ def default_patch(image_size: int) -> int:
 
 
 def check_patch(image_size: int, patch: int) -> None:
-    from memlens.errors import MemlensError
 
     if image_size % patch:
         raise MemlensError(f"patch size {patch} does not divide the image size {image_size}")

@@ -8,8 +8,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from memlens.audit.results import Audit
+from memlens.errors import MemlensError
+from memlens.integrity import parse_public_key, public_key_text, signed_by
 from memlens.io import atomic_write_bytes, atomic_write_text
 from memlens.policy.schema import Policy
 
@@ -153,7 +156,6 @@ def check_baseline(audit: Audit, baseline: Audit) -> None:
     Raises:
         MemlensError: naming both audits and what differs.
     """
-    from memlens.errors import MemlensError
 
     a, b = audit.summary, baseline.summary
     if a.data["fingerprint"] != b.data["fingerprint"]:
@@ -391,7 +393,6 @@ def evaluate(policy: Policy, audits: list[Audit], *, controls: list[Audit] | Non
 def memorized_at(audit: Audit, fdr: float) -> tuple[list[str], int] | None:
     """Ids of the candidates memorized at ``fdr`` (Benjamini-Hochberg over their per-image p-values,
     most significant first), and the family size; None when the audit has no per-image p-values."""
-    from scipy import stats
 
     cand = candidates(audit)
     if "mem_p" not in cand.columns:
@@ -409,7 +410,6 @@ def memorized_at(audit: Audit, fdr: float) -> tuple[list[str], int] | None:
 
 
 def _signature_rule(add, audit: Audit, public_key: str) -> None:
-    from memlens.integrity import parse_public_key, public_key_text, signed_by
 
     block = audit.summary.integrity or {}
     sig = block.get("signature")

@@ -11,47 +11,46 @@ from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from memlens.config import Strict as _Strict
-from memlens.config import load_yaml
+from memlens.config import Strict, load_yaml
+from memlens.errors import MemlensError
+from memlens.integrity import parse_public_key
 
 
-class Strict(_Strict):
+class PolicyModel(Strict):
     # A NaN threshold would pass every comparison vacuously; inf is no threshold at all.
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 Score = Literal["sslmem", "sslmem_sym_norm", "sslmem_range_norm"]
 
 
-class FractionAbove(Strict):
+class FractionAbove(PolicyModel):
     score: float = Field(..., description="a candidate counts when its score exceeds this")
     fraction: float = Field(..., ge=0, le=1, description="largest allowed share of such candidates")
 
 
-class UnitLimit(Strict):
+class UnitLimit(PolicyModel):
     any: float | None = Field(None, ge=0, le=1, description="largest allowed UnitMem of any unit")
     per_layer: dict[str, float] = Field({}, description="largest allowed UnitMem per layer (module path)")
 
 
-class UnitsAbove(Strict):
+class UnitsAbove(PolicyModel):
     level: float = Field(0.5, ge=0, le=1)
     fraction: float = Field(..., ge=0, le=1, description="largest allowed share of units with UnitMem above level")
 
 
-class RequireDP(Strict):
+class RequireDP(PolicyModel):
     max_epsilon: float = Field(..., gt=0, description="every audited f encoder must be DP with at most this epsilon")
     max_delta: float | None = Field(None, gt=0, lt=1)
     secret_randomness: bool = Field(False, description="the DP noise and sampling must be secret (not seeded from "
                                                        "the recorded run seed: dp.reproducible false)")
 
 
-class RequireSignature(Strict):
+class RequireSignature(PolicyModel):
     public_key: str = Field(..., description="Ed25519 public key of the trusted audit job (base64 of 32 bytes, or "
                                              "PEM text or file)")
 
     @model_validator(mode="after")
     def _key(self) -> "RequireSignature":
-        from memlens.errors import MemlensError
-        from memlens.integrity import parse_public_key
 
         try:
             parse_public_key(self.public_key)
@@ -60,7 +59,7 @@ class RequireSignature(Strict):
         return self
 
 
-class MemorizedLimit(Strict):
+class MemorizedLimit(PolicyModel):
     max_count: int | None = Field(None, ge=0, description="largest allowed number of images memorized at the FDR")
     max_fraction: float | None = Field(None, ge=0, le=1, description="largest allowed share of the candidates")
 
@@ -71,7 +70,7 @@ class MemorizedLimit(Strict):
         return self
 
 
-class RequireWeights(Strict):
+class RequireWeights(PolicyModel):
     sha256: list[str] = Field(..., min_length=1, description="sha256 of the weight files that may be released: an "
                                                              "audit passes only if it audited one of them")
 
@@ -84,12 +83,12 @@ class RequireWeights(Strict):
         return [x.lower() for x in v]
 
 
-class TprLimit(Strict):
+class TprLimit(PolicyModel):
     fpr: float = Field(0.01, gt=0, lt=1, description="false-positive rate of the attack")
     max_tpr: float = Field(..., ge=0, le=1, description="largest allowed true-positive rate at that FPR")
 
 
-class Rules(Strict):
+class Rules(PolicyModel):
     unknown_word: ClassVar[str] = "rule"
 
     max_mean_candidate_score: float | None = Field(None, description="largest allowed mean score of S_C")
@@ -122,7 +121,7 @@ class Rules(Strict):
         False, description="an empirical epsilon lower bound above the accountant's epsilon is a DP bug: always fail")
 
 
-class Increases(Strict):
+class Increases(PolicyModel):
     """Largest allowed increase over the baseline (the previous release's audit)."""
 
     mean_candidate_score: float | None = Field(None, ge=0, description="mean score of S_C")
@@ -139,13 +138,13 @@ class Increases(Strict):
 DEFAULT_INCREASES = Increases(membership_auc=0.02, empirical_epsilon=0.25, mean_candidate_score=0.01)
 
 
-class Baseline(Strict):
+class Baseline(PolicyModel):
     path: str | None = Field(None, description="the previous release's audit directory (--baseline overrides)")
     at_risk_score: float = Field(0.2, description="a candidate is at risk when its score exceeds this")
     max_increase: Increases = Increases()
 
 
-class Policy(Strict):
+class Policy(PolicyModel):
     version: Literal[1] = 1
     name: str = "policy"
     description: str = ""

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from memlens.audit.results import Audit, calibration_sentence, skipped_sentence, units_sentence
-from memlens.policy.gate import GateResult, audit_label, memorized_at, natural_signal_test
+from memlens.audit.results import Audit, calibration_sentence, read_audit, skipped_sentence, units_sentence
+from memlens.io import atomic_write_text, sha256_file
+from memlens.policy.gate import GateResult, audit_label, evaluate, memorized_at, natural_signal_test
 from memlens.policy.schema import Policy
 
 
@@ -130,9 +131,6 @@ def model_card_section(audits: list[Audit], *, gate: GateResult | None = None, p
 def write_card(audit_dirs: list[str | Path], out: str | Path | None, *, policy: Policy | None = None,
                report: str | Path | None = None) -> str:
     """Read and verify the audits, evaluate the policy, write (and return) the card section."""
-    from memlens.audit.results import read_audit
-    from memlens.io import atomic_write_text, sha256_file
-    from memlens.policy.gate import evaluate
 
     audits = [read_audit(p) for p in audit_dirs]
     gate = evaluate(policy, audits) if policy else None

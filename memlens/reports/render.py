@@ -11,6 +11,7 @@ import base64
 import datetime as dt
 import io
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,24 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
-import memlens
 from memlens.audit.results import Audit, calibration_sentence, read_audit, skipped_sentence, units_sentence
+from memlens.config import DataConfig, validate
+from memlens.data.canaries import load_canaries
 from memlens.errors import MemlensError
-from memlens.io import atomic_write_bytes, atomic_write_text
-from memlens.policy.gate import GateResult, audit_label, candidates, evaluate, memorized_at, natural_signal_test
+from memlens.integrity import read_verified
+from memlens.io import atomic_write_bytes, atomic_write_text, read_json
+from memlens.policy.gate import (
+    GateResult,
+    audit_label,
+    candidates,
+    compare,
+    evaluate,
+    memorized_at,
+    natural_signal_test,
+)
 from memlens.policy.schema import Policy
 from memlens.reports import charts
+from memlens.version import __version__
 
 TEST_NAMES = {"C>S": "S_C > S_S", "C>E": "S_C > S_E", "S>I": "S_S > S_I", "E>I": "S_E > S_I",
               "C>ctrl": "S_C > controls", "I<ctrl": "S_I < controls", "I>ctrl": "S_I > controls (references)",
@@ -57,10 +69,8 @@ def _p(p: float | None) -> str:
 
 def _audit_data(audit: Audit, cache_dir: str | Path | None):
     """The audit's images, found the way the audit found them (None when they are not reachable)."""
-    from memlens.config import DataConfig, validate
+    # torch: loaded where this runs, so importing memlens.reports.render stays light
     from memlens.data import load
-    from memlens.integrity import read_verified
-    from memlens.io import read_json
 
     s = audit.summary
     try:
@@ -107,6 +117,7 @@ def _thumbnails(audit: Audit, ids: list[str], *, redact: bool, cache_dir: str | 
 def _thumbnail(img: np.ndarray, side: int = 64) -> str:
     """A PNG data URI at most ``side`` px on its longer side, aspect kept (tiny images enlarged
     without smoothing, so their pixels stay visible)."""
+    # PIL: optional or slow to import, loaded only on this path
     from PIL import Image
 
     img = img[..., 0] if img.shape[-1] == 1 else img
@@ -242,7 +253,6 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
 def _relative(path: str | None, base: str | Path) -> str:
     """A recorded path shown relative to the audit directory (the digests beside it carry identity; an
     absolute path would print the auditor's machine layout into a report that leaves it)."""
-    import os
 
     if not path:
         return ""
@@ -376,7 +386,6 @@ def _canary_thumbnails(path: str | None, ids: list[str]) -> dict[str, str]:
     if not path or not ids:
         return {}
 
-    from memlens.data.canaries import load_canaries
 
     try:
         cset = load_canaries(path)
@@ -412,7 +421,6 @@ def build_context(audits: list[Audit], *, policy: Policy | None = None, redact: 
                                       for r in failed) + "."))
         c["comparison"] = None
         if baseline is not None:
-            from memlens.policy.gate import compare
 
             at_risk = policy.baseline.at_risk_score if policy and policy.baseline else 0.2
             c["comparison"] = compare(by_name[c["name"]], baseline, score=policy.score if policy else
@@ -440,7 +448,7 @@ def build_context(audits: list[Audit], *, policy: Policy | None = None, redact: 
                           f"{(first.framework or 'external').upper()} encoder",
         "date": dt.date.today().isoformat(), "created": dt.datetime.now().isoformat(timespec="seconds"),
         "audits": ctxs, "gate": gate, "policy": policy, "comparison": comparison, "redact": redact,
-        "memlens_version": memlens.__version__, "fmt": _f, "p": _p, "rel": _relative,
+        "memlens_version": __version__, "fmt": _f, "p": _p, "rel": _relative,
     }
 
 
@@ -469,6 +477,7 @@ def render_report(audit_dirs: list[str | Path], *, out_pdf: str | Path | None, o
     if out_html:
         atomic_write_text(out_html, html)
     if out_pdf:
+        # weasyprint: loaded where this runs, so importing memlens.reports.render stays light
         from weasyprint import HTML
 
         doc = HTML(string=html, base_url=str(Path.cwd())).render()

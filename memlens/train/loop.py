@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
 
@@ -22,8 +23,10 @@ from memlens import resources
 from memlens.config import TrainConfig
 from memlens.data import Augmenter, Dataset, Splits, load
 from memlens.data.augment import EvalTransform
+from memlens.data.canaries import canary_labels, load_canaries
 from memlens.data.dataset import ConcatPixels, Pixels
 from memlens.data.loader import mode_for
+from memlens.data.references import ReferenceDesign, membership_digest, reference_members
 from memlens.data.splits import side_subsets
 from memlens.device import describe_device, resolve_device
 from memlens.errors import MemlensError
@@ -74,7 +77,6 @@ def prepare(config: TrainConfig, *, cache_dir: str | Path | None = None, dataset
     splits = Splits.load(config.splits, dataset) if config.splits else None
     cset = None
     if config.canaries:
-        from memlens.data.canaries import load_canaries
 
         cset = load_canaries(config.canaries, dataset=dataset)
     reference = None
@@ -94,7 +96,6 @@ def prepare(config: TrainConfig, *, cache_dir: str | Path | None = None, dataset
         n = len(dataset)
         pixels = ConcatPixels([pixels, cset.pixels])
         if labels is not None:  # a supervised canary gets a random class: a mislabelled, atypical point
-            from memlens.data.canaries import canary_labels
 
             labels = np.concatenate([labels, canary_labels(cset, len(dataset.class_names))])
         rows = np.concatenate([rows, n + canary_rows])
@@ -122,10 +123,9 @@ def _side_rows(config: TrainConfig, splits: Splits | None, dataset: Dataset) -> 
 def _reference_rows(config: TrainConfig, splits: Splits, dataset: Dataset, cset) -> tuple[np.ndarray, np.ndarray,
                                                                                           dict]:
     """The rows of reference i of a K-reference design (memlens.data.references), and its record."""
-    from memlens.data.references import Design, membership_digest, reference_members
 
     r = config.reference
-    design = Design(k=r.k, seed=r.seed, pool=tuple(r.pool))
+    design = ReferenceDesign(k=r.k, seed=r.seed, pool=tuple(r.pool))
     canary_ids = list(cset.ids) if cset is not None else []
     images, canaries = reference_members(splits, canary_ids, design, r.index)
     rows = np.sort(dataset.indices(images))
@@ -188,7 +188,6 @@ def input_size_for(config: TrainConfig, dataset: Dataset) -> int:
     if dataset.square_size is not None:
         return dataset.square_size
     if config.model.arch.startswith("timm:"):
-        import timm
 
         cfg = timm.models.get_pretrained_cfg(config.model.arch[5:])
         size = getattr(cfg, "input_size", None) if cfg is not None else None
@@ -289,23 +288,23 @@ def _check_start(config: TrainConfig | None, out: Path, *, resume: bool, force: 
     if config is None:
         raise MemlensError(f"nothing to resume in {out} (no {RUN_FILE})")
     if config.dp is not None and step_factory is None:
-        raise MemlensError("this config has a dp section: DP-SGD training is memlens.dp.train (the command line "
-                           "and sweeps call it)")
+        raise MemlensError("this config has a dp section: DP-SGD training is memlens.dp.training.train_encoder "
+                           "(the command line and sweeps call it)")
     if not resume and not force and out.is_dir() and any(out.iterdir()):
         what = "a previous output" if (out / RUN_FILE).exists() else "other files"
         raise MemlensError(f"{out} already holds {what}; pass --force to overwrite it or --resume to continue it")
     return config, record
 
 
-def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = False, force: bool = False,
-          cache_dir: str | Path | None = None, on_epoch: Callable[[EpochInfo], None] | None = None,
-          dataset: Dataset | None = None, step_factory: StepFactory | None = None) -> TrainResult:
+def train_loop(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = False, force: bool = False,
+               cache_dir: str | Path | None = None, on_epoch: Callable[[EpochInfo], None] | None = None,
+               dataset: Dataset | None = None, step_factory: StepFactory | None = None) -> TrainResult:
     """Train an encoder and write a run directory.
 
     One loop for every objective and every kind of step: ``step_factory(config, objective,
     optimizer, prepared, device)`` builds the gradient step (default :class:`PlainStep`; DP-SGD's
-    comes from :func:`memlens.dp.train`). Under ``torch.distributed`` every process runs this
-    function; process 0 alone writes the run directory.
+    comes from :func:`memlens.dp.training.train_encoder`). Under ``torch.distributed`` every process
+    runs this function; process 0 alone writes the run directory.
 
     Args:
         config: the training settings (None with ``resume``: use the run's own).

@@ -20,6 +20,7 @@ import copy
 import math
 
 import torch
+import torch.distributed.nn.functional as dnn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -143,8 +144,6 @@ class SimCLR(Objective):
         z1, z2 = z[:b], z[b:]
         if D.active():
             # Negatives from every process (gradients flow back to each process's own examples),
-            # so the batch split across processes has the loss of the whole batch.
-            import torch.distributed.nn.functional as dnn
 
             z1_all, z2_all = torch.cat(dnn.all_gather(z1)), torch.cat(dnn.all_gather(z2))
             offset = D.rank() * b

@@ -75,6 +75,7 @@ def probe_sets(dataset: Dataset, splits: Splits | None, *, seed: int, max_train:
 def linear_probe(encoder: nn.Module, dataset: Dataset, *, splits: Splits | None = None, seed: int = 0,
                  max_train: int = 5000, max_test: int = 5000) -> ProbeResult:
     """Fit a multinomial logistic regression on standardised frozen features and report test accuracy."""
+    # sklearn: optional or slow to import, loaded only on this path
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler

@@ -13,16 +13,22 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import timm
 import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save
 
 from memlens.config import TrainConfig, format_validation_error
+from memlens.data import Augmenter
 from memlens.errors import MemlensError
-from memlens.io import atomic_write_bytes, read_json, write_json
+from memlens.integrity import file_digests, stamp, verify
+from memlens.io import atomic_write_bytes, read_json, sha256_file, write_json
+from memlens.models import build_encoder
+from memlens.train.objectives import build_objective
+from memlens.version import __version__
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.safetensors"
@@ -66,14 +72,12 @@ class RunRecord(BaseModel):
 
 
 def versions() -> dict[str, str]:
+    # opacus, torchvision: optional or slow to import, loaded only on this path
     import opacus
-    import timm
     import torchvision
 
-    import memlens
-
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "opacus": opacus.__version__, "memlens": memlens.__version__}
+            "timm": timm.__version__, "opacus": opacus.__version__, "memlens": __version__}
 
 
 def now() -> str:
@@ -87,7 +91,6 @@ def read_run(run_dir: str | Path) -> RunRecord:
     Raises:
         MemlensError: a missing, unreadable or edited record, or files replaced since.
     """
-    from memlens.integrity import verify
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -104,7 +107,6 @@ def read_run(run_dir: str | Path) -> RunRecord:
 
 def write_run(run_dir: str | Path, record: RunRecord, *, sign_key=None) -> None:
     """Write run.json with its integrity block (the record's digest and its weights' and heads')."""
-    from memlens.integrity import file_digests, stamp
 
     run_dir = Path(run_dir)
     record.updated = now()
@@ -134,8 +136,6 @@ def save_heads(path: str | Path, objective: nn.Module) -> None:
 def load_objective(run_dir: str | Path) -> nn.Module:
     """A finished run's whole objective (encoder and heads), in eval mode, for scores that need the
     heads (MAE's reconstruction loss)."""
-    from memlens.data import Augmenter
-    from memlens.train.objectives import build_objective
 
     run_dir = Path(run_dir)
     encoder = load_encoder(run_dir)
@@ -203,8 +203,6 @@ def load_checkpoint(path: str | Path, *, objective: nn.Module, optimizer: torch.
     try:
         raw = path.read_bytes()
         tensors = {k: v.to(device) for k, v in st_load(raw).items()}
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {})["memlens"])
     except (OSError, SafetensorError, KeyError, ValueError) as exc:
@@ -230,7 +228,6 @@ def load_checkpoint(path: str | Path, *, objective: nn.Module, optimizer: torch.
 
 
 def build_from_record(record: RunRecord) -> nn.Module:
-    from memlens.models import build_encoder
 
     m = record.config.model
     return build_encoder(m.arch, image_size=record.data["image_size"], in_chans=record.data["channels"],
@@ -253,7 +250,6 @@ def load_encoder(run_dir: str | Path, *, require_complete: bool = True) -> nn.Mo
         raise MemlensError(f"run {run_dir} is not finished (status: {record.status}); {hint}")
     encoder = build_from_record(record)
     if record.model_sha256 is not None:
-        from memlens.io import sha256_file
 
         if (run_dir / MODEL_FILE).is_file() and sha256_file(run_dir / MODEL_FILE) != record.model_sha256:
             raise MemlensError(f"{run_dir / MODEL_FILE} is not the file this run wrote (its sha256 differs from the "

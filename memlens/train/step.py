@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from memlens import distributed as D
 from memlens.config import TrainConfig
@@ -220,7 +221,6 @@ class PlainStep(Step):
             if not objective.per_sample and self.batch % self.world:
                 raise MemlensError(f"batch_size {self.batch} must be divisible by the {self.world} processes for "
                                    f"framework '{config.framework}' (its loss couples the examples of a batch)")
-            from torch.nn.parallel import DistributedDataParallel
 
             self.model = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
                                                  else None, broadcast_buffers=False)

@@ -31,10 +31,12 @@ import numpy as np
 import torch
 
 from memlens import distributed as D
+from memlens.audit.privacy import auc, epsilon_lower_bound
 from memlens.config import TrainConfig
 from memlens.dp.step import DPStep
 from memlens.errors import MemlensError
 from memlens.rng import derive_seed
+from memlens.train.loop import train_loop
 
 
 class CanaryDPStep(DPStep):
@@ -95,8 +97,6 @@ def selfcheck(config: TrainConfig, *, m: int = 20000, seed: int = 0, out_dir: st
     Raises:
         MemlensError: a config without DP, or one DP-SGD cannot train.
     """
-    from memlens.audit.privacy import auc, epsilon_lower_bound
-    from memlens.train.loop import train
 
     if config.dp is None:
         raise MemlensError("the self-check audits DP-SGD: give a config with a dp section")
@@ -110,7 +110,7 @@ def selfcheck(config: TrainConfig, *, m: int = 20000, seed: int = 0, out_dir: st
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(out_dir) if out_dir is not None else Path(tmp) / "run"
-        rec = train(config, out, force=True, step_factory=factory, dataset=dataset, cache_dir=cache_dir).record
+        rec = train_loop(config, out, force=True, step_factory=factory, dataset=dataset, cache_dir=cache_dir).record
     step: CanaryDPStep = holder["step"]
     claimed = float(rec.dp["epsilon_spent"])
     delta = float(rec.dp["delta"])
