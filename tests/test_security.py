@@ -491,7 +491,7 @@ def test_a_baseline_with_other_canaries_is_compared_like_for_like(world, tmp_pat
     assert row(tmp_path / "new")["detail"] == "membership AUC (natural images)"
     assert row(root / "signed")["detail"] == "membership AUC (the same canaries)"
     from memlens.audit.results import read_audit
-    from memlens.policy.gate import comparable_basis
+    from memlens.policy.baseline import comparable_basis
 
     new, old = read_audit(tmp_path / "new"), read_audit(root / "audit")
     assert comparable_basis(new, old) == "natural" and comparable_basis(old, old) == "canaries"

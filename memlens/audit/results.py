@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -190,6 +191,77 @@ class Audit:
         self.digest = (summary.integrity or {}).get("sha256")
         self.points, self.layers, self.units, self.tests = (tables[t] for t in TABLES)
         self.canaries: pd.DataFrame | None = tables.get("canaries")
+
+    # ------------------------------------------------------------- the questions gate, report and card ask
+
+    def label(self) -> str:
+        """The audit's name and privacy level, as gate rows, the report and the card name it."""
+        eps = self.summary.dp_epsilon
+        return f"{self.path.name} (epsilon {'inf' if eps is None else f'{eps:.3g}'})"
+
+    def candidates(self) -> pd.DataFrame:
+        """The rows of the images whose memorization is judged: the candidates (S_C) under f and g, the
+        pool images (with in- and out-encoders) under references."""
+        pts = self.points
+        if "candidate" in pts.columns:
+            return pts[pts["candidate"].astype(bool)]
+        return pts[pts["subset"] == "S_C"]
+
+    def candidate_words(self) -> str:
+        """What :meth:`candidates` holds, named: S_C under f and g, the pool under references."""
+        n = len(self.candidates())
+        return f"the {n} pool images (S_C and S_I)" if (self.summary.design or {}).get("kind") == "references" else \
+            f"the {n} S_C candidates"
+
+    @property
+    def list_withheld(self) -> str | None:
+        """Why the at-risk list was withheld (the null failed its self-check on the controls), else None."""
+        return ((self.summary.inference or {}).get("null") or {}).get("withheld")
+
+    def memorized_at(self, fdr: float) -> tuple[list[str], int] | None:
+        """Ids of the candidates memorized at ``fdr``, most significant first, and the family size; None
+        when the audit has no per-image q-values.
+
+        Reads the Benjamini-Hochberg q-values the audit stored (``mem_q``, over the candidates with a
+        p-value): the list at level q is {q_i <= q} whatever level the audit itself listed at. A list
+        withheld by the self-check is empty."""
+        cand = self.candidates()
+        if "mem_q" not in cand.columns:
+            return None
+        has_p = cand["mem_p"].notna()
+        if self.list_withheld:
+            return [], int(has_p.sum())
+        if not has_p.any():
+            return None
+        q = cand.loc[has_p, "mem_q"].to_numpy(float)
+        hit = q <= fdr
+        ids = cand.loc[has_p, "id"].to_numpy()[hit]
+        return [str(i) for i in ids[np.argsort(q[hit], kind="stable")]], int(has_p.sum())
+
+    def natural_signal_test(self) -> TestResult | None:
+        """The offset-free test of memorization of natural images: S_C > S_S (Welch) under f and g; under
+        references, the candidates' memorization above the control images' (Welch)."""
+        tests = self.summary.tests
+        found = next((t for t in tests if t.name == "C>S" and t.method == "welch_t"), None)
+        return found or next((t for t in tests if t.name == "C>ctrl" and t.method == "welch_t"), None)
+
+    def membership(self, basis: str | None = None) -> tuple[str, dict] | None:
+        """(where, metrics) of the primary membership score: on the canaries when there are, else on the
+        natural members and non-members (``basis`` "canaries" or "natural" asks for one)."""
+        p = self.summary.privacy or {}
+        primary = p.get("primary_score", "sslmem")
+        canary = (p.get("canaries") or {}).get("metrics") or {}
+        if primary in canary and basis in (None, "canaries"):
+            return f"canaries, {primary}", canary[primary]
+        natural = p.get("natural") or {}
+        if primary in (natural.get("metrics") or {}) and basis in (None, "natural"):
+            return (f"{natural.get('members', 'S_C')} vs {natural.get('non_members', 'S_E')}, {primary}",
+                    natural["metrics"][primary])
+        return None
+
+    def canary_facts(self) -> dict | None:
+        """The canaries' block of the privacy findings (None without canaries)."""
+        return ((self.summary.privacy or {}).get("canaries") or {}) or None
 
     def signals(self) -> pd.DataFrame:
         """Every encoder's score of every point (signals.parquet, :mod:`memlens.audit.signals`), verified

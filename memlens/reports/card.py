@@ -11,7 +11,7 @@ from pathlib import Path
 
 from memlens.audit.results import Audit, calibration_sentence, read_audit, skipped_sentence, units_sentence
 from memlens.io import atomic_write_text, sha256_file
-from memlens.policy.gate import GateResult, audit_label, evaluate, memorized_at, natural_signal_test
+from memlens.policy.gate import GateResult, evaluate
 from memlens.policy.schema import Policy
 
 
@@ -45,7 +45,7 @@ def model_card_section(audits: list[Audit], *, gate: GateResult | None = None, p
     lines.append("")
     for audit in audits:
         s = audit.summary
-        lines += [f"### {audit_label(audit)}", "", f"- {_dp_line(audit)}"]
+        lines += [f"### {audit.label()}", "", f"- {_dp_line(audit)}"]
         priv = s.privacy or {}
         canaries = (priv.get("canaries") or {})
         metrics = canaries.get("metrics") or {}
@@ -70,7 +70,7 @@ def model_card_section(audits: list[Audit], *, gate: GateResult | None = None, p
             lines.append(f"- Membership inference on natural training images ({nat.get('members', 'S_C')} vs "
                          f"{nat.get('non_members', 'S_E')}): AUC {_num(natural['auc'])}.")
         sc = s.subsets.get("S_C")
-        welch = natural_signal_test(audit)
+        welch = audit.natural_signal_test()
         what = "S_C > S_S" if welch is None or welch.name == "C>S" else "S_C memorization > controls'"
         if sc is not None:
             lines.append(f"- Memorization of candidate training images (mean SSLMem): {sc.mean:+.4f} (95% CI "
@@ -79,7 +79,7 @@ def model_card_section(audits: list[Audit], *, gate: GateResult | None = None, p
                             "not significant") + (f" (Holm p = {welch.p_holm:.3g})." if welch and
                                                    welch.p_holm is not None else "."))
         fdr = policy.fdr if policy else (s.inference or {}).get("fdr", 0.1)
-        found = memorized_at(audit, fdr)
+        found = audit.memorized_at(fdr)
         inf = s.inference or {}
         lines.append(f"- {calibration_sentence(inf, 'SSLMem')}")
         withheld = (inf.get("null") or {}).get("withheld")
@@ -103,12 +103,12 @@ def model_card_section(audits: list[Audit], *, gate: GateResult | None = None, p
         if skipped_sentence(s.data):
             lines.append(f"- {skipped_sentence(s.data)}")
         if gate is not None:
-            verdict = gate.verdicts().get(audit_label(audit))
+            verdict = gate.verdicts().get(audit.label())
             if verdict is not None:
                 lines.append(f"- Release gate (policy `{gate.policy}`): **{'PASSED' if verdict else 'FAILED'}**"
                              + ("" if verdict else ": " + "; ".join(
                                  f"{r.rule} ({r.observed}, required {r.threshold})" for r in gate.results
-                                 if r.audit == audit_label(audit) and not r.passed)) + ".")
+                                 if r.audit == audit.label() and not r.passed)) + ".")
         sig = (s.integrity or {}).get("signature")
         lines.append(f"- Audit: `{audit.path.name}`, record digest `{audit.digest}`"
                      + (f", **signed** (Ed25519) by `{sig['public_key']}`" if sig else ", not signed")

@@ -26,15 +26,8 @@ from memlens.data.canaries import load_canaries
 from memlens.errors import MemlensError
 from memlens.integrity import read_verified
 from memlens.io import atomic_write_bytes, atomic_write_text, read_json
-from memlens.policy.gate import (
-    GateResult,
-    audit_label,
-    candidates,
-    compare,
-    evaluate,
-    memorized_at,
-    natural_signal_test,
-)
+from memlens.policy.baseline import compare
+from memlens.policy.gate import GateResult, evaluate
 from memlens.policy.schema import Policy
 from memlens.reports import charts
 from memlens.version import __version__
@@ -139,20 +132,20 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
                    cache_dir: str | Path | None = None) -> dict[str, Any]:
     s = audit.summary
     pts, layers, units = audit.points, audit.layers, audit.units
-    cand = candidates(audit)
+    cand = audit.candidates()
     score = policy.score if policy else "sslmem_sym_norm"
     threshold = (policy.rules.max_fraction_candidates_above.score
                  if policy and policy.rules.max_fraction_candidates_above else 0.2)
     frac_above = float((cand[score] > threshold).mean()) if len(cand) else float("nan")
     sc = s.subsets.get("S_C")
-    welch = natural_signal_test(audit)
+    welch = audit.natural_signal_test()
     signal = welch is not None and welch.p_holm is not None and not math.isnan(welch.p_holm) and welch.p_holm < 0.01
     best_layer = layers.sort_values("layermem", ascending=False).iloc[0] if len(layers) else None
     f_runs = s.attacked
     eps = s.dp_epsilon
     private = eps is not None
     fdr = policy.fdr if policy else (s.inference or {}).get("fdr", 0.1)
-    found = memorized_at(audit, fdr)
+    found = audit.memorized_at(fdr)
     at_risk_ids = found[0] if found else []
     listed = at_risk_ids[:top_k] if at_risk_ids else []
     top = (cand.set_index("id").loc[listed].reset_index() if listed else
@@ -219,7 +212,7 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         _reliability_sentence(rel, rel_enc),
     ]
     return {
-        "name": audit.path.name, "label": audit_label(audit), "path": str(audit.path), "sha256": audit.sha256,
+        "name": audit.path.name, "label": audit.label(), "path": str(audit.path), "sha256": audit.sha256,
         "s": s, "words": _lead(words), "signal": signal, "private": private,
         "signal_test": TEST_NAMES.get(welch.name, welch.name) if welch is not None else "no test",
         "epsilon_label": "inf" if not private else f"{eps:.3g}", "epsilon": math.inf if not private else eps,
