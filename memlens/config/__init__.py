@@ -14,5 +14,4 @@ from memlens.config.base import *  # noqa: F401,F403
 from memlens.config.base import _count, _model_at  # noqa: F401
 from memlens.config.data import *  # noqa: F401,F403
 from memlens.config.runs import *  # noqa: F401,F403
-from memlens.config.runs import _check_section  # noqa: F401
 from memlens.config.train import *  # noqa: F401,F403

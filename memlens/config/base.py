@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model, field_validator
 
 from memlens.errors import MemlensError
 from memlens.io import prepare_output_dir, read_json, write_json
@@ -49,6 +49,21 @@ def _count(v: int | str) -> int | str:
 # ----------------------------------------------------------------------------- loading
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def partial_model(model: type[BaseModel], *, drop: set[str], name: str) -> type[Strict]:
+    """``model`` without the fields in ``drop``: the same types, defaults, descriptions and field
+    validators, none of its model validators (those need the dropped fields; they run when the full
+    model is built from the partial one). For a section of a file whose other fields its owner sets
+    (a pipeline's ``train:`` and ``audit:``)."""
+    fields = {k: (f.annotation, f) for k, f in model.model_fields.items() if k not in drop}
+    validators = {}
+    for vname, dec in model.__pydantic_decorators__.field_validators.items():
+        keep = [f for f in dec.info.fields if f not in drop]
+        if keep:  # dec.func is bound to model: a one-argument wrapper keeps pydantic from passing it info
+            validators[vname] = field_validator(*keep, mode=dec.info.mode)(lambda v, _check=dec.func: _check(v))
+    return create_model(name, __base__=Strict, __module__=model.__module__, __validators__=validators,
+                        __doc__=f"{model.__name__} without {', '.join(sorted(drop))}", **fields)
 
 
 def _model_at(model: type[BaseModel] | None, path: tuple) -> type[BaseModel] | None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_serializer, field_validator, model_validator
 
 from memlens.config.audit import AuditConfig, CanaryConfig
-from memlens.config.base import M, Strict, epsilon_list, format_validation_error, validate
+from memlens.config.base import Strict, epsilon_list, partial_model, validate
 from memlens.config.data import DataConfig, SplitConfig
 from memlens.config.train import ReferencesConfig, TrainConfig
 
@@ -63,13 +63,11 @@ class SweepConfig(Strict):
 # ----------------------------------------------------------------------------- pipeline
 
 
-def _check_section(model: type[M], data: dict[str, Any], section: str) -> None:
-    """Validate one free-form section of a pipeline file; a ValueError names the section's keys."""
-    try:
-        model.model_validate(data)
-    except ValidationError as exc:
-        text = format_validation_error(exc, source="", model=model).removeprefix(": ")
-        raise ValueError(f"{section}." + text.replace("; ", f"; {section}.") if ": " in text else text) from None
+# The pipeline sets these itself: its train: and audit: sections are the configs without them.
+PIPELINE_TRAIN_OWNED = {"data", "splits", "subsets", "dp", "canaries", "reference"}
+PIPELINE_AUDIT_OWNED = {"f", "g", "splits", "references", "target"}
+PipelineTrain = partial_model(TrainConfig, drop=PIPELINE_TRAIN_OWNED, name="PipelineTrain")
+PipelineAudit = partial_model(AuditConfig, drop=PIPELINE_AUDIT_OWNED, name="PipelineAudit")
 
 
 class ReportSettings(Strict):
@@ -83,14 +81,15 @@ class PipelineConfig(Strict):
 
     data: DataConfig = DataConfig()
     split: SplitConfig = SplitConfig()
-    train: dict[str, Any] = Field(..., description="the training recipe (TrainConfig fields, without data, "
-                                                   "splits, subsets and dp)")
+    train: PipelineTrain = Field(..., description="the training recipe (TrainConfig fields, without data, "
+                                                  "splits, subsets and dp)")
     epsilons: list[float] = Field(["inf"], min_length=1)
     dp: SweepDP = SweepDP()
     extra_seeds: list[int] = []
     references: ReferencesConfig | None = Field(None, description="K reference encoders per epsilon instead of f "
                                                                   "and g")
-    audit: dict[str, Any] = Field({}, description="audit settings (AuditConfig fields, without f, g and splits)")
+    audit: PipelineAudit = Field(PipelineAudit(), description="audit settings (AuditConfig fields, without f, g and "
+                                                               "splits)")
     canaries: CanaryConfig | None = Field(None, description="plant canaries in f's training data")
     probe: bool = True
     policy: str | None = Field(None, description="policy file for the gate (and the report's verdict)")
@@ -112,26 +111,31 @@ class PipelineConfig(Strict):
         split = self.split.model_copy(update={"candidates_file": at(self.split.candidates_file)})
         return self.model_copy(update={"data": data, "split": split, "policy": at(self.policy)})
 
-    @model_validator(mode="after")
-    def _parts(self) -> "PipelineConfig":
-        for key in ("data", "splits", "subsets", "dp", "canaries", "reference"):
-            if key in self.train:
-                raise ValueError(f"train.{key} is set by the pipeline; put it at the top level"
-                                 if key in ("data", "dp", "canaries") else f"train.{key} is set by the pipeline")
-        for key in ("f", "g", "splits", "references", "target"):
-            if key in self.audit:
-                raise ValueError(f"audit.{key} is set by the pipeline")
-        if self.references is not None and self.extra_seeds:
+    @model_validator(mode="before")
+    @classmethod
+    def _owned(cls, data: Any) -> Any:
+        """Keys of the train: and audit: sections that the pipeline sets, named as such (not "unknown")."""
+        if not isinstance(data, dict):
+            return data
+        train, audit = data.get("train"), data.get("audit")
+        for key in sorted(PIPELINE_TRAIN_OWNED & set(train if isinstance(train, dict) else ())):
+            raise ValueError(f"train.{key} is set by the pipeline; put it at the top level"
+                             if key in ("data", "dp", "canaries") else f"train.{key} is set by the pipeline")
+        for key in sorted(PIPELINE_AUDIT_OWNED & set(audit if isinstance(audit, dict) else ())):
+            raise ValueError(f"audit.{key} is set by the pipeline")
+        if data.get("references") is not None and data.get("extra_seeds"):
             raise ValueError("references and extra_seeds are two designs; give one")
-        # Check both sections now: a typo found only when the audit starts would come after
-        # all the training, and fixing it then changes the config, which forces a restart.
-        _check_section(TrainConfig, {**self.train, "data": self.data.model_dump(mode="json"), "splits": "-",
-                                     "subsets": "f"}, "train")
-        _check_section(AuditConfig, {**self.audit, "f": ["-"], "g": ["-"], "splits": "-"}, "audit")
-        return self
+        return data
+
+    @field_serializer("train", "audit")
+    def _as_written(self, section: Strict) -> dict[str, Any]:
+        # the record keeps what the file said: a new default in a later memlens changes no pipeline.json
+        return section.model_dump(mode="json", exclude_unset=True)
 
     def train_config(self, splits_path: str, canaries_path: str | None = None) -> TrainConfig:
-        return validate(TrainConfig, {**self.train, "data": self.data.model_dump(mode="json"), "splits": splits_path,
+        """The full training config: the section, with the pipeline's data, splits and canaries."""
+        recipe = self.train.model_dump(exclude_unset=True)
+        return validate(TrainConfig, {**recipe, "data": self.data.model_dump(mode="json"), "splits": splits_path,
                                       "subsets": "f", "canaries": canaries_path}, source="pipeline train")
 
     def sweep_config(self, splits_path: str, canaries_path: str | None = None) -> SweepConfig:
@@ -140,5 +144,7 @@ class PipelineConfig(Strict):
 
     def audit_config(self, *, f: list[str] = (), g: list[str] = (), references: list[str] = (),
                      splits_path: str) -> AuditConfig:
+        """The full audit config: the section, with the encoders and splits of one privacy level."""
         encoders = {"references": list(references)} if references else {"f": list(f), "g": list(g)}
-        return validate(AuditConfig, {**self.audit, **encoders, "splits": splits_path}, source="pipeline audit")
+        settings = self.audit.model_dump(exclude_unset=True)
+        return validate(AuditConfig, {**settings, **encoders, "splits": splits_path}, source="pipeline audit")
