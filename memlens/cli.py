@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import typer
 
-from memlens.audit.results import calibration_sentence, read_audit, skipped_sentence, write_audit
+from memlens.audit.results import read_audit, write_audit
 from memlens.config import (
     AuditConfig,
     CanaryConfig,
@@ -43,6 +43,7 @@ from memlens.policy.gate import write_markdown
 from memlens.policy.schema import DEFAULT_INCREASES, Baseline
 from memlens.reports import render_report
 from memlens.reports.card import write_card
+from memlens.reports.text import audit_lines
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audit self-supervised vision encoders for memorization of their training data.")
@@ -128,64 +129,25 @@ def split(
     of encoders trained elsewhere: --members-f/--members-g/--extra lists, or --manifest.
     """
     # torch: loaded where this runs, so importing memlens.cli stays light
-    from memlens.data import load, make_splits
+    from memlens.data.membership import membership_splits
+    from memlens.data.sources import load
+    from memlens.data.splits import make_splits
 
     if out.exists() and not force:
         raise MemlensError(f"{out} already exists; pass --force to overwrite it")
     check_writable(out, what="splits file")
-    written: Path | None = None  # the manifest this command writes, kept only if the splits are written too
     if members_f or members_g or manifest:
-        # torch: loaded where this runs, so importing memlens.cli stays light
-        from memlens.data.splits import (
-            check_duplicates,
-            membership_subsets,
-            read_path_list,
-            splits_from_manifest,
-            write_manifest,
-        )
-
-        if manifest and (members_f or members_g or extra):
-            raise MemlensError("give either --manifest or --members-f/--members-g/--extra, not both")
         if config or source or path or test_path or candidates or sizes:
             raise MemlensError("membership splits take no --config, --source, --path, --test-path, --candidates or "
                                "--sizes")
-        if not manifest:
-            if not (members_f and members_g):
-                raise MemlensError("--members-f and --members-g are both needed (what f and g were trained on)")
-            subsets = membership_subsets(read_path_list(members_f, what="--members-f"),
-                                         read_path_list(members_g, what="--members-g"),
-                                         read_path_list(extra, what="--extra") if extra else [])
-            manifest = Path(str(out.with_suffix("")) + ".manifest.csv")
-            if manifest.exists() and not force:
-                raise MemlensError(f"{manifest} already exists; pass --force to overwrite it")
-            written = manifest
-            manifest = write_manifest(manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp"), subsets)
-        try:
-            data = DataConfig(source="manifest", path=str(manifest.resolve()), resize=resize)
-            dataset = load(data, cache_dir=_cache_dir())
-            splits = splits_from_manifest(dataset, data)
-            check_duplicates(dataset, splits)
-            if written is not None:  # every check passed: the manifest takes its name
-                os.replace(manifest, written)
-                splits.data = DataConfig(source="manifest", path=str(written.resolve()), resize=resize)
-        except MemlensError as exc:
-            if written is None:
-                raise
-            # the checks ran on a temporary copy; the user knows the manifest by the name it will have
-            text = str(exc).replace(str(manifest.resolve()), str(written)).replace(str(manifest), str(written))
-            raise MemlensError(text) from None
-        finally:
-            if written is not None and manifest.exists() and manifest != written:
-                manifest.unlink(missing_ok=True)
+        splits, dataset = membership_splits(out, members_f=members_f, members_g=members_g, extra=extra,
+                                            manifest=manifest, resize=resize, force=force, cache_dir=_cache_dir())
     else:
         over = _overrides({"data.source": source, "data.path": path, "data.test_path": test_path,
                            "data.resize": resize, "split.seed": seed,
                            "split.candidates_file": str(candidates) if candidates else None})
         if sizes:
-            try:
-                over["split.sizes"] = {k.strip(): int(v) for k, v in (p.split("=") for p in sizes.split(","))}
-            except ValueError:
-                raise MemlensError(f"--sizes must look like S_S=4000,S_C=500; got '{sizes}'") from None
+            over["split.sizes"] = _sizes_option(sizes)
         cfg = load_yaml(SplitFile, config, overrides=over) if config else validate(
             SplitFile, deep_update({}, over), source="options")
         dataset = load(cfg.data, cache_dir=_cache_dir())
@@ -200,6 +162,13 @@ def split(
         shown = ", ".join(f"{x.get('id')} ({x.get('problem')})" for x in splits.skipped[:5])
         typer.echo(f"left out {len(splits.skipped)} unreadable image(s) (on_bad_image: skip; recorded in {out}): "
                    f"{shown}{' ...' if len(splits.skipped) > 5 else ''}")
+
+
+def _sizes_option(sizes: str) -> dict[str, int]:
+    try:
+        return {k.strip(): int(v) for k, v in (p.split("=") for p in sizes.split(","))}
+    except ValueError:
+        raise MemlensError(f"--sizes must look like S_S=4000,S_C=500; got '{sizes}'") from None
 
 
 # ----------------------------------------------------------------------------- train
@@ -264,33 +233,31 @@ def train(
                        "reference.index": reference, "reference.k": of, "reference.seed": references_seed})
     if (reference is None) != (of is None):
         raise MemlensError("--reference i and --of K go together (reference i of a K-reference design)")
-    if config:
-        cfg = load_yaml(TrainConfig, config, overrides=over)
-    elif resume and not over:
-        cfg = None
-    else:
-        cfg = validate(TrainConfig, deep_update({}, over), source="options")
+    cfg = load_yaml(TrainConfig, config, overrides=over) if config else (
+        None if resume and not over else validate(TrainConfig, deep_update({}, over), source="options"))
     console = _console()
-
-    def on_epoch(info):
-        extra = "".join(f"  {k} {v}" for k, v in info.extra.items() if k in ("epsilon",))
-        console.print(f"epoch {info.epoch}/{info.epochs}  loss {info.loss:.4f}  lr {info.lr:.2e}  "
-                      f"{info.images_per_s:,.0f} img/s{extra}", highlight=False)
-
     check_writable(out, what="run directory")
     key = _signing_key(sign_key)
     with _writer(out):
-        result = train_encoder(cfg, out, resume=resume, force=force, cache_dir=_cache_dir(), on_epoch=on_epoch,
-                           sign_key=key)
-    rec = result.record
-    if not dist.is_main():
-        return
+        result = train_encoder(cfg, out, resume=resume, force=force, cache_dir=_cache_dir(),
+                               on_epoch=functools.partial(_print_epoch, console), sign_key=key)
+    if dist.is_main():
+        _print_run(console, result.record, out, signed=key is not None)
+
+
+def _print_epoch(console, info) -> None:
+    extra = "".join(f"  {k} {v}" for k, v in info.extra.items() if k in ("epsilon",))
+    console.print(f"epoch {info.epoch}/{info.epochs}  loss {info.loss:.4f}  lr {info.lr:.2e}  "
+                  f"{info.images_per_s:,.0f} img/s{extra}", highlight=False)
+
+
+def _print_run(console, rec, out: Path, *, signed: bool) -> None:
     for warning in rec.warnings:
         console.print(f"[yellow]warning: {warning}[/]", highlight=False)
     if rec.status == "stopped_budget":
         console.print(f"[yellow]{rec.message}[/]")
     console.print(f"run {rec.status}: {out} ({rec.epochs_done} epochs, {rec.wall_seconds:.1f} s, "
-                  f"{rec.images_per_s or 0:,.0f} img/s)" + (", run record signed" if key is not None else ""),
+                  f"{rec.images_per_s or 0:,.0f} img/s)" + (", run record signed" if signed else ""),
                   highlight=False)
 
 
@@ -534,25 +501,15 @@ def audit(
                                                                      "(default: $MEMLENS_SIGNING_KEY)"),
 ):
     """Measure memorization: SSLMem per point, LayerMem per layer, UnitMem per unit, and the tests."""
-    # torch and timm: imported by the commands that train or score, not by gate, report or card
-    from memlens import distributed as dist
+    # torch: imported by the commands that train or score, not by gate, report or card
     from memlens.audit.api import data_config_for_path
-    from memlens.audit.engine import run_audit
-    from memlens.device import resolve_device
 
-    common = {"kwargs": _json_option(model_kwargs, "--model-kwargs"), "key_prefix": key_prefix,
-              "strict": False if no_strict else None, "input_size": input_size,
-              "mean": _floats(mean, "--mean"), "std": _floats(std, "--std")}
-    over = _overrides({"f": _encoder_specs("f", f, f_weights, common, allow_random_init=allow_random_init)
-                       if f else None,
-                       "references": _encoder_specs("reference", _expand_runs(references), reference_weights,
-                                                    common, allow_random_init=allow_random_init)
-                       if references else None,
-                       "target": _encoder_specs("target", [target], [target_weights] if target_weights else [], common,
-                                                allow_random_init=allow_random_init)[0] if target else None,
+    over = _overrides({**_audit_encoders(f=f, g=g, f_weights=f_weights, g_weights=g_weights, references=references,
+                                         reference_weights=reference_weights, target=target,
+                                         target_weights=target_weights, model_kwargs=model_kwargs,
+                                         key_prefix=key_prefix, no_strict=no_strict, input_size=input_size, mean=mean,
+                                         std=std, allow_random_init=allow_random_init),
                        "design": design, "canaries": canaries_dir,
-                       "g": _encoder_specs("g", g, g_weights, common, allow_random_init=allow_random_init)
-                       if g else None,
                        "splits": splits, "augment": augment, "pairing": pairing,
                        "views": (views if views == "auto" else _int_option(views, "--views")) if views else None,
                        "distance": distance, "max_per_subset": max_per_subset, "seed": seed,
@@ -562,10 +519,19 @@ def audit(
                        "data": data_config_for_path(data).model_dump() if data else None})
     cfg = load_yaml(AuditConfig, config, overrides=over) if config else validate(
         AuditConfig, deep_update({}, over), source="options")
+    _audit_into(cfg, out, force=force, key=_signing_key(sign_key))
+
+
+def _audit_into(cfg: AuditConfig, out: Path, *, force: bool, key) -> None:
+    """Run the audit with a progress bar and write it (process 0), then print its headline findings."""
+    # torch and timm: imported by the commands that train or score, not by gate, report or card
+    from memlens import distributed as dist
+    from memlens.audit.engine import run_audit
+    from memlens.device import resolve_device
+
     if out.exists() and any(out.iterdir()) and not force:
         raise MemlensError(f"{out} already holds {'an audit' if (out / 'audit.json').exists() else 'other files'}; "
                            f"pass --force to overwrite it")
-    key = _signing_key(sign_key)
     check_writable(out, what="audit directory")
     main = dist.is_main()
     if main and cfg.device == "auto":
@@ -582,36 +548,22 @@ def audit(
         if out.exists() and any(out.iterdir()) and not force:  # written meanwhile by someone else
             raise MemlensError(f"{out} was written by another process during this audit; pass --force to replace it")
         write_audit(result, out, force=force, sign_key=key)
-    s = result.summary
-    typer.echo(f"wrote {out} ({s.timings['total']:.1f} s, {int(s.timings['images_forwarded']):,} images forwarded, "
-               f"{s.views['count']} views per point, {s.environment['device']})")
-    for name, st in s.subsets.items():
-        typer.echo(f"  {name}: mean SSLMem {st.mean:+.4f} (95% CI {st.ci_low:+.4f} .. {st.ci_high:+.4f}, n={st.n})")
+    typer.echo("\n".join(audit_lines(result.summary, out)))
 
-    if skipped_sentence(s.data):
-        typer.echo(f"  {skipped_sentence(s.data)}")
-    inf = s.inference or {}
-    if inf.get("family"):
 
-        typer.echo(f"  {calibration_sentence(inf, 'SSLMem')}")
-        withheld = (inf.get("null") or {}).get("withheld")
-        typer.echo(f"  no at-risk list: {withheld}" if withheld else
-                   f"  memorized at FDR {inf['fdr']:g}: {inf['at_risk']} of {inf['family']} images"
-                   + ("" if inf.get("training_randomness_counted") else
-                      " (one encoder pair, no controls: training randomness not counted)"))
-    rel = s.reliability or {}
-    if rel.get("reliability") is not None:
-        typer.echo(f"  ranking reliability over views (split-half, Spearman-Brown): {rel['reliability']:.2f}"
-                   + ("" if rel.get("meets_target") else f" (below {rel['target']:g}; about "
-                      f"{rel['views_for_target']:.0f} views would reach it: --views auto)"))
-    enc = s.reliability_encoders or {}
-    if enc.get("reliability") is not None:
-        more = "" if enc.get("meets_target") else (
-            f" (below {enc['target']:g}: about {2 * enc['pairs_for_target']:.0f} encoders would reach it)"
-            if enc.get("pairs_for_target") not in (None, float("inf")) else f" (below {enc['target']:g})")
-        typer.echo(f"  ranking reliability over encoders ({enc['pairs']} pairs): {enc['reliability']:.2f}{more}")
-    main_tests = [t for t in s.tests if t.method in ("welch_t", "one_sample_t") and not t.name.startswith("unitmem")]
-    typer.echo("  tests: " + ", ".join(f"{t.name} p={t.p_holm:.2g}" for t in main_tests if t.p_holm is not None))
+def _audit_encoders(*, f, g, f_weights, g_weights, references, reference_weights, target, target_weights,
+                    model_kwargs, key_prefix, no_strict, input_size, mean, std, allow_random_init) -> dict[str, Any]:
+    """The encoder specs of ``memlens audit``'s options (f and g, or references and a target)."""
+    common = {"kwargs": _json_option(model_kwargs, "--model-kwargs"), "key_prefix": key_prefix,
+              "strict": False if no_strict else None, "input_size": input_size,
+              "mean": _floats(mean, "--mean"), "std": _floats(std, "--std")}
+
+    def specs(side: str, models: list[str], weights: list[str]) -> list | None:
+        return _encoder_specs(side, models, weights, common, allow_random_init=allow_random_init) if models else None
+
+    return {"f": specs("f", f, f_weights), "g": specs("g", g, g_weights),
+            "references": specs("reference", _expand_runs(references) if references else [], reference_weights),
+            "target": specs("target", [target], [target_weights] if target_weights else [])[0] if target else None}
 
 
 def _floats(value: Optional[str], name: str) -> Optional[list[float]]:

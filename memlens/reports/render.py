@@ -131,7 +131,7 @@ def _probe(audit: Audit) -> float | None:
 def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: int,
                    cache_dir: str | Path | None = None) -> dict[str, Any]:
     s = audit.summary
-    pts, layers, units = audit.points, audit.layers, audit.units
+    layers = audit.layers
     cand = audit.candidates()
     score = policy.score if policy else "sslmem_sym_norm"
     threshold = (policy.rules.max_fraction_candidates_above.score
@@ -160,54 +160,23 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
     inf = s.inference or {}
     design = s.design or {"kind": "fg"}
     main_tests = [t for t in s.tests if t.name in TEST_NAMES]
-    layer_tests = {t.name[len("unitmem_top>least["):-1]: t for t in s.tests if t.name.startswith("unitmem_top>least")}
-    layer_rows = []
-    for _, row in layers.iterrows():
-        t = layer_tests.get(row["layer"])
-        layer_rows.append({**row.to_dict(), "tt_p": _p(t.p_value) if t else "n/a"})
+    layer_rows = _layer_rows(audit)
     top_units = s.top_units[:15]
-    # Table 3 of the localizing paper: adjacent ranking layers, and the first against the last
-    cons = s.consistency.get("layers", [])
-    rank_layers = list(dict.fromkeys([c.a for c in cons] + [c.b for c in cons]))
-    pos = {n: i for i, n in enumerate(rank_layers)}
-    consistency = [c for c in cons if abs(pos[c.a] - pos[c.b]) == 1]
-    consistency += [c for c in cons if rank_layers and {c.a, c.b} == {rank_layers[0], rank_layers[-1]}
-                    and len(rank_layers) > 2]
+    consistency = _layer_consistency(s)
     order = [r["layer"] for r in layer_rows]
-    has_classmem = units["classmem"].notna().any()
-    contrast = ("images shared by both encoders (S_C > S_S" if design.get("kind") != "references"
-                else "the control images (the candidates' memorization above the controls', offset-free")
     words = [
         _candidates_sentence(sc),
-        (f"The candidates are significantly more memorized than {contrast}, p = {_p(welch.p_holm)}, "
-         f"Holm-corrected): the audit detects memorization."
-         if signal else
-         f"The candidates are not significantly more memorized than {contrast}, "
-         f"p = {_p(welch.p_holm if welch else None)}): this audit does not detect memorization, "
-         "which is not the same as showing there is none."),
+        _signal_sentence(welch, signal, design),
         calibration_sentence(inf, "SSLMem"),
         _list_sentence(inf, found, at_risk_ids, fdr, design),
-        (f"By the training loss ({lm['loss']}): " + (
-            f"no at-risk list ({lm['inference']['null']['withheld']})."
-            if (lm["inference"].get("null") or {}).get("withheld") else
-            f"{lm['inference']['at_risk']} of {lm['inference']['family']} images memorized at the same false "
-            f"discovery rate, calibrated the same way.")
-         if (lm := s.loss_memorization or {}).get("inference", {}).get("training_randomness_counted") else ""),
+        _loss_sentence(s.loss_memorization or {}),
         f"{frac_above:.1%} of the candidates score above {threshold:g} ({score}).",
         (f"The layer with the highest LayerMem is {best_layer['layer']} ({_f(best_layer['layermem'], 3)})."
          if best_layer is not None else ""),
         units_sentence(s.units),
         skipped_sentence(s.data),
-        (f"The encoder was trained with differential privacy: ({_f(eps, 2)}, {f_runs[0].delta:.2g})-DP"
-         + (" (declared, not checked by memlens)." if any(r.dp_declared for r in f_runs) else
-            "; WARNING: with reproducible randomness (dp.reproducible: true), so the guarantee holds only while the "
-            "run records stay private (their seed regenerates the noise and the sampling)."
-            if any(r.dp_randomness == "reproducible" for r in f_runs) else
-            ", its noise and sampling drawn from secret randomness.")
-         if private else "The encoder was trained without differential privacy (epsilon = infinity)."),
-        ("WARNING: " + ", ".join(e.label for e in s.encoders if e.weights == "random-init")
-         + " audited at its random initialisation (weights: none): these numbers say nothing about a trained model."
-         if any(e.weights == "random-init" for e in s.encoders) else ""),
+        _dp_sentence(f_runs, eps),
+        _random_init_sentence(s),
         priv.get("sentence", ""),
         _reliability_sentence(rel, rel_enc),
     ]
@@ -233,14 +202,77 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         "listed_at_risk": bool(listed),
         "set_aside": [(r["layer"], r.get("units_silent"), r.get("units")) for r in layer_rows
                       if r.get("units_measured") and r.get("units_silent")],
-        "charts": {
-            "sslmem": Markup(charts.sslmem_distributions(pts)),
-            "layermem": Markup(charts.layermem_chart(layers)),
-            "unitmem": Markup(charts.unitmem_boxes(units, order)),
-            "unit_vs_class": Markup(charts.unit_vs_class(units)) if has_classmem else None,
-        },
+        "charts": _charts(audit, order),
         "redact": redact,
     }
+
+
+def _charts(audit: Audit, order: list[str]) -> dict[str, Markup | None]:
+    """The audit's SVG charts: SSLMem per subset, LayerMem per layer, UnitMem per layer (in order)."""
+    units = audit.units
+    return {"sslmem": Markup(charts.sslmem_distributions(audit.points)),
+            "layermem": Markup(charts.layermem_chart(audit.layers)),
+            "unitmem": Markup(charts.unitmem_boxes(units, order)),
+            "unit_vs_class": Markup(charts.unit_vs_class(units)) if units["classmem"].notna().any() else None}
+
+
+def _layer_rows(audit: Audit) -> list[dict]:
+    """layers.csv's rows with the p-value of each layer's Top > Least UnitMem test (Table 11)."""
+    tests = {t.name[len("unitmem_top>least["):-1]: t for t in audit.summary.tests
+             if t.name.startswith("unitmem_top>least")}
+    return [{**row.to_dict(), "tt_p": _p(tests[row["layer"]].p_value) if row["layer"] in tests else "n/a"}
+            for _, row in audit.layers.iterrows()]
+
+
+def _layer_consistency(s) -> list:
+    """Table 3 of the localizing paper: adjacent ranking layers, and the first against the last."""
+    cons = s.consistency.get("layers", [])
+    rank_layers = list(dict.fromkeys([c.a for c in cons] + [c.b for c in cons]))
+    pos = {n: i for i, n in enumerate(rank_layers)}
+    out = [c for c in cons if abs(pos[c.a] - pos[c.b]) == 1]
+    return out + [c for c in cons if rank_layers and {c.a, c.b} == {rank_layers[0], rank_layers[-1]}
+                  and len(rank_layers) > 2]
+
+
+def _signal_sentence(welch, signal: bool, design: dict) -> str:
+    contrast = ("images shared by both encoders (S_C > S_S" if design.get("kind") != "references"
+                else "the control images (the candidates' memorization above the controls', offset-free")
+    if signal:
+        return (f"The candidates are significantly more memorized than {contrast}, p = {_p(welch.p_holm)}, "
+                f"Holm-corrected): the audit detects memorization.")
+    return (f"The candidates are not significantly more memorized than {contrast}, "
+            f"p = {_p(welch.p_holm if welch else None)}): this audit does not detect memorization, "
+            "which is not the same as showing there is none.")
+
+
+def _loss_sentence(lm: dict) -> str:
+    """The training loss's memorized list, when the loss was measured with training randomness counted."""
+    if not lm.get("inference", {}).get("training_randomness_counted"):
+        return ""
+    withheld = (lm["inference"].get("null") or {}).get("withheld")
+    return f"By the training loss ({lm['loss']}): " + (
+        f"no at-risk list ({withheld})." if withheld else
+        f"{lm['inference']['at_risk']} of {lm['inference']['family']} images memorized at the same false "
+        f"discovery rate, calibrated the same way.")
+
+
+def _dp_sentence(f_runs, eps: float | None) -> str:
+    if eps is None:
+        return "The encoder was trained without differential privacy (epsilon = infinity)."
+    how = (" (declared, not checked by memlens)." if any(r.dp_declared for r in f_runs) else
+           "; WARNING: with reproducible randomness (dp.reproducible: true), so the guarantee holds only while the "
+           "run records stay private (their seed regenerates the noise and the sampling)."
+           if any(r.dp_randomness == "reproducible" for r in f_runs) else
+           ", its noise and sampling drawn from secret randomness.")
+    return f"The encoder was trained with differential privacy: ({_f(eps, 2)}, {f_runs[0].delta:.2g})-DP" + how
+
+
+def _random_init_sentence(s) -> str:
+    labels = [e.label for e in s.encoders if e.weights == "random-init"]
+    if not labels:
+        return ""
+    return ("WARNING: " + ", ".join(labels) + " audited at its random initialisation (weights: none): these numbers "
+            "say nothing about a trained model.")
 
 
 def _relative(path: str | None, base: str | Path) -> str:
