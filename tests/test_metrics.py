@@ -7,16 +7,10 @@ import pytest
 import torch
 from scipy import stats as sps
 
+from memlens.audit.alignment import alignment_loss, pair_distance, pairwise_distances
 from memlens.audit.classmem import ClassMemAccumulator, classmem
 from memlens.audit.layermem import delta_layermem, layermem, vit_block_table
-from memlens.audit.sslmem import (
-    alignment_loss,
-    pair_distance,
-    pairwise_distances,
-    range_normalize,
-    sslmem,
-    symmetric_normalize,
-)
+from memlens.audit.sslmem import in_out_means, range_normalize, sslmem, symmetric_normalize
 from memlens.audit.stats import (
     bootstrap_ci,
     cohens_d,
@@ -77,17 +71,31 @@ def test_all_pairs_alignment_equals_a_brute_force_double_loop(metric):
 
 
 def test_sslmem_and_its_normalisations():
-    f, g = T([1.0, 2.0, 0.5, 0.0]), T([3.0, 1.0, 0.5, 0.0])
+    f, g = np.array([1.0, 2.0, 0.5, 0.0]), np.array([3.0, 1.0, 0.5, 0.0])
     raw = sslmem(f, g)
-    assert torch.equal(raw, T([2.0, -1.0, 0.0, 0.0]))
-    assert torch.allclose(range_normalize(raw), T([2 / 3, -1 / 3, 0.0, 0.0]))  # range = 2 - (-1) = 3
-    assert torch.equal(range_normalize(T([0.2, 0.2])), T([0.0, 0.0]))
-    assert torch.allclose(symmetric_normalize(f, g), T([0.5, -1 / 3, 0.0, 0.0]))  # 0/0 -> 0
+    assert np.array_equal(raw, [2.0, -1.0, 0.0, 0.0])
+    assert np.allclose(range_normalize(raw), [2 / 3, -1 / 3, 0.0, 0.0])  # range = 2 - (-1) = 3
+    assert np.array_equal(range_normalize(np.array([0.2, 0.2])), [0.0, 0.0])
+    assert np.allclose(symmetric_normalize(f, g), [0.5, -1 / 3, 0.0, 0.0])  # 0/0 -> 0
+
+
+def test_in_out_means_against_a_loop():
+    rng = np.random.default_rng(0)
+    values, member = rng.normal(size=(5, 3, 7)), rng.random((5, 7)) < 0.5
+    member[:, 0], member[:, 1] = True, False  # no out-encoder, no in-encoder
+    m_in, m_out = in_out_means(values, member)
+    for layer in range(3):
+        for i in range(7):
+            ins, outs = values[member[:, i], layer, i], values[~member[:, i], layer, i]
+            assert m_in[layer, i] == pytest.approx(ins.mean()) if len(ins) else math.isnan(m_in[layer, i])
+            assert m_out[layer, i] == pytest.approx(outs.mean()) if len(outs) else math.isnan(m_out[layer, i])
+    flat_in, flat_out = in_out_means(values[:, 1], member)  # (E, n): the same as one layer of (E, L, n)
+    assert np.array_equal(flat_in, m_in[1], equal_nan=True) and np.array_equal(flat_out, m_out[1], equal_nan=True)
 
 
 def test_layermem_and_delta():
-    assert layermem(T([1.0, 1.0]), T([3.0, 1.0])) == pytest.approx(0.25)  # mean of 0.5 and 0
-    assert math.isnan(layermem(T([]), T([])))
+    assert layermem(np.array([1.0, 1.0]), np.array([3.0, 1.0])) == pytest.approx(0.25)  # mean of 0.5 and 0
+    assert math.isnan(layermem(np.array([]), np.array([])))
     d = delta_layermem({"a": 0.1, "b": 0.25, "c": 0.2}, {"a": None, "b": "a", "c": "b"})
     assert d["a"] is None and d["b"] == pytest.approx(0.15) and d["c"] == pytest.approx(-0.05)
 

@@ -24,11 +24,11 @@ from scipy import stats as sps
 from memlens import distributed as D
 from memlens.audit import nulls
 from memlens.audit.design import RECIPE_IGNORED
-from memlens.audit.inference import group_means, pair_differences
-from memlens.audit.layermem import delta_layermem, vit_block_table
+from memlens.audit.inference import pair_differences
+from memlens.audit.layermem import delta_layermem, layermem, vit_block_table
 from memlens.audit.results import AuditResult, AuditSummary
 from memlens.audit.signals import signals_table
-from memlens.audit.sslmem import range_normalize, symmetric_normalize
+from memlens.audit.sslmem import in_out_means, range_normalize, sslmem, symmetric_normalize
 from memlens.audit.stats import (
     bootstrap_ci,
     holm,
@@ -94,14 +94,13 @@ def points_table(s, align: np.ndarray, losses: np.ndarray | None, est, freq: np.
         table.update(align_f=a_in, align_g=a_out)
     else:
         # the raw alignments (the estimator works on scores centred on the controls)
-        a_in, a_out = (x[:n] for x in group_means(align[design.scored], design.member[design.scored]))
+        a_in, a_out = (x[:n] for x in in_out_means(align[design.scored], design.member[design.scored]))
         table.update(align_in=a_in, align_out=a_out)
-    raw = a_out - a_in
+    raw = sslmem(a_in, a_out)
     defined = np.isfinite(raw)
     norm = np.full(n, np.nan)
-    norm[defined] = range_normalize(torch.from_numpy(raw[defined])).numpy()
-    table.update(sslmem=raw, sslmem_range_norm=norm,
-                 sslmem_sym_norm=symmetric_normalize(torch.from_numpy(a_in), torch.from_numpy(a_out)).numpy())
+    norm[defined] = range_normalize(raw[defined])
+    table.update(sslmem=raw, sslmem_range_norm=norm, sslmem_sym_norm=symmetric_normalize(a_in, a_out))
     elig = s.eligible[:n]
     # mem: the offset-free estimate (out - in of scores centred on the control images), with its
     # interval, the controls' null p-value behind the list, and the moderated t's own p (p_model)
@@ -160,17 +159,14 @@ def layers_units(s, res, unit_acc, class_acc, groups, unit_null=None, est=None):
     offset_free = _layer_null(s, res, est) if est is not None else {}
     member = design.member[design.scored][:, pts]
     layer = res["layer"][design.scored][:, :, pts]  # (E, L, m)
-    with np.errstate(invalid="ignore"):
-        l_in = (layer * member[:, None]).sum(0) / member.sum(0)
-        l_out = (layer * ~member[:, None]).sum(0) / (~member).sum(0)
-    prime = symmetric_normalize(torch.from_numpy(l_in), torch.from_numpy(l_out)).numpy()  # (L, m) SSLMem' per layer
+    l_in, l_out = in_out_means(layer, member)  # (L, m)
+    prime = symmetric_normalize(l_in, l_out)  # (L, m) SSLMem' per layer
     where = {p: j for j, p in enumerate(pts)}
     top_idx = [where[p] for p in groups["top"] if p in where]
     least_idx = [where[p] for p in groups["least"] if p in where]
 
-    def mean_over(idx):
-        return {name: float(np.nanmean(prime[li, idx])) if len(idx) else float("nan") for li, name in
-                enumerate(names)}
+    def mean_over(idx):  # LayerMem (localizing paper, Eq. 3) over the images idx
+        return {name: layermem(l_in[li, idx], l_out[li, idx]) for li, name in enumerate(names)}
 
     lm, lm_top, lm_least = mean_over(list(range(len(pts)))), mean_over(top_idx), mean_over(least_idx)
     prev = {sp.name: sp.prev for sp in specs}
@@ -218,7 +214,7 @@ def _layer_null(s, res, est) -> dict[str, dict]:
     out, ps = {}, []
     for li, sp in enumerate(s.ctx.specs):
         values = nulls.centre_on_controls(res["layer"][design.scored][:, li, :], s.controls)
-        m_in, m_out = group_means(values, member)
+        m_in, m_out = in_out_means(values, member)
         d = m_out - m_in
         dc, dn = d[cand], d[ctrl]
         spread = float(np.std(dn, ddof=1)) if len(dn) > 1 else float("nan")

@@ -35,6 +35,7 @@ from memlens import distributed as D
 from memlens import resources
 from memlens.audit import inference, nulls
 from memlens.audit import membership as mem
+from memlens.audit.alignment import alignment_from_distances
 from memlens.audit.assemble import assemble
 from memlens.audit.design import (
     Design,
@@ -52,7 +53,6 @@ from memlens.audit.encoders import AuditEncoder, resolve
 from memlens.audit.passes import Ctx, gather, loss_pass, merge_passes, scoring_pass, unit_pass
 from memlens.audit.reliability import ranking_reliability
 from memlens.audit.results import AuditResult
-from memlens.audit.sslmem import alignment_from_distances
 from memlens.audit.unitmem import unitmem_null_p
 from memlens.config import AuditConfig, DataConfig, validate
 from memlens.data import Augmenter, Dataset, Splits, load

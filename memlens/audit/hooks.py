@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from memlens.audit.sslmem import Distance, alignment_loss
+from memlens.audit.alignment import Distance, alignment_loss
 from memlens.errors import MemlensError
 from memlens.models.layers import LayerSpec
 

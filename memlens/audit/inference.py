@@ -63,6 +63,7 @@ from scipy import special, stats
 
 from memlens.audit import nulls
 from memlens.audit.reliability import spearman_brown
+from memlens.audit.sslmem import in_out_means
 
 # ----------------------------------------------------------------------------- differences
 
@@ -86,14 +87,6 @@ def pair_differences(align: np.ndarray, member: np.ndarray, pairs: list[tuple[in
 def contrast(member: np.ndarray) -> np.ndarray:
     """(n,) bool: images with at least one in- and one out-encoder."""
     return member.any(axis=0) & (~member).any(axis=0)
-
-
-def group_means(align: np.ndarray, member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean alignment over in-encoders, over out-encoders), NaN where a group is empty."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        m_in = (align * member).sum(0) / member.sum(0)
-        m_out = (align * ~member).sum(0) / (~member).sum(0)
-    return m_in, m_out
 
 
 # ----------------------------------------------------------------------------- moderated variance
@@ -158,8 +151,10 @@ def view_jackknife(dist: np.ndarray, member: np.ndarray, pairing: str = "all") -
         row = d.sum(axis=-1)  # (E, n, V): distances of view v to the others
         loo = (total[..., None] - row) / ((v - 1) * (v - 2) / 2)
         count = v
-    m_in = (loo * member[..., None]).sum(0) / np.maximum(member.sum(0), 1)[:, None]
-    m_out = (loo * ~member[..., None]).sum(0) / np.maximum((~member).sum(0), 1)[:, None]
+    m_in, m_out = in_out_means(np.moveaxis(loo, -1, 1), member)  # (count, n) each
+    # an image without in- (or out-) encoders has no contrast: its empty mean counts as 0 here
+    m_in, m_out = (np.where(member.any(0) if k == 0 else (~member).any(0), x, 0.0).T
+                   for k, x in enumerate((m_in, m_out)))
     m = m_out - m_in  # (n, count)
     return (count - 1) / count * ((m - m.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
 
@@ -248,7 +243,7 @@ def statistic(values: np.ndarray, member: np.ndarray, pairs: list[tuple[int, int
             s2[images] = d[:, images].var(axis=0, ddof=1)
         resid_df, scale = float(p_count - 1), 1.0 / p_count
     else:
-        m_in, m_out = group_means(values, member)
+        m_in, m_out = in_out_means(values, member)
         mem = np.where(images, m_out - m_in, np.nan)
         s2, resid_df, scale = _two_sample_var(values, member)
     if resid_df <= 0:  # one pair: the views are all that can be measured
@@ -309,7 +304,7 @@ def per_image(values: np.ndarray, member: np.ndarray, pairs: list[tuple[int, int
             were centred on them (:func:`memlens.audit.nulls.centre_on_controls`).
     """
     n = values.shape[1]
-    m_in, m_out = group_means(values, member)
+    m_in, m_out = in_out_means(values, member)
     has = contrast(member)
     eligible = has if eligible is None else (eligible & has)
     st = statistic(values, member, pairs, view_var=view_var, images=has, moderated=moderated,
@@ -427,7 +422,7 @@ def _two_sample_var(align: np.ndarray, member: np.ndarray) -> tuple[np.ndarray, 
     """Pooled within-group variance of the two groups (in, out), its df, and the 1/n_in + 1/n_out
     factor, per image (the groups have the same sizes for every image of one subset)."""
     n_in, n_out = member.sum(0), (~member).sum(0)
-    m_in, m_out = group_means(align, member)
+    m_in, m_out = in_out_means(align, member)
     ss = ((align - m_in) ** 2 * member).sum(0) + ((align - m_out) ** 2 * ~member).sum(0)
     df_each = n_in + n_out - 2
     with np.errstate(invalid="ignore", divide="ignore"):

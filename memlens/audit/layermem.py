@@ -12,16 +12,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from memlens.audit.sslmem import symmetric_normalize
 
 
-def layermem(align_f: torch.Tensor, align_g: torch.Tensor) -> float:
-    """Eq. 3 for one layer. align_f, align_g: (N,) alignment losses of the layer's outputs on D'."""
-    if align_f.numel() == 0:
+def layermem(align_in: np.ndarray, align_out: np.ndarray) -> float:
+    """Eq. 3 for one layer: the mean SSLMem' over D'.
+
+    Args:
+        align_in, align_out: (N,) mean alignment loss of the layer's outputs on the images of D', over
+            the encoders that trained on each image and over those that did not
+            (:func:`memlens.audit.sslmem.in_out_means`).
+    """
+    if len(align_in) == 0:
         return float("nan")
-    return float(symmetric_normalize(align_f, align_g).mean())
+    return float(np.nanmean(symmetric_normalize(align_in, align_out)))
 
 
 def delta_layermem(values: dict[str, float], prev: dict[str, str | None]) -> dict[str, float | None]:

@@ -29,6 +29,8 @@ import math
 import numpy as np
 from scipy import special
 
+from memlens.audit.sslmem import in_out_means
+
 GLOBAL_BELOW = 16
 
 
@@ -94,9 +96,7 @@ def lira(target: np.ndarray, ref: np.ndarray, member: np.ndarray, *, variance: s
             its offset removed first (``variance`` is then ignored).
     """
     member = member.astype(bool)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mu_in = (ref * member).sum(0) / member.sum(0)
-        mu_out = (ref * ~member).sum(0) / (~member).sum(0)
+    mu_in, mu_out = in_out_means(ref, member)
     if widths is not None:
         floor = 1e-12
         s_in, s_out = (np.full(ref.shape[1], max(w, floor)) for w in widths[:2])

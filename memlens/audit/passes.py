@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from memlens import distributed as D
+from memlens.audit.alignment import pairwise_distances
 from memlens.audit.classmem import ClassMemAccumulator
 from memlens.audit.hooks import tap
-from memlens.audit.sslmem import pairwise_distances
 from memlens.audit.unitmem import UnitMemAccumulator
 from memlens.config import AuditConfig
 from memlens.data import Augmenter, Dataset

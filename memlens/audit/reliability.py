@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import stats
 
+from memlens.audit.sslmem import in_out_means, sslmem
+
 
 def spearman_brown(r: float, factor: float = 2.0) -> float:
     """Reliability of a test ``factor`` times as long as one with reliability ``r``."""
@@ -62,8 +64,8 @@ def _pair_mean(dist: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
 
 def _score(dist: np.ndarray, member: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
     """Mean alignment over out-encoders minus over in-encoders. dist (E, n, V, V), member (E, n)."""
-    a = _pair_mean(dist, idx)
-    return (a * ~member).sum(0) / (~member).sum(0) - (a * member).sum(0) / member.sum(0)
+    m_in, m_out = in_out_means(_pair_mean(dist, idx), member)
+    return sslmem(m_in, m_out)
 
 
 def _half_indices(n: int, views: int, pairing: str) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +85,8 @@ def _disjoint_mean(dist: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 
 def _disjoint_score(dist: np.ndarray, member: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    a = _disjoint_mean(dist, pairs)
-    return (a * ~member).sum(0) / (~member).sum(0) - (a * member).sum(0) / member.sum(0)
+    m_in, m_out = in_out_means(_disjoint_mean(dist, pairs), member)
+    return sslmem(m_in, m_out)
 
 
 @dataclass

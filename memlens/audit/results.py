@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from memlens.audit.signals import SIGNALS_FILE, write_signals
 from memlens.audit.stats import Consistency, TestResult
@@ -62,6 +62,172 @@ class EncoderInput(Model):
     wall_seconds: float | None = None
     load: dict[str, Any] | None = None
     reference: int | None = None
+
+
+class Record(BaseModel):
+    """A block of audit.json's findings: typed fields for what memlens writes, any other key kept (a
+    newer memlens's audit stays readable here). Written back with the keys it was given only, so a
+    record reads and writes unchanged; readable as a mapping too (``facts["family"]``, ``.get``) for
+    code written against audit.json's dictionaries."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    @model_serializer(mode="wrap")
+    def _as_given(self, handler):
+        data = handler(self)
+        return {k: v for k, v in data.items() if k in self.model_fields_set or k in (self.model_extra or {})}
+
+    def __getitem__(self, key: str) -> Any:
+        if key in type(self).model_fields or key in (self.model_extra or {}):
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = getattr(self, key, None) if key in type(self).model_fields else (self.model_extra or {}).get(key)
+        return default if value is None else value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.model_fields_set or key in (self.model_extra or {})
+
+
+class Uniformity(Record):
+    """How uniform null p-values are (:func:`memlens.audit.nulls.uniformity`)."""
+
+    n: int
+    below_05: float
+    below_01: float | None = None
+    ks_p: float | None = None
+    excess_p: float | None = None
+    interval_05: list[float] = []
+
+
+class SelfCheck(Uniformity):
+    """The null's self-check on the controls: those in every encoder against those in none."""
+
+    null_at_risk: int = 0
+    passed: bool
+
+
+class NullFacts(Record):
+    """Where the per-image p-values come from: the control images' null (``controls``) or the model's."""
+
+    method: Literal["controls", "model"]
+    controls: int = 0
+    in_every_encoder: int | None = None
+    in_no_encoder: int | None = None
+    labellings: int | None = None
+    statistic: str | None = None
+    smallest_p: float | None = None
+    can_list: bool | None = None
+    listable_from: int | None = None
+    model_check: Uniformity | None = None
+    self_check: SelfCheck | None = None
+    self_check_note: str | None = None
+    withheld: str | None = None  # why the list was withheld (the self-check failed)
+
+
+class InferenceFacts(Record):
+    """Per-image inference (:func:`memlens.audit.inference.per_image`): the design of the estimate, its
+    null, and the list at the FDR."""
+
+    pairs: int = 0
+    encoders: int | None = None
+    paired: bool | None = None
+    residual_df: float | None = None
+    fdr: float | None = None
+    confidence: float | None = None
+    interval_counts_training: bool | None = None
+    prior_df: float | None = None
+    prior_var: float | None = None
+    null: NullFacts | None = None
+    training_randomness_counted: bool | None = None
+    family: int | None = None  # images in the FDR family
+    at_risk: int | None = None  # images listed at the FDR
+    method: str | None = None  # the estimate and its p-value in words
+
+
+class EncoderReliabilityFacts(Record):
+    """How reliable the per-image ranking is over retraining (pairs of encoders)."""
+
+    pairs: int
+    split_half_r: float | None = None
+    reliability: float | None = None
+    target: float | None = None
+    at_risk_overlap: float | None = None
+    top10_overlap: float | None = None
+    pairs_for_target: float | None = None
+    views_for_target: float | None = None
+    components: dict[str, float] | None = None
+    meets_target: bool | None = None
+
+
+class LossMemorization(Record):
+    """Per-image memorization by the training loss (MAE reconstruction, cross-entropy)."""
+
+    loss: str
+    inference: InferenceFacts
+    reliability_encoders: EncoderReliabilityFacts | None = None
+    at_risk_points: list[dict[str, Any]] = []
+
+
+class ViewReliability(Record):
+    """How reliable the per-image ranking is over the views' randomness (split-half, Spearman-Brown)."""
+
+    views: int
+    pairing: str | None = None
+    n_points: int | None = None
+    split_half_r: float | None = None
+    reliability: float | None = None
+    target: float | None = None
+    views_for_target: float | None = None
+    top_k: int | None = None
+    topk_overlap_mean: float | None = None
+    topk_overlap_ci: list[float] | None = None
+    bootstrap: int | None = None
+    stable_fraction: float | None = None
+    history: list[dict[str, Any]] = []
+    meets_target: bool | None = None
+
+
+class UnitNullFacts(Record):
+    """The units' permutation null (:func:`memlens.audit.unitmem.unitmem_null_p`)."""
+
+    method: str
+    members: int
+    non_members: int
+    permutations: int
+    alpha: float
+
+
+class UnitFacts(Record):
+    """UnitMem over the units encoder's ranked units, and how many beat their own null."""
+
+    n: int | None = None
+    ranked: int | None = None
+    set_aside: dict[str, int] = {}
+    min_activation: float | None = None
+    signed: str | None = None
+    d_prime: list[str] = []
+    d_prime_size: int | None = None
+    mean: float | None = None
+    median: float | None = None
+    frac_above_half: float | None = None
+    max: float | None = None
+    classmem_mean: float | None = None
+    top_least_k: int | None = None
+    null: UnitNullFacts | None = None
+    tested: int | None = None
+    flagged: int | None = None
+    frac_flagged: float | None = None
+    chance_interval: list[float] | None = None
+    excess_p: float | None = None
+
+
+class ViewFacts(Record):
+    count: int
+    pairing: str
+    auto: bool = False
+    pairs_per_point: int | None = None
 
 
 class SubsetStats(Model):
@@ -140,15 +306,15 @@ class AuditSummary(Model):
     encoders: list[EncoderInput]
     design: dict[str, Any] = {}
     augmentation: dict[str, str]
-    views: dict[str, Any]
-    reliability: dict[str, Any] | None
-    reliability_encoders: dict[str, Any] | None = None
-    inference: dict[str, Any] = {}
-    loss_memorization: dict[str, Any] | None = None
+    views: ViewFacts
+    reliability: ViewReliability | None
+    reliability_encoders: EncoderReliabilityFacts | None = None
+    inference: InferenceFacts = InferenceFacts()
+    loss_memorization: LossMemorization | None = None
     subsets: dict[str, SubsetStats]
     layers: list[LayerRow]
     vit_blocks: list[dict[str, Any]] | None = None
-    units: dict[str, Any]
+    units: UnitFacts
     top_units: list[TopUnit]
     top_points: list[dict[str, Any]]
     at_risk_points: list[dict[str, Any]] = []
@@ -216,7 +382,8 @@ class Audit:
     @property
     def list_withheld(self) -> str | None:
         """Why the at-risk list was withheld (the null failed its self-check on the controls), else None."""
-        return ((self.summary.inference or {}).get("null") or {}).get("withheld")
+        null = self.summary.inference.null
+        return null.withheld if null is not None else None
 
     def memorized_at(self, fdr: float) -> tuple[list[str], int] | None:
         """Ids of the candidates memorized at ``fdr``, most significant first, and the family size; None

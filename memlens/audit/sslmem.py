@@ -1,154 +1,57 @@
-"""SSLMem: per-point memorization from the alignment of augmented views.
+"""SSLMem: per-image memorization, the gap between the alignment of encoders that did not train on an
+image and of those that did (SSLMem paper, Eq. 2), and its normalisations.
 
-SSLMem paper, Eq. 1-2:
-
-    L_align(f, x) = E_{x', x'' ~ Aug(x)} d(f(x'), f(x''))
     m(x) = E_g L_align(g, x) - E_f L_align(f, x)
 
-with f trained on data that contains x and g on data that does not. Representations are
-L2-normalised before the distance (SSLMem paper, Appendix A). The expectation over pairs of
-augmentations is estimated from V views per point: by default over all V (V - 1) / 2 pairs of
-distinct views (a U-statistic: unbiased for the same expectation as one pair, with less
-variance, from the same forward passes); optionally over V / 2 disjoint pairs, the papers'
-estimator.
+with f trained on data that contains x and g on data that does not; L_align is Eq. 1
+(:mod:`memlens.audit.alignment`). With several encoders per side (seeds, or K references each
+trained on half of the pool), the expectations are means over the encoders that trained on the
+image ("in") and over those that did not ("out"): :func:`in_out_means`, the one place memlens
+computes them. NumPy only: readers of audits import it without torch.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Literal
-
-import torch
-
-Distance = Literal["l2", "l1", "cosine", "angular"]
-DISTANCES = ("l2", "l1", "cosine", "angular")
+import numpy as np
 
 
-def pair_distance(u: torch.Tensor, v: torch.Tensor, metric: Distance = "l2") -> torch.Tensor:
-    """Distance between L2-normalised rows of ``u`` and ``v``.
+def in_out_means(values: np.ndarray, member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The expectations of Eq. 2 over encoders: the mean score over the encoders that trained on each
+    image, and over those that did not.
 
     Args:
-        u, v: (..., D) representations (normalised here, so the scale of the layer is irrelevant).
-        metric: ``l2`` (Euclidean, the papers' choice), ``l1``, ``cosine`` (1 - cos) or
-            ``angular`` (arccos(cos) / pi, in [0, 1]).
+        values: (E, ..., n) scores of E encoders (alignment loss, training loss, a layer's alignment
+            (E, L, n)); lower means better fitted.
+        member: (E, n) bool, encoder e trained on image i.
 
     Returns:
-        (...,) distances.
+        (mean over in-encoders, mean over out-encoders), each (..., n); NaN where a group is empty.
     """
-    u = torch.nn.functional.normalize(u, dim=-1)
-    v = torch.nn.functional.normalize(v, dim=-1)
-    if metric == "l2":
-        return (u - v).norm(dim=-1)
-    if metric == "l1":
-        return (u - v).abs().sum(dim=-1)
-    cos = (u * v).sum(dim=-1).clamp(-1.0, 1.0)
-    if metric == "cosine":
-        return 1.0 - cos
-    if metric == "angular":
-        return torch.arccos(cos) / math.pi
-    raise ValueError(f"unknown distance '{metric}'; valid: {', '.join(DISTANCES)}")
+    member = np.asarray(member, dtype=bool).reshape(member.shape[:1] + (1,) * (values.ndim - 2) + member.shape[1:])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (values * member).sum(0) / member.sum(0), (values * ~member).sum(0) / (~member).sum(0)
 
 
-def pairwise_distances(views: torch.Tensor, *, views_per_point: int, metric: Distance = "l2") -> torch.Tensor:
-    """Distances between all pairs of each point's views, on L2-normalised outputs.
-
-    Args:
-        views: (B * V, ...) outputs for V views per point, the views of one point contiguous.
-        views_per_point: V.
-        metric: see :func:`pair_distance`.
-
-    Returns:
-        (B, V, V) float64 distance matrices (zero diagonal).
-
-    The Gram matrix of the views, centred on their mean (distances are unchanged; identical views
-    become exact zeros), is formed in float32, the layer's own precision: it costs V^2 D per point
-    and one float32 copy of the output, small next to the encoder's forward passes. Pairs whose
-    squared distance comes out below 1e-3 (where 2 - 2 cos would lose digits to cancellation) are
-    recomputed from their explicit difference in float64.
-    """
-    v = views_per_point
-    if views.shape[0] % v:
-        raise ValueError(f"{views.shape[0]} rows are not a whole number of points with {v} views")
-    u = torch.nn.functional.normalize(views.reshape(views.shape[0] // v, v, -1).float(), dim=-1)
-    if metric == "l1":
-        return torch.cdist(u, u, p=1).double()
-    c = u - u.mean(dim=1, keepdim=True)
-    gram = torch.bmm(c, c.transpose(1, 2)).double()
-    sq = gram.diagonal(dim1=1, dim2=2)
-    d2 = (sq.unsqueeze(2) + sq.unsqueeze(1) - 2.0 * gram).clamp_min(0.0)
-    close = (d2 < 1e-3).triu(diagonal=1).nonzero()
-    if len(close):
-        b, i, j = close.unbind(1)
-        exact = (u[b, i].double() - u[b, j].double()).square().sum(dim=-1)
-        d2[b, i, j] = exact
-        d2[b, j, i] = exact
-    if metric == "l2":
-        d = d2.sqrt()
-    elif metric == "cosine":
-        d = d2 / 2.0
-    elif metric == "angular":
-        d = torch.arccos((1.0 - d2 / 2.0).clamp(-1.0, 1.0)) / math.pi
-    else:
-        raise ValueError(f"unknown distance '{metric}'; valid: {', '.join(DISTANCES)}")
-    return d * (1.0 - torch.eye(v, dtype=d.dtype, device=d.device))
+def sslmem(align_in: np.ndarray, align_out: np.ndarray) -> np.ndarray:
+    """Raw SSLMem, Eq. 2: align_out - align_in (the means of :func:`in_out_means`)."""
+    return align_out - align_in
 
 
-def alignment_from_distances(dist: torch.Tensor, pairing: str = "all") -> torch.Tensor:
-    """Per-point alignment loss from (B, V, V) view distances.
-
-    ``all``: the mean over the V (V - 1) / 2 pairs of distinct views, a U-statistic with the same
-    expectation as one pair (SSLMem paper, Eq. 1) and lower variance, from the same forward passes.
-    ``disjoint``: the mean over the K = V / 2 pairs (v1, v2), (v3, v4)... (the papers' estimator).
-    """
-    v = dist.shape[-1]
-    if pairing == "disjoint":
-        idx = torch.arange(0, v - 1, 2, device=dist.device)
-        return dist[:, idx, idx + 1].mean(dim=1)
-    iu = torch.triu_indices(v, v, offset=1, device=dist.device)
-    return dist[:, iu[0], iu[1]].mean(dim=1)
-
-
-def alignment_loss(views: torch.Tensor, *, views_per_point: int, pairing: str = "all",
-                   metric: Distance = "l2") -> torch.Tensor:
-    """Alignment loss of each point over its views (SSLMem paper, Eq. 1), float64.
-
-    Args:
-        views: (B * V, ...) outputs for V views per point, the views of one point contiguous.
-        views_per_point: V.
-        pairing: ``all`` pairs of views (default) or ``disjoint`` pairs (v1, v2), (v3, v4)...
-        metric: see :func:`pair_distance`.
-
-    Returns:
-        (B,) mean distance over the pairs.
-    """
-    if pairing == "disjoint":
-        flat = views.reshape(views.shape[0], -1)
-        if flat.shape[0] % views_per_point or views_per_point % 2:
-            raise ValueError(f"{flat.shape[0]} rows are not a whole number of points with {views_per_point} views "
-                             f"in pairs")
-        p = flat.reshape(-1, views_per_point // 2, 2, flat.shape[1])
-        return pair_distance(p[:, :, 0].float(), p[:, :, 1].float(), metric).double().mean(dim=1)
-    return alignment_from_distances(pairwise_distances(views, views_per_point=views_per_point, metric=metric))
-
-
-def sslmem(align_f: torch.Tensor, align_g: torch.Tensor) -> torch.Tensor:
-    """Raw SSLMem, Eq. 2: align_g - align_f (both averaged over views and over encoders)."""
-    return align_g - align_f
-
-
-def range_normalize(scores: torch.Tensor) -> torch.Tensor:
+def range_normalize(scores: np.ndarray) -> np.ndarray:
     """SSLMem paper, Appendix A: divide the differences by their range (largest minus smallest).
 
     The normalised scores span an interval of length exactly 1 (max - min = 1); they lie in
     [-1, 1] when the raw scores have both signs, and can exceed 1 when all are positive (e.g.
     raw scores in [0.25, 0.8] become [0.45, 1.45]). memlens takes the range over all points of the
     audit, so scores of different subsets stay comparable. A zero range gives zeros."""
-    span = (scores.max() - scores.min()) if scores.numel() else torch.tensor(0.0)
-    return torch.zeros_like(scores) if span <= 0 else scores / span
+    scores = np.asarray(scores, dtype=np.float64)
+    span = (scores.max() - scores.min()) if scores.size else 0.0
+    return np.zeros_like(scores) if span <= 0 else scores / span
 
 
-def symmetric_normalize(align_f: torch.Tensor, align_g: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """SSLMem' (localizing paper, Eq. 2): (align_g - align_f) / (align_f + align_g), in [-1, 1];
-    0 where both alignments are 0."""
-    denom = align_f + align_g
-    return torch.where(denom > eps, (align_g - align_f) / denom.clamp_min(eps), torch.zeros_like(denom))
+def symmetric_normalize(align_in: np.ndarray, align_out: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """SSLMem' (localizing paper, Eq. 2): (align_out - align_in) / (align_in + align_out), in [-1, 1];
+    0 where both alignments are 0 (and where either is undefined)."""
+    denom = align_in + align_out
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > eps, (align_out - align_in) / np.maximum(denom, eps), 0.0)

@@ -61,11 +61,12 @@ def test_require_calibrated_null_fails_an_unchecked_null(audits):
 
 def test_require_calibrated_null_fails_a_withheld_list(audits):
     full = copy.copy(audits[0])
-    inference = dict(full.summary.inference)
     why = "the control images in every encoder and those in none disagree"
-    inference["null"] = {**inference["null"], "self_check": {**inference["null"]["self_check"], "passed": False},
-                         "withheld": why}
-    full.summary = full.summary.model_copy(update={"inference": inference})
+    null = full.summary.inference.null
+    failed = null.model_copy(update={"self_check": null.self_check.model_copy(update={"passed": False}),
+                                     "withheld": why})
+    full.summary = full.summary.model_copy(update={"inference": full.summary.inference.model_copy(
+        update={"null": failed})})
     (row,) = _rows(full)
     assert not row.passed and why in row.detail
     # off unless the policy asks for it

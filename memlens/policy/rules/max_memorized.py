@@ -43,7 +43,7 @@ def check(ctx: RuleContext, limit: MemorizedLimit) -> list[RuleResult]:
     frac = len(ids) / family if family else 0.0
     ok = (limit.max_count is None or len(ids) <= limit.max_count) and (
         limit.max_fraction is None or frac <= limit.max_fraction)
-    counted = (audit.summary.inference or {}).get("training_randomness_counted", True)
+    counted = audit.summary.inference.training_randomness_counted is not False
     note = "" if counted else " (one encoder pair: training randomness not counted)"
     return [ctx.result(NAME, threshold, f"{len(ids)} of {family} ({frac:.1%}){note}", ok,
                        "" if ok else f"memorized at FDR {fdr:g}: {', '.join(ids[:5])}" + (" ..." if len(ids) > 5

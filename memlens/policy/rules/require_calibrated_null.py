@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from memlens.audit.results import InferenceFacts
 from memlens.policy.context import RuleContext, RuleResult
 
 NAME = "require_calibrated_null"
@@ -19,26 +20,23 @@ SETTING = (bool, Field(False, description="the per-image p-values must be calibr
                                           "their self-check (alignment, and the training loss where measured)"))
 
 
-def _measures(ctx: RuleContext) -> list[tuple[str, dict]]:
+def _measures(ctx: RuleContext) -> list[tuple[str, InferenceFacts]]:
     summary = ctx.audit.summary
-    out = [("alignment", summary.inference or {})]
-    loss = summary.loss_memorization or {}
-    if loss.get("inference"):
-        out.append(("loss", loss["inference"]))
-    return out
+    loss = summary.loss_memorization
+    return [("alignment", summary.inference)] + ([("loss", loss.inference)] if loss is not None else [])
 
 
-def _verdict(name: str, facts: dict) -> tuple[bool, str, str]:
+def _verdict(name: str, facts: InferenceFacts) -> tuple[bool, str, str]:
     """(passed, observed, why not) of one measure's null."""
-    null = facts.get("null") or {}
-    if null.get("method") != "controls":
+    null = facts.null
+    if null is None or null.method != "controls":
         return False, f"{name}: model p-values", f"{name}: the p-values were not checked on control images"
-    check = null.get("self_check")
+    check = null.self_check
     if check is None:
-        return False, f"{name}: not checkable", f"{name}: {null.get('self_check_note', 'no self-check')}"
-    lo, hi = check["interval_05"]
-    observed = f"{name}: {check['below_05']:.1%} of {check['n']} below 0.05 ({lo:.1%}-{hi:.1%})"
-    return bool(check["passed"]), observed, "" if check["passed"] else f"{name}: {null.get('withheld', 'failed')}"
+        return False, f"{name}: not checkable", f"{name}: {null.self_check_note or 'no self-check'}"
+    lo, hi = check.interval_05
+    observed = f"{name}: {check.below_05:.1%} of {check.n} below 0.05 ({lo:.1%}-{hi:.1%})"
+    return check.passed, observed, "" if check.passed else f"{name}: {null.withheld or 'failed'}"
 
 
 def check(ctx: RuleContext, setting: bool) -> list[RuleResult]:
