@@ -264,17 +264,15 @@ def loss_pass(ctx: Ctx, objectives: list, framework: str, labels: np.ndarray | N
         local = np.arange(done, done + len(pos))
         done += len(pos)
         lab = torch.from_numpy(labels[pos]).to(ctx.device) if labels is not None else None
-        # every draw of the batch in one forward per encoder: (draws * B) rows, draw-major
-        keys = [derive_seed(ctx.cfg.seed, "mae-mask", ctx.ids[p], r) for r in range(draws) for p in pos]
-        for k, (enc, obj) in enumerate(zip(ctx.encoders, objectives, strict=True)):
-            with autocast(ctx.device, ctx.cfg.precision):
-                if framework == "mae":
-                    noise = RowStreams(keys, ctx.device).rand(obj.encoder.num_patches)
-                    loss = obj.losses_on_views(enc.prepare(x).repeat(draws, 1, 1, 1), None, noise)
-                else:
-                    feats = obj.encoder.head_features(obj.encoder(enc.prepare(x)))
-                    loss = torch.nn.functional.cross_entropy(obj.classifier(feats).float(), lab, reduction="none")
-            per_draw = loss.float().cpu().numpy().reshape(draws, len(pos))
-            for r in range(draws):  # summed draw by draw, as one draw at a time would
-                out[k, local] += per_draw[r] / draws
+        for r in range(draws):
+            keys = [derive_seed(ctx.cfg.seed, "mae-mask", ctx.ids[p], r) for p in pos]
+            for k, (enc, obj) in enumerate(zip(ctx.encoders, objectives, strict=True)):
+                with autocast(ctx.device, ctx.cfg.precision):
+                    if framework == "mae":
+                        noise = RowStreams(keys, ctx.device).rand(obj.encoder.num_patches)
+                        loss = obj.losses_on_views(enc.prepare(x), None, noise)
+                    else:
+                        feats = obj.encoder.head_features(obj.encoder(enc.prepare(x)))
+                        loss = torch.nn.functional.cross_entropy(obj.classifier(feats).float(), lab, reduction="none")
+                out[k, local] += loss.float().cpu().numpy() / draws
     return np.concatenate(D.all_gather_object(out), axis=1)
