@@ -16,10 +16,12 @@ For each setup, rounds alternate (the machine's speed drifts; alternating cancel
 * ``run_audit`` end to end (loading, augmentation, hooks, all-pairs alignment, units,
   reliability, statistics);
 * the bare forward passes the audit needs: the same views (drawn beforehand, not timed) through
-  every encoder's representation with no hooks, plus the Top/Least pass of f.
+  every encoder's representation with no hooks, plus the Top/Least pass of f ("bare s");
+* and with the calibration's passes added ("all s"): the units encoder on the images of the units'
+  permutation null, and every encoder's training loss under the audit's MAE mask draws.
 
-It prints audit time / bare forward time (target: at most 1.15 on large models), the audit's
-images/s, and peak memory (CPU: the high-water mark of live tensor bytes from PyTorch's
+It prints audit time / bare forward time (target: at most 1.15 on large models), the same over all
+the forward passes, the audit's images/s, and peak memory (CPU: the high-water mark of live tensor bytes from PyTorch's
 allocation events; CUDA: ``max_memory_allocated``). Runs unchanged on CUDA.
 """
 
@@ -40,6 +42,7 @@ from memlens.config import AuditConfig, DataConfig, SplitConfig, SplitSizes, Tra
 from memlens.data import Augmenter, load, make_splits
 from memlens.dp.training import train_encoder
 from memlens.rng import RowStreams, derive_seed
+from memlens.train.run import load_objective
 
 
 def run_pair(root: Path, data: DataConfig, sizes: dict, recipe: dict) -> tuple[dict, object]:
@@ -91,6 +94,19 @@ def bare_forward_seconds(cfg: AuditConfig, ds, result, device: torch.device) -> 
     k_top = int(result.summary.units["top_least_k"])
     cand = [i for i, s in enumerate(result.points["subset"]) if s == "S_C"]
     extra = [views_of(cand[k:k + b], v) for k in range(0, 2 * k_top, b)] if k_top >= 2 else []
+    # the calibration's passes: the units encoder on the units null's images, each encoder's training
+    # loss under the audit's mask draws (MAE) on the un-augmented images
+    null = result.summary.units.null
+    null_batches = [views_of(list(range(k, min(null.members + null.non_members, k + b))), v)
+                    for k in range(0, null.members + null.non_members, b)] if null is not None else []
+    losses = []
+    if result.summary.loss_memorization is not None and f.record is not None:
+        objectives = [load_objective(e.info["path"]).to(device) for e in (f, g)]
+        draws = cfg.privacy.mae_masks
+        plain = [views_of(list(range(k, min(len(ids), k + b))), 1) for k in range(0, len(ids), b)]  # image-sized
+        losses = [(obj, enc, x, RowStreams([derive_seed(cfg.seed, "mae-mask", ids[0], r) for r in range(len(x))],
+                                           device).rand(obj.encoder.num_patches))
+                  for x in plain for _ in range(draws) for obj, enc in zip(objectives, (f, g), strict=True)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         f.represent(f.prepare(batches[0]))  # warm-up, as the audit's first batch also pays it
@@ -102,7 +118,14 @@ def bare_forward_seconds(cfg: AuditConfig, ds, result, device: torch.device) -> 
         for x in extra:
             f.represent(f.prepare(x))
         sync()
-        return time.perf_counter() - t0
+        representation = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for x in null_batches:
+            f.represent(f.prepare(x))
+        for obj, enc, x, noise in losses:
+            obj.losses_on_views(enc.prepare(x), None, noise)
+        sync()
+        return representation, time.perf_counter() - t0
 
 
 def peak_mb(fn, device: torch.device) -> float:
@@ -160,7 +183,8 @@ def main() -> None:
                  {"max_per_subset": 150})]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}; {args.views} views per point, "
           f"all pairs")
-    print(f"{'encoders':<48}{'points':>7}{'audit s':>9}{'bare s':>8}{'ratio':>7}{'img/s':>8}{'peak MB':>9}")
+    print(f"{'encoders':<48}{'points':>7}{'audit s':>9}{'bare s':>8}{'ratio':>7}{'all s':>7}{'ratio':>7}{'img/s':>8}"
+          f"{'peak MB':>9}")
     for k, (name, make, extra) in enumerate(setups):
         (root / str(k)).mkdir()
         base, ds = make(root / str(k))
@@ -174,11 +198,13 @@ def main() -> None:
                 torch.cuda.synchronize()
             audits.append(time.perf_counter() - t0)
             bares.append(bare_forward_seconds(cfg, ds, result, device))
-        audit_s, bare = statistics.median(audits), statistics.median(bares)
+        audit_s = statistics.median(audits)
+        bare = statistics.median(r for r, _ in bares)
+        every = statistics.median(r + c for r, c in bares)
         rate = result.summary.timings["images_forwarded"] / audit_s
         mem = peak_mb(lambda cfg=cfg, ds=ds: run_audit(cfg, dataset=ds), device)
-        print(f"{name:<48}{len(result.points):>7}{audit_s:>9.2f}{bare:>8.2f}{audit_s / bare:>7.2f}{rate:>8.0f}"
-              f"{mem:>9.1f}", flush=True)
+        print(f"{name:<48}{len(result.points):>7}{audit_s:>9.2f}{bare:>8.2f}{audit_s / bare:>7.2f}{every:>7.2f}"
+              f"{audit_s / every:>7.2f}{rate:>8.0f}{mem:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ variance, from the same forward passes); optionally over V / 2 disjoint pairs, t
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -18,6 +19,21 @@ import torch
 
 Distance = Literal["l2", "l1", "cosine", "angular"]
 DISTANCES = ("l2", "l1", "cosine", "angular")
+
+
+@functools.lru_cache(maxsize=32)
+def _off_diagonal(v: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(V, V) ones with a zero diagonal (cached: the hooks ask for it once per layer and batch; made outside
+    inference mode, so a cached copy serves code that records gradients too)."""
+    with torch.inference_mode(False):
+        return 1.0 - torch.eye(v, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _upper_pairs(v: int, device: torch.device) -> torch.Tensor:
+    """(2, V (V - 1) / 2) indices of the pairs i < j (cached, as :func:`_off_diagonal`)."""
+    with torch.inference_mode(False):
+        return torch.triu_indices(v, v, offset=1, device=device)
 
 
 def pair_distance(u: torch.Tensor, v: torch.Tensor, metric: Distance = "l2") -> torch.Tensor:
@@ -86,7 +102,7 @@ def pairwise_distances(views: torch.Tensor, *, views_per_point: int, metric: Dis
         d = torch.arccos((1.0 - d2 / 2.0).clamp(-1.0, 1.0)) / math.pi
     else:
         raise ValueError(f"unknown distance '{metric}'; valid: {', '.join(DISTANCES)}")
-    return d * (1.0 - torch.eye(v, dtype=d.dtype, device=d.device))
+    return d * _off_diagonal(v, d.dtype, d.device)
 
 
 def alignment_from_distances(dist: torch.Tensor, pairing: str = "all") -> torch.Tensor:
@@ -100,7 +116,7 @@ def alignment_from_distances(dist: torch.Tensor, pairing: str = "all") -> torch.
     if pairing == "disjoint":
         idx = torch.arange(0, v - 1, 2, device=dist.device)
         return dist[:, idx, idx + 1].mean(dim=1)
-    iu = torch.triu_indices(v, v, offset=1, device=dist.device)
+    iu = _upper_pairs(v, dist.device)
     return dist[:, iu[0], iu[1]].mean(dim=1)
 
 

@@ -22,8 +22,10 @@ class LayerTap:
     """Results of one forward pass: ``align[name]`` (B,) float64 and ``units[name]`` (B, U) float32."""
 
     def __init__(self, specs: list[LayerSpec], *, views_per_point: int, pairing: str | None, distance: Distance,
-                 unit_layers: set[str] | None, align_layers: set[str] | None = None, signed: str = "exclude"):
+                 unit_layers: set[str] | None, align_layers: set[str] | None = None, signed: str = "exclude",
+                 align_points: torch.Tensor | None = None):
         self.specs = specs
+        self.align_points = align_points
         self.views = views_per_point
         self.pairing = pairing
         self.distance = distance
@@ -39,7 +41,11 @@ class LayerTap:
                 out = out[0]
             out = out.detach()
             if self.pairing and (self.align_layers is None or spec.name in self.align_layers):
-                self.align[spec.name] = alignment_loss(out, views_per_point=self.views, pairing=self.pairing,
+                mine = out
+                if self.align_points is not None:  # the views of these points only (each point's own rows)
+                    mine = out.reshape(-1, self.views, *out.shape[1:]).index_select(0, self.align_points)
+                    mine = mine.reshape(-1, *out.shape[1:])
+                self.align[spec.name] = alignment_loss(mine, views_per_point=self.views, pairing=self.pairing,
                                                        metric=self.distance)
             if spec.name in self.unit_layers:
                 act = spec.unit_activations(out, signed="abs" if self.signed == "abs" else "raw")  # (B * V, U)
@@ -62,7 +68,8 @@ class LayerTap:
 @contextmanager
 def tap(encoder: nn.Module, specs: list[LayerSpec], *, views_per_point: int, pairing: str | None,
         distance: Distance = "l2", unit_layers: set[str] | None = None, align_layers: set[str] | None = None,
-        signed: str = "exclude", modules: dict[str, nn.Module] | None = None) -> Iterator[LayerTap]:
+        signed: str = "exclude", modules: dict[str, nn.Module] | None = None,
+        align_points: torch.Tensor | None = None) -> Iterator[LayerTap]:
     """Hook ``specs`` of ``encoder`` for the duration of the block; handles are always removed.
 
     Args:
@@ -70,12 +77,14 @@ def tap(encoder: nn.Module, specs: list[LayerSpec], *, views_per_point: int, pai
         pairing: ``all`` or ``disjoint`` pairs of views for the alignment (None: no alignment).
         unit_layers: layers whose per-point mean unit activations (Eq. 5) are needed.
         align_layers: layers whose alignment is needed (None: all).
+        align_points: indices of the batch's points whose alignment is needed (None: all); ``align``
+            then holds theirs, in this order.
         signed: how ``other`` layers' units are measured when asked for (``abs`` or raw).
         modules: ``dict(encoder.named_modules())`` when the caller already has it.
     """
     modules = modules if modules is not None else dict(encoder.named_modules())
     state = LayerTap(specs, views_per_point=views_per_point, pairing=pairing, distance=distance,
-                     unit_layers=unit_layers, align_layers=align_layers, signed=signed)
+                     unit_layers=unit_layers, align_layers=align_layers, signed=signed, align_points=align_points)
     handles = []
     try:
         for spec in specs:

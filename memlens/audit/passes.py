@@ -163,7 +163,7 @@ def scoring_pass(ctx: Ctx, positions: np.ndarray, n_views: int, augmenter: Augme
 
     Returns:
         ``dist`` (E, n, V, V) float32 view distances of each encoder's representation; ``layer``
-        (E, L, n) per-layer alignments (zero where ``ctx.layer_points`` is False); unit and class
+        (E, L, n) per-layer alignments (zero where ``ctx.layer_points`` is False: not computed); unit and class
         accumulators of the units encoder (when ``units``).
     """
     cfg = ctx.cfg
@@ -178,12 +178,15 @@ def scoring_pass(ctx: Ctx, positions: np.ndarray, n_views: int, augmenter: Augme
     for b, (pos, v01) in enumerate(ctx.view_batches(positions, n_views, augmenter)):
         local = np.arange(done, done + len(pos))
         done += len(pos)
-        want_layers = bool(ctx.layer_points[pos].any())
+        # per-layer alignments of the points that need them (LayerMem's candidates and its null's controls)
+        layer_sel = np.flatnonzero(ctx.layer_points[pos])
+        want_layers = len(layer_sel) > 0
+        subset = torch.from_numpy(layer_sel).to(ctx.device) if 0 < len(layer_sel) < len(pos) else None
         for e, enc in enumerate(ctx.encoders):
             want_units = units and e == ctx.unit_encoder and bool((ctx.dprime_pos[pos] >= 0).any())
             with tap(enc.module, ctx.specs, views_per_point=n_views, pairing=cfg.pairing if want_layers else None,
                      distance=cfg.distance, unit_layers=set(ctx.unit_layers) if want_units else None,
-                     signed=cfg.unitmem.signed, modules=ctx.modules[id(enc)]) as tapped, \
+                     signed=cfg.unitmem.signed, modules=ctx.modules[id(enc)], align_points=subset) as tapped, \
                     autocast(ctx.device, cfg.precision):
                 z = enc.represent(enc.prepare(v01))
             tapped.check_finite(f"encoder {enc.label}")  # first: it names the layer
@@ -194,7 +197,7 @@ def scoring_pass(ctx: Ctx, positions: np.ndarray, n_views: int, augmenter: Augme
             out["dist"][e, local] = dist.float().cpu().numpy()
             if want_layers:
                 for li, name in enumerate(names):
-                    out["layer"][e, li, local] = tapped.align[name].cpu().numpy()
+                    out["layer"][e, li, local[layer_sel]] = tapped.align[name].cpu().numpy()
             if want_units:
                 _feed(ctx, tapped, pos, unit_acc, class_acc)
             ctx.forwards += len(v01)
