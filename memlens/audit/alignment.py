@@ -79,11 +79,24 @@ def pairwise_distances(views: torch.Tensor, *, views_per_point: int, metric: Dis
     recomputed from their explicit difference in float64.
     """
     v = views_per_point
-    if views.shape[0] % v:
-        raise ValueError(f"{views.shape[0]} rows are not a whole number of points with {v} views")
-    u = torch.nn.functional.normalize(views.reshape(views.shape[0] // v, v, -1).float(), dim=-1)
+    u = _unit_rows(views, v)
     if metric == "l1":
         return torch.cdist(u, u, p=1).double()
+    d = _from_squared(_squared_distances(u), metric)
+    return d * _off_diagonal(v, d.dtype, d.device)
+
+
+def _unit_rows(views: torch.Tensor, v: int) -> torch.Tensor:
+    """(B, V, F) float32 views, each L2-normalised (as ``F.normalize``, its ops written out: the hooks call
+    this once per layer and batch)."""
+    if views.shape[0] % v:
+        raise ValueError(f"{views.shape[0]} rows are not a whole number of points with {v} views")
+    x = views.reshape(views.shape[0] // v, v, -1).float()
+    return x / x.norm(2, -1, keepdim=True).clamp_min(1e-12).expand_as(x)
+
+
+def _squared_distances(u: torch.Tensor) -> torch.Tensor:
+    """(B, V, V) float64 squared distances of unit rows ``u`` (B, V, F) (see :func:`pairwise_distances`)."""
     c = u - u.mean(dim=1, keepdim=True)
     gram = torch.bmm(c, c.transpose(1, 2)).double()
     sq = gram.diagonal(dim1=1, dim2=2)
@@ -94,15 +107,18 @@ def pairwise_distances(views: torch.Tensor, *, views_per_point: int, metric: Dis
         exact = (u[b, i].double() - u[b, j].double()).square().sum(dim=-1)
         d2[b, i, j] = exact
         d2[b, j, i] = exact
+    return d2
+
+
+def _from_squared(d2: torch.Tensor, metric: Distance) -> torch.Tensor:
+    """The distance from squared distances of unit vectors (elementwise)."""
     if metric == "l2":
-        d = d2.sqrt()
-    elif metric == "cosine":
-        d = d2 / 2.0
-    elif metric == "angular":
-        d = torch.arccos((1.0 - d2 / 2.0).clamp(-1.0, 1.0)) / math.pi
-    else:
-        raise ValueError(f"unknown distance '{metric}'; valid: {', '.join(DISTANCES)}")
-    return d * _off_diagonal(v, d.dtype, d.device)
+        return d2.sqrt()
+    if metric == "cosine":
+        return d2 / 2.0
+    if metric == "angular":
+        return torch.arccos((1.0 - d2 / 2.0).clamp(-1.0, 1.0)) / math.pi
+    raise ValueError(f"unknown distance '{metric}'; valid: {', '.join(DISTANCES)}")
 
 
 def alignment_from_distances(dist: torch.Tensor, pairing: str = "all") -> torch.Tensor:
@@ -140,4 +156,9 @@ def alignment_loss(views: torch.Tensor, *, views_per_point: int, pairing: str = 
                              f"in pairs")
         p = flat.reshape(-1, views_per_point // 2, 2, flat.shape[1])
         return pair_distance(p[:, :, 0].float(), p[:, :, 1].float(), metric).double().mean(dim=1)
-    return alignment_from_distances(pairwise_distances(views, views_per_point=views_per_point, metric=metric))
+    if metric == "l1":
+        return alignment_from_distances(pairwise_distances(views, views_per_point=views_per_point, metric=metric))
+    # all pairs: the distances of the pairs i < j only, the same values pairwise_distances holds there
+    d2 = _squared_distances(_unit_rows(views, views_per_point))
+    iu = _upper_pairs(views_per_point, d2.device)
+    return _from_squared(d2[:, iu[0], iu[1]], metric).mean(dim=1)
