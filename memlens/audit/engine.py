@@ -50,7 +50,7 @@ from memlens.audit.design import (
     with_canaries,
 )
 from memlens.audit.encoders import AuditEncoder, resolve
-from memlens.audit.passes import Ctx, gather, loss_pass, merge_passes, scoring_pass, unit_pass
+from memlens.audit.passes import PassContext, gather, loss_pass, merge_passes, scoring_pass, unit_pass
 from memlens.audit.reliability import ranking_reliability
 from memlens.audit.results import AuditResult
 from memlens.audit.unitmem import unitmem_null_p
@@ -159,7 +159,7 @@ class Setup:
     dataset: Dataset
     points: Points
     cset: Any
-    ctx: Ctx
+    ctx: PassContext
     augmenter: Augmenter
     unit_augmenter: Augmenter
     aug_name: str
@@ -232,11 +232,12 @@ def _setup(cfg: AuditConfig, design: Design, splits: Splits, dataset: Dataset, d
     # per-layer alignments: the candidates (the paper's LayerMem), and the controls (its offset-free null)
     layer_points = ((points.subset_of == "S_C") if design.kind == "fg" else eligible) | controls
     pixels = ConcatPixels([dataset.pixels, cset.pixels]) if cset is not None else dataset.pixels
-    ctx = Ctx(cfg=cfg, dataset=dataset, pixels=pixels, rows=points.rows, ids=points.ids, encoders=design.encoders,
-              unit_encoder=design.units_encoder, specs=specs, unit_layers=unit_layers, device=device,
-              dprime_pos=np.where(dprime, np.cumsum(dprime) - 1, -1), layer_points=layer_points, progress=progress,
-              workers=plan.workers, modules={id(e): dict(e.module.named_modules()) for e in design.encoders},
-              class_labels=_class_labels(dataset, points, cset))
+    ctx = PassContext(cfg=cfg, dataset=dataset, pixels=pixels, rows=points.rows, ids=points.ids,
+                      encoders=design.encoders, unit_encoder=design.units_encoder, specs=specs, unit_layers=unit_layers,
+                      device=device, dprime_pos=np.where(dprime, np.cumsum(dprime) - 1, -1), layer_points=layer_points,
+                      progress=progress, workers=plan.workers,
+                      modules={id(e): dict(e.module.named_modules()) for e in design.encoders},
+                      class_labels=_class_labels(dataset, points, cset))
     return Setup(cfg, design, splits, dataset, points, cset, ctx, augmenter, unit_augmenter, aug_name, unit_aug_name,
                  eligible, unreadable, plan, warnings, controls)
 

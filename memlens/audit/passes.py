@@ -49,7 +49,7 @@ Progress = Callable[[str, int, int], None]
 
 
 @dataclass
-class Ctx:
+class PassContext:
     """What every pass needs: the settings, the points, the encoders, the layers, the device."""
 
     cfg: AuditConfig
@@ -125,7 +125,7 @@ class Ctx:
 # ----------------------------------------------------------------------------- accumulators
 
 
-def unit_accumulators(ctx: Ctx) -> tuple[dict, dict]:
+def unit_accumulators(ctx: PassContext) -> tuple[dict, dict]:
     u = ctx.cfg.unitmem
     specs = {s.name: s for s in ctx.specs}
     unit = {name: UnitMemAccumulator(specs[name].units, rest=u.rest,
@@ -140,7 +140,7 @@ def unit_accumulators(ctx: Ctx) -> tuple[dict, dict]:
     return unit, cls
 
 
-def _feed(ctx: Ctx, tapped, positions: np.ndarray, unit_acc: dict, class_acc: dict) -> None:
+def _feed(ctx: PassContext, tapped, positions: np.ndarray, unit_acc: dict, class_acc: dict) -> None:
     sel = np.flatnonzero(ctx.dprime_pos[positions] >= 0)
     if len(sel) == 0:
         return
@@ -157,7 +157,7 @@ def _feed(ctx: Ctx, tapped, positions: np.ndarray, unit_acc: dict, class_acc: di
 # ----------------------------------------------------------------------------- passes
 
 
-def scoring_pass(ctx: Ctx, positions: np.ndarray, n_views: int, augmenter: Augmenter, *,
+def scoring_pass(ctx: PassContext, positions: np.ndarray, n_views: int, augmenter: Augmenter, *,
                  units: bool) -> dict[str, Any]:
     """Score ``positions`` (this process's share) with ``n_views`` views per point.
 
@@ -207,7 +207,7 @@ def scoring_pass(ctx: Ctx, positions: np.ndarray, n_views: int, augmenter: Augme
     return out
 
 
-def unit_pass(ctx: Ctx, positions: np.ndarray, n_views: int, augmenter: Augmenter, *,
+def unit_pass(ctx: PassContext, positions: np.ndarray, n_views: int, augmenter: Augmenter, *,
               accumulate: bool) -> tuple[dict, dict, dict[str, np.ndarray]]:
     """Unit responses of the units encoder on ``positions`` only (no alignment): accumulated, or per point."""
     enc = ctx.encoders[ctx.unit_encoder]
@@ -250,7 +250,7 @@ def gather(result: dict[str, Any]) -> dict[str, Any]:
     return merge_passes(D.all_gather_object(result)) if D.active() else result
 
 
-def loss_pass(ctx: Ctx, objectives: list, framework: str, labels: np.ndarray | None) -> np.ndarray:
+def loss_pass(ctx: PassContext, objectives: list, framework: str, labels: np.ndarray | None) -> np.ndarray:
     """Every point's loss under each encoder's training objective, averaged over fixed draws: (E, n).
 
     * MAE: the reconstruction loss of the un-augmented image under ``privacy.mae_masks`` masks drawn

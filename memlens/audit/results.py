@@ -230,6 +230,93 @@ class ViewFacts(Record):
     pairs_per_point: int | None = None
 
 
+class TprAt(Record):
+    """The attack's true-positive rate at one false-positive rate, read off the ROC with ties."""
+
+    fpr: float
+    tpr: float
+    ci_low: float | None = None
+    ci_high: float | None = None
+    threshold: float | None = None
+    resolvable: bool = True
+    note: str = ""
+
+
+class AttackMetrics(Record):
+    """One membership score's attack: AUC with its interval, TPR at low FPR, the ROC, Mann-Whitney p."""
+
+    score: str
+    n_in: int
+    n_out: int
+    auc: float
+    auc_ci: list[float] = []
+    tpr_at: list[TprAt] = []
+    roc_fpr: list[float] = []
+    roc_tpr: list[float] = []
+    mann_whitney_p: float | None = None
+
+
+class MembershipFacts(Record):
+    """Membership inference on natural images: who counts as member and non-member, each score's attack."""
+
+    members: str | None = None
+    non_members: str | None = None
+    metrics: dict[str, AttackMetrics] = {}
+
+
+class CanaryFacts(Record):
+    """The canary set the audit scored, its digests, and each score's attack on it."""
+
+    path: str | None = None
+    sha256: str | None = None
+    m: int | None = None
+    membership_sha256: str | None = None
+    set_file_sha256: str | None = None
+    kinds: list[str] = []
+    n_in: int | None = None
+    n_out: int | None = None
+    targets: int | None = None
+    metrics: dict[str, AttackMetrics] = {}
+
+
+class EpsilonBound(Record):
+    """An empirical epsilon lower bound from the canaries (:mod:`memlens.audit.privacy`)."""
+
+    method: str
+    epsilon: float
+    confidence: float
+    delta: float | None = None
+    strategy: str | None = None
+    m: int | None = None
+    guesses: int | None = None
+    correct: int | None = None
+    thresholds_tried: int | None = None
+    target: int | None = None
+    targets: int | None = None
+    confidence_overall: float | None = None
+
+
+class PrivacyFindings(Record):
+    """Empirical privacy: the membership scores, their attacks on natural images and canaries, the epsilon
+    lower bound against the accountant's epsilon."""
+
+    primary_score: str | None = None
+    delta: float | None = None
+    confidence: float | None = None
+    claimed_epsilon: float | None = None
+    claimed_delta: float | None = None
+    design: str | None = None
+    targets: list[str] = []
+    references_per_target: list[int] = []
+    coupled_reference: bool | None = None
+    scores: dict[str, str] = {}
+    calibration: dict[str, Any] = {}
+    natural: MembershipFacts | None = None
+    epsilon_lower_bound: EpsilonBound | None = None
+    epsilon_lower_bound_other: EpsilonBound | None = None
+    canaries: CanaryFacts | None = None
+
+
 class SubsetStats(Model):
     n: int
     mean: float
@@ -321,7 +408,7 @@ class AuditSummary(Model):
     requested_points: list[dict[str, Any]]
     tests: list[TestResult]
     consistency: dict[str, list[Consistency]]
-    privacy: dict[str, Any] | None = None
+    privacy: PrivacyFindings | None = None
     warnings: list[str] = []
     timings: dict[str, float]
     tables: dict[str, TableInfo] = {}

@@ -21,7 +21,7 @@ one set of random parameters for the whole batch, and per-image calls cost about
 draws its parameters per sample from an explicit ``torch.Generator`` with torchvision's rules
 (``RandomResizedCrop.get_params``, ``ColorJitter``'s factor ranges and random order) and applies
 torchvision's kernels' arithmetic to the whole batch at once (crops via ``grid_sample``).
-``tests/test_augment.py`` checks every operation against the corresponding
+``tests/data/test_augment.py`` checks every operation against the corresponding
 ``torchvision.transforms.v2.functional`` kernel, and :func:`torchvision_pipeline` returns the
 equivalent per-image torchvision v2 pipeline.
 

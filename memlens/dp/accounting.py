@@ -33,7 +33,7 @@ def _memoise_rdp_orders() -> None:
     Opacus recomputes it for every order on every epsilon query (RDP directly, and PRV for its
     discretisation domain), although T steps only multiply it by T; at sigma ~4 one query spends
     about 0.8 s there, which made the per-epoch epsilon of a 300-epoch run cost minutes. The
-    cache changes no number (tests/test_dp.py compares with the uncached function); if Opacus
+    cache changes no number (tests/dp/test_dp.py compares with the uncached function); if Opacus
     moves the function, accounting simply runs uncached.
     """
     try:

@@ -87,7 +87,7 @@ def test_ci_recipe_passes_the_dp_encoder_and_fails_the_non_private_one(canary_wo
 
     root, _, _, audits = canary_world
     audits["plain"].save(tmp_path / "control")
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     for enc, expected in (("dp-", 0), ("", 1)):
         work = tmp_path / f"job-{enc or 'plain'}"
         work.mkdir()
