@@ -190,7 +190,7 @@ def test_sharded_audit_over_tar_shards_equals_single_process(tmp_path):
     from memlens.data import load
     from memlens.dp.training import train_encoder
     from tests.conftest import write_jpeg_folder
-    from tests.test_lazy_data import _to_shards
+    from tests.data.test_lazy_data import _to_shards
 
     rels = write_jpeg_folder(tmp_path / "imgs", 44, seed=5)
     pattern = _to_shards(tmp_path / "imgs", rels, tmp_path / "shards", per_shard=11)

@@ -495,7 +495,7 @@ def test_a_baseline_with_other_canaries_is_compared_like_for_like(world, tmp_pat
 
     new, old = read_audit(tmp_path / "new"), read_audit(root / "audit")
     assert comparable_basis(new, old) == "natural" and comparable_basis(old, old) == "canaries"
-    new.summary.privacy["primary_score"] = "other"
+    new.summary.privacy.primary_score = "other"
     assert comparable_basis(new, old) is None  # nothing measured alike: the rule fails (see gate.evaluate)
 
 

@@ -215,9 +215,9 @@ class AuditConfig(Strict):
 
     _augment = field_validator("augment")(lambda v: check_augmentation(v))
     _counts = field_validator("workers", "threads")(lambda v: _count(v))
-    _f = field_validator("f", "g", "references", mode="before")(
+    _encoder_lists = field_validator("f", "g", "references", mode="before")(
         lambda v: [encoder_spec(x) for x in v] if isinstance(v, list) else v)
-    _t = field_validator("target", mode="before")(lambda v: encoder_spec(v))
+    _target_spec = field_validator("target", mode="before")(lambda v: encoder_spec(v))
 
     @field_validator("views")
     @classmethod

@@ -48,7 +48,7 @@ class ReportResult:
     gate: GateResult | None
 
 
-def _f(x: Any, digits: int = 3, signed: bool = False) -> str:
+def _number(x: Any, digits: int = 3, signed: bool = False) -> str:
     if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
         return "inf" if isinstance(x, float) and math.isinf(x) else "n/a"
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
@@ -171,7 +171,7 @@ def _audit_context(audit: Audit, policy: Policy | None, *, redact: bool, top_k: 
         _list_sentence(inf, found, at_risk_ids, fdr, design),
         _loss_sentence(s.loss_memorization or {}),
         f"{frac_above:.1%} of the candidates score above {threshold:g} ({score}).",
-        (f"The layer with the highest LayerMem is {best_layer['layer']} ({_f(best_layer['layermem'], 3)})."
+        (f"The layer with the highest LayerMem is {best_layer['layer']} ({_number(best_layer['layermem'], 3)})."
          if best_layer is not None else ""),
         units_sentence(s.units),
         skipped_sentence(s.data),
@@ -264,7 +264,7 @@ def _dp_sentence(f_runs, eps: float | None) -> str:
            "run records stay private (their seed regenerates the noise and the sampling)."
            if any(r.dp_randomness == "reproducible" for r in f_runs) else
            ", its noise and sampling drawn from secret randomness.")
-    return f"The encoder was trained with differential privacy: ({_f(eps, 2)}, {f_runs[0].delta:.2g})-DP" + how
+    return f"The encoder was trained with differential privacy: ({_number(eps, 2)}, {f_runs[0].delta:.2g})-DP" + how
 
 
 def _random_init_sentence(s) -> str:
@@ -294,13 +294,13 @@ def _candidates_sentence(sc) -> str:
     """The candidates' mean memorization: offset-free first, then SSLMem as the paper defines it."""
     if sc is None:
         return ""
-    paper = (f"SSLMem as the paper defines it {_f(sc.mean, 4, True)} (95% CI {_f(sc.ci_low, 4, True)} to "
-             f"{_f(sc.ci_high, 4, True)}; symmetric normalised {_f(sc.mean_sym_norm, 3, True)})")
+    paper = (f"SSLMem as the paper defines it {_number(sc.mean, 4, True)} (95% CI {_number(sc.ci_low, 4, True)} to "
+             f"{_number(sc.ci_high, 4, True)}; symmetric normalised {_number(sc.mean_sym_norm, 3, True)})")
     if sc.mem_mean is None:
         return f"Candidate images (S_C, {sc.n} images the encoder was trained on): mean {paper}."
     return (f"Candidate images (S_C, {sc.n} images the encoder was trained on): mean memorization "
-            f"{_f(sc.mem_mean, 4, True)} above the control images' (95% CI {_f(sc.mem_ci_low, 4, True)} to "
-            f"{_f(sc.mem_ci_high, 4, True)}; offset-free: each encoder's scores centred on the controls); "
+            f"{_number(sc.mem_mean, 4, True)} above the control images' (95% CI {_number(sc.mem_ci_low, 4, True)} to "
+            f"{_number(sc.mem_ci_high, 4, True)}; offset-free: each encoder's scores centred on the controls); "
             f"{paper}, which also moves with any encoder's overall offset.")
 
 
@@ -327,18 +327,18 @@ def _reliability_sentence(rel: dict, enc: dict) -> str:
     """How far a reader can trust the ranking: over views, and over retrains (encoders)."""
     if rel.get("reliability") is None:
         return ""
-    views = (f"split-half reliability over views {_f(rel.get('reliability'), 2)} with {rel.get('views')} views"
+    views = (f"split-half reliability over views {_number(rel.get('reliability'), 2)} with {rel.get('views')} views"
              + ("" if rel.get("meets_target") else
-                f" (about {_f(rel.get('views_for_target'), 0)} views would reach {rel.get('target')})"))
+                f" (about {_number(rel.get('views_for_target'), 0)} views would reach {rel.get('target')})"))
     if enc.get("reliability") is None:
         return (f"The ranking of the candidates: {views}. Its reliability over retraining is not measured (one "
                 f"encoder pair); training more reference encoders measures it.")
     need = enc.get("pairs_for_target")
     more = ("" if enc.get("meets_target") else
-            f"; about {_f(2 * need, 0)} encoders would reach {enc.get('target')}" if need not in (None, math.inf)
+            f"; about {_number(2 * need, 0)} encoders would reach {enc.get('target')}" if need not in (None, math.inf)
             else "")
     return (f"The ranking of the candidates: {views}; over encoders (retraining) "
-            f"{_f(enc.get('reliability'), 2)} with {enc.get('pairs')} pairs{more}.")
+            f"{_number(enc.get('reliability'), 2)} with {enc.get('pairs')} pairs{more}.")
 
 
 def _lead(words: list[str]) -> list[str]:
@@ -473,7 +473,7 @@ def build_context(audits: list[Audit], *, policy: Policy | None = None, redact: 
                           f"{(first.framework or 'external').upper()} encoder",
         "date": dt.date.today().isoformat(), "created": dt.datetime.now().isoformat(timespec="seconds"),
         "audits": ctxs, "gate": gate, "policy": policy, "comparison": comparison, "redact": redact,
-        "memlens_version": __version__, "fmt": _f, "p": _p, "rel": _relative,
+        "memlens_version": __version__, "fmt": _number, "p": _p, "rel": _relative,
     }
 
 
