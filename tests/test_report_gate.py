@@ -122,7 +122,8 @@ def test_gate_exit_codes_junit_and_markdown(audit_dir, tmp_path):
     # one case per rule (empirical_within_claimed needs a claim and a bound; this audit has neither)
     assert {c.get("name") for c in suite.findall("testcase")} == {
         "require_dp", "require_power", "max_membership_auc", "max_tpr_at_fpr", "max_empirical_epsilon",
-        "max_mean_candidate_score", "max_fraction_candidates_above", "max_point_score", "max_fraction_units_above"}
+        "max_mean_candidate_score", "max_fraction_candidates_above", "max_point_score", "require_calibrated_null",
+        "max_fraction_units_above"}
 
 
 def test_gate_bad_input_is_exit_2(audit_dir, tmp_path):
