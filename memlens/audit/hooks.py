@@ -17,11 +17,6 @@ from memlens.audit.alignment import Distance, alignment_loss
 from memlens.errors import MemlensError
 from memlens.models.layers import LayerSpec
 
-# Layer outputs wait, grouped by shape, up to this many bytes before their alignments are computed
-# together (one batched computation per shape instead of one per layer: on small models the per-call
-# cost of the reductions exceeds their arithmetic; each point's value is the same either way).
-PENDING_BYTES = 64 * 2**20
-
 
 class LayerTap:
     """Results of one forward pass: ``align[name]`` (B,) float64 and ``units[name]`` (B, U) float32."""
@@ -39,26 +34,6 @@ class LayerTap:
         self.signed = signed
         self.align: dict[str, torch.Tensor] = {}
         self.units: dict[str, torch.Tensor] = {}
-        self._pending: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
-        self._pending_bytes = 0
-
-    def _stash(self, name: str, out: torch.Tensor) -> None:
-        """Keep a copy of the layer's views (later modules may modify the output in place) for :meth:`flush`."""
-        key = (tuple(out.shape[1:]), out.dtype)
-        self._pending.setdefault(key, []).append((name, out))
-        self._pending_bytes += out.numel() * out.element_size()
-        if self._pending_bytes > PENDING_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        """The alignments of the stashed layers: layers of one shape in one call, their points stacked."""
-        for items in self._pending.values():
-            stacked = torch.cat([t for _, t in items]) if len(items) > 1 else items[0][1]
-            align = alignment_loss(stacked, views_per_point=self.views, pairing=self.pairing, metric=self.distance)
-            for (name, _), part in zip(items, align.chunk(len(items)), strict=True):
-                self.align[name] = part
-        self._pending.clear()
-        self._pending_bytes = 0
 
     def _hook(self, spec: LayerSpec):
         def reduce(out) -> None:
@@ -66,14 +41,12 @@ class LayerTap:
                 out = out[0]
             out = out.detach()
             if self.pairing and (self.align_layers is None or spec.name in self.align_layers):
+                mine = out
                 if self.align_points is not None:  # the views of these points only (each point's own rows)
                     mine = out.reshape(-1, self.views, *out.shape[1:]).index_select(0, self.align_points)
-                    self._stash(spec.name, mine.reshape(-1, *out.shape[1:]))
-                elif out.numel() * out.element_size() > PENDING_BYTES:  # a large layer: no copy, no wait
-                    self.align[spec.name] = alignment_loss(out, views_per_point=self.views, pairing=self.pairing,
-                                                           metric=self.distance)
-                else:
-                    self._stash(spec.name, out.clone())
+                    mine = mine.reshape(-1, *out.shape[1:])
+                self.align[spec.name] = alignment_loss(mine, views_per_point=self.views, pairing=self.pairing,
+                                                       metric=self.distance)
             if spec.name in self.unit_layers:
                 act = spec.unit_activations(out, signed="abs" if self.signed == "abs" else "raw")  # (B * V, U)
                 self.units[spec.name] = act.reshape(-1, self.views, act.shape[1]).mean(dim=1)
@@ -120,7 +93,6 @@ def tap(encoder: nn.Module, specs: list[LayerSpec], *, views_per_point: int, pai
             else:
                 handles.append(modules[spec.name].register_forward_hook(state._hook(spec)))
         yield state
-        state.flush()
     finally:
         for h in handles:
             h.remove()
