@@ -29,6 +29,7 @@ from memlens.audit.layermem import delta_layermem, layermem, vit_block_table
 from memlens.audit.results import AuditResult, AuditSummary
 from memlens.audit.signals import signals_table
 from memlens.audit.sslmem import in_out_means, range_normalize, sslmem, symmetric_normalize
+from memlens.audit.state import Estimates, Findings, Measured, Setup
 from memlens.audit.stats import (
     bootstrap_ci,
     holm,
@@ -47,21 +48,22 @@ from memlens.train.run import versions
 from memlens.version import __version__
 
 
-def assemble(s, *, res, align, losses, loss_name, est, rel, freq, n_views, unit_acc, class_acc, unit_views, groups,
-             privacy, attacks, canary_table, t_start, unit_null=None):
+def assemble(s: Setup, m: Measured, est: Estimates, found: Findings, *, t_start: float) -> AuditResult:
+    """The audit's tables (points, layers, units, tests, canaries, signals) and its record, from what the
+    passes measured."""
     t = time.perf_counter()
-    points = points_table(s, align, losses, est, freq, attacks)
-    layers, units, tests_extra, prime, lm = layers_units(s, res, unit_acc, class_acc, groups, unit_null, est)
-    tests, consistency, subsets = statistics(s, points, prime, tests_extra, align, est)
+    points = points_table(s, m.align, m.losses, est, m.topk_freq, found.attacks)
+    layers, units, tests_extra, prime, lm = layers_units(s, m.scoring, m.unit_acc, m.class_acc, m.groups, m.unit_null,
+                                                         est)
+    tests, consistency, subsets = statistics(s, points, prime, tests_extra, m.align, est)
     s.timings["stats"] = time.perf_counter() - t
-    summary = summary_of(s, points=points, layers=layers, units=units, tests=tests, consistency=consistency,
-                         subsets=subsets, est=est, rel=rel, n_views=n_views, unit_views=unit_views, groups=groups,
-                         privacy=privacy, lm=lm, t_start=t_start, loss_name=loss_name, unit_null=unit_null)
+    summary = summary_of(s, m, est, found, points=points, layers=layers, units=units, tests=tests,
+                         consistency=consistency, subsets=subsets, lm=lm, t_start=t_start)
     tests_df = pd.DataFrame([x.to_dict() for x in tests],
                             columns=["name", "hypothesis", "statistic", "p_value", "effect_size", "method", "n_a",
                                      "n_b", "p_holm"])
-    return AuditResult(summary, points, layers, units, tests_df, canaries=canary_table, notes=list(s.warnings),
-                       signals=_signals(s, est, align, losses, res))
+    return AuditResult(summary, points, layers, units, tests_df, canaries=found.canary_table, notes=list(s.warnings),
+                       signals=_signals(s, est, m.align, m.losses, m.scoring))
 
 
 def _signals(s, est, align: np.ndarray, losses: np.ndarray | None, res: dict) -> pd.DataFrame:
@@ -427,8 +429,10 @@ def _pair_consistency(s, align: np.ndarray) -> list[dict]:
 # ----------------------------------------------------------------------------- summary
 
 
-def summary_of(s, *, points, layers, units, tests, consistency, subsets, est, rel, n_views, unit_views, groups,
-               privacy, lm, t_start, loss_name=None, unit_null=None) -> AuditSummary:
+def summary_of(s: Setup, m: Measured, est: Estimates, found: Findings, *, points, layers, units, tests, consistency,
+               subsets, lm, t_start) -> AuditSummary:
+    rel, n_views, unit_views, groups = m.reliability, m.n_views, m.unit_views, m.groups
+    privacy, loss_name, unit_null = found.privacy, m.loss_name, m.unit_null
     cfg, design, ds, specs = s.cfg, s.design, s.dataset, s.ctx.specs
     ranked_um = units["unitmem"].dropna().to_numpy()
     vit_rows = [r.__dict__ for r in vit_block_table(lm, specs)] if any(sp.kind == "resblock_attn" for sp in specs) \

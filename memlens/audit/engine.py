@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,6 +52,7 @@ from memlens.audit.encoders import AuditEncoder, resolve
 from memlens.audit.passes import PassContext, gather, loss_pass, merge_passes, scoring_pass, unit_pass
 from memlens.audit.reliability import ranking_reliability
 from memlens.audit.results import AuditResult
+from memlens.audit.state import Estimates, Findings, Measured, Setup, UnitNull
 from memlens.audit.unitmem import unitmem_null_p
 from memlens.config import AuditConfig, DataConfig, validate
 from memlens.data import Augmenter, Dataset, Splits, load
@@ -151,27 +151,6 @@ def run_audit(config: AuditConfig, *, cache_dir: str | Path | None = None, datas
 # ----------------------------------------------------------------------------- the plan
 
 
-@dataclass
-class Setup:
-    cfg: AuditConfig
-    design: Design
-    splits: Splits
-    dataset: Dataset
-    points: Points
-    cset: Any
-    ctx: PassContext
-    augmenter: Augmenter
-    unit_augmenter: Augmenter
-    aug_name: str
-    unit_aug_name: str
-    eligible: np.ndarray  # natural points in the FDR family (with an in- and an out-encoder)
-    unreadable: list[dict]
-    plan: resources.ResourcePlan
-    warnings: list[str]
-    controls: np.ndarray  # natural points with the same membership in every scored encoder (the null's)
-    timings: dict = field(default_factory=dict)
-
-
 def _audit(cfg: AuditConfig, design: Design, splits: Splits, dataset: Dataset, device: torch.device,
            progress: Progress | None, t_start: float, plan: resources.ResourcePlan,
            warnings: list[str]) -> AuditResult:
@@ -192,18 +171,17 @@ def _audit(cfg: AuditConfig, design: Design, splits: Splits, dataset: Dataset, d
     est = _estimate(s, res, align, n_views, losses)
     _check_scores(s, est)
     t = time.perf_counter()
-    canary_table, privacy, attacks = mem.membership_findings(
+    found = Findings(*mem.membership_findings(
         design, s.points, align, losses, cset=s.cset, settings=cfg.privacy, loss_name=loss_name,
         claimed=_claimed(design), n_train=_n_train(design, dataset), seed=derive_seed(cfg.seed, "privacy") % 2**32,
-        coupled=_coupled(design))
+        coupled=_coupled(design)))
     s.timings["privacy"] = time.perf_counter() - t
     t = time.perf_counter()
     groups = _top_least(s, est, unit_views)
     s.timings["top_least_pass"] = time.perf_counter() - t
-    return assemble(s, res=res, align=align, losses=losses, loss_name=loss_name, est=est, rel=rel, freq=freq,
-                    n_views=n_views, unit_acc=unit_acc, class_acc=class_acc, unit_views=unit_views, groups=groups,
-                    privacy=privacy, attacks=attacks, canary_table=canary_table, t_start=t_start,
-                    unit_null=unit_null)
+    measured = Measured(res, align, losses, loss_name, rel, freq, n_views, unit_acc, class_acc, unit_views, unit_null,
+                        groups)
+    return assemble(s, measured, est, found, t_start=t_start)
 
 
 def _setup(cfg: AuditConfig, design: Design, splits: Splits, dataset: Dataset, device: torch.device,
@@ -287,17 +265,6 @@ def _units(s: Setup, res: dict, n_views: int) -> tuple[dict, dict, int]:
     return merged["unit_acc"], merged["class_acc"], unit_views
 
 
-@dataclass
-class UnitNull:
-    """Each unit's permutation p-value against its own UnitMem on non-members (layer -> (U,))."""
-
-    p: dict[str, np.ndarray]
-    members: int
-    non_members: int
-    permutations: int
-    alpha: float
-
-
 def _unit_null(s: Setup, unit_acc: dict, unit_views: int) -> UnitNull | None:
     """The units' null (:func:`memlens.audit.unitmem.unitmem_null_p`): the units encoder's responses
     on the D' images it trained on and on up to twice as many natural images it did not train on."""
@@ -348,18 +315,6 @@ def _losses(s: Setup) -> tuple[np.ndarray | None, str | None]:
     labels = _class_labels(s.dataset, s.points, s.cset) if framework == "supervised" else None
     return loss_pass(s.ctx, objectives, framework, labels), {
         "mae": "MAE reconstruction loss", "supervised": "cross-entropy"}[framework]
-
-
-@dataclass
-class Estimates:
-    """Per-image memorization of every point, and how reliable its ranking is."""
-
-    per_image: inference.PerImage
-    encoders: inference.EncoderReliability | None
-    view_var: np.ndarray
-    loss_per_image: inference.PerImage | None = None
-    loss_encoders: inference.EncoderReliability | None = None
-    controls: np.ndarray | None = None  # (n,) bool, the control images of the null
 
 
 def _estimate(s: Setup, res: dict, align: np.ndarray, n_views: int, losses: np.ndarray | None) -> Estimates:
