@@ -103,10 +103,13 @@ def bare_forward_seconds(cfg: AuditConfig, ds, result, device: torch.device) -> 
     if result.summary.loss_memorization is not None and f.record is not None:
         objectives = [load_objective(e.info["path"]).to(device) for e in (f, g)]
         draws = cfg.privacy.mae_masks
-        plain = [views_of(list(range(k, min(len(ids), k + b))), 1) for k in range(0, len(ids), b)]  # image-sized
-        losses = [(obj, enc, x, RowStreams([derive_seed(cfg.seed, "mae-mask", ids[0], r) for r in range(len(x))],
-                                           device).rand(obj.encoder.num_patches))
-                  for x in plain for _ in range(draws) for obj, enc in zip(objectives, (f, g), strict=True)]
+        for k in range(0, len(ids), b):  # each batch's un-augmented-sized inputs, the audit's mask draws
+            sel = list(range(k, min(len(ids), k + b)))
+            x = views_of(sel, 1)
+            for r in range(draws):
+                keys = [derive_seed(cfg.seed, "mae-mask", ids[p], r) for p in sel]
+                losses += [(obj, enc, x, RowStreams(keys, device).rand(obj.encoder.num_patches))
+                           for obj, enc in zip(objectives, (f, g), strict=True)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         f.represent(f.prepare(batches[0]))  # warm-up, as the audit's first batch also pays it

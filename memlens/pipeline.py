@@ -169,10 +169,12 @@ def plan(config: PipelineConfig, out: Path, *, force: bool, cache_dir, progress,
 def _audit_config(config: PipelineConfig, runs: list[SweepRun], eps: float, splits: str) -> AuditConfig:
     """The audit of one privacy level: its f and g runs, or its references."""
     mine = [r for r in runs if r.epsilon == eps or (math.isinf(eps) and math.isinf(r.epsilon))]
-    paths = {side: [str(r.run_dir.resolve()) for r in mine if side(r.side)] for side in (
-        lambda s: s == "f", lambda s: s == "g", lambda s: s.startswith("ref-"))}
-    f, g, refs = paths.values()
-    return config.audit_config(f=f, g=g, references=refs, splits_path=splits)
+
+    def dirs(side) -> list[str]:
+        return [str(r.run_dir.resolve()) for r in mine if side(r.side)]
+
+    return config.audit_config(f=dirs(lambda s: s == "f"), g=dirs(lambda s: s == "g"),
+                               references=dirs(lambda s: s.startswith("ref-")), splits_path=splits)
 
 
 def stages(p: Pipeline) -> list[Stage]:
